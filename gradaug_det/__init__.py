@@ -1,0 +1,12 @@
+"""gradaug-det: GradAug (Yang, Zhu, Chen, NeurIPS 2020) for detectron2.
+
+Importing this package registers the slimmable backbones (and the other components
+it provides) in detectron2's registries.
+"""
+from .config import add_gradaug_config
+from .slim import depth, get_width, set_depth_mask, set_width, slim_channels, width
+from . import modeling  # noqa: F401  (registers backbones)
+
+__version__ = "0.1.0"
+__all__ = ["add_gradaug_config", "set_width", "get_width", "width", "depth", "set_depth_mask",
+           "slim_channels"]

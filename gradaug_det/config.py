@@ -1,0 +1,78 @@
+"""``add_gradaug_config(cfg)``: every config key gradaug-det adds, with a comment each."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_gradaug_config"]
+
+
+def add_gradaug_config(cfg: CN) -> CN:
+    """Add gradaug-det's keys (``MODEL.SLIMMABLE``, ``GRADAUG``, ...) to a detectron2 config.
+
+    Idempotent: calling it twice leaves the config unchanged.
+
+    Args:
+        cfg: a detectron2 ``CfgNode`` (e.g. from ``get_cfg()``).
+
+    Returns:
+        ``cfg``, for chaining.
+    """
+    if "GRADAUG" in cfg:
+        return cfg
+    _c = cfg
+
+    # ---- Slimmable backbone --------------------------------------------------------------
+    _c.MODEL.SLIMMABLE = CN()
+    # Align every sliced channel count to a multiple of this (1 = GradAug reference rule
+    # max(1, int(c * w + 0.5))). 8 suits GPU tensor cores; see README "Channel divisor".
+    _c.MODEL.SLIMMABLE.CHANNEL_DIVISOR = 1
+    # Slim the FPN's lateral and output convolutions with the bottom-up ResNet.
+    _c.MODEL.SLIMMABLE.SLIM_FPN = True
+
+    # ---- GradAug training ----------------------------------------------------------------
+    _c.GRADAUG = CN()
+    # Run GradAug's sub-network passes in every iteration (False = stock detectron2 step).
+    _c.GRADAUG.ENABLED = False
+    # Sub-networks per iteration, after the full network (reference: 3).
+    _c.GRADAUG.NUM_SUBNETS = 3
+    # Width range of the sampled sub-networks (reference ImageNet: [0.9, 1.0]).
+    _c.GRADAUG.MIN_WIDTH = 0.9
+    _c.GRADAUG.MAX_WIDTH = 1.0
+    # Always include the smallest sub-network (MIN_WIDTH) among the NUM_SUBNETS.
+    _c.GRADAUG.SMALLEST_SUBNET = True
+    # How sub-networks are formed: "width" (leading channels) or "depth" (residual blocks
+    # dropped, stochastic depth).
+    _c.GRADAUG.SAMPLING = "width"
+    # Depth sampling: keep probability of the last residual block; it falls linearly
+    # from 1.0 at the first block (reference: 0.8).
+    _c.GRADAUG.DEPTH_MIN_KEEP = 0.8
+    # Depth sampling: at evaluation scale each residual branch by its keep probability
+    # (the stochastic-depth rule of the reference CIFAR code). Off for detection
+    # fine-tuning, where the full network is never trained with dropped blocks.
+    _c.GRADAUG.DEPTH_EVAL_SCALE = False
+    # Input transform of the sub-networks: "scale", "rotate" or "scale_rotate".
+    _c.GRADAUG.TRANSFORM = "scale"
+    # Relative input scales, one drawn per sub-network (reference 224/192/160/128).
+    _c.GRADAUG.SCALES = (1.0, 0.857, 0.714, 0.571)
+    # Rotation range in degrees, (min, max), an angle drawn uniformly per sub-network.
+    _c.GRADAUG.ROTATION = (-20.0, 20.0)
+    # Sub-network loss: "soft" (KL to the full network's detached predictions, the
+    # reference), "gt" (standard losses on the transformed annotations) or "gt+soft".
+    _c.GRADAUG.SUBNET_LOSS = "soft"
+    # Weight of the soft-label (KL) loss of a sub-network.
+    _c.GRADAUG.SOFT_WEIGHT = 1.0
+    # Weight of the ground-truth losses of a sub-network ("gt", "gt+soft").
+    _c.GRADAUG.GT_WEIGHT = 1.0
+    # Seed of the sub-network sampler; identical on every worker. -1 = derive from SEED.
+    _c.GRADAUG.SEED = -1
+
+    # ---- Evaluation ------------------------------------------------------------------------
+    # Widths evaluated by --eval-only and at every TEST.EVAL_PERIOD, in addition to 1.0.
+    _c.TEST.SLIM_WIDTHS = []
+
+    _add_classification_config(_c)
+    return cfg
+
+
+def _add_classification_config(_c: CN) -> None:
+    """Keys of ImageNet pretraining (the classifier meta-architecture and its data)."""
+    # (filled by the ImageNet pretraining work; kept separate so the detection keys above
+    # stay readable)

@@ -1,0 +1,197 @@
+"""Slimmable ResNet backbone, a drop-in replacement of detectron2's ``build_resnet_backbone``.
+
+Same config keys, same module names, parameter names and shapes as detectron2's ResNet,
+so any detectron2 ResNet checkpoint loads into it and anything trained with it loads
+back into stock detectron2. Every convolution is a :class:`SlimConv2d`; every residual
+block can be dropped (depth sub-networks). At width ``w < 1`` the returned feature maps
+hold the sub-network's channels first and zeros after, at the full channel count, so
+``output_shape()`` never changes and every consumer (FPN, C4 res5 head) works as is.
+"""
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
+
+from ..slim import DroppableBlock, SlimConv2d
+
+__all__ = [
+    "SlimBasicStem",
+    "SlimBasicBlock",
+    "SlimBottleneckBlock",
+    "SlimmableResNet",
+    "build_slimmable_resnet_backbone",
+    "check_slimmable_norms",
+    "make_slimmable_resnet",
+    "pad_channels",
+]
+
+
+def pad_channels(x, channels: int):
+    """Zero-pad a slimmed feature map ``x`` (N, c, H, W) to ``channels`` channels."""
+    missing = channels - x.shape[1]
+    return x if missing == 0 else F.pad(x, (0, 0, 0, 0, 0, missing))
+
+
+class SlimBasicStem(BasicStem):
+    """detectron2's ``BasicStem``; its conv slims its output but never the image input."""
+
+    def __init__(self, in_channels=3, out_channels=64, norm="BN", divisor=1):
+        super().__init__(in_channels, out_channels, norm)
+        self.conv1 = SlimConv2d.convert(self.conv1, slim_in=False, divisor=divisor)
+
+
+class _ResidualForward(DroppableBlock):
+    """Forward shared by slimmable residual blocks: drop or scale the residual branch."""
+
+    def residual(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        if self.drop:
+            return F.relu(shortcut)
+        out = self.residual(x)
+        if not self.training and self.eval_scale != 1.0:
+            out = out * self.eval_scale
+        out += shortcut
+        return F.relu_(out)
+
+
+class SlimBasicBlock(_ResidualForward, BasicBlock):
+    """detectron2's ``BasicBlock`` (R18/R34) with slimmable convolutions."""
+
+    def __init__(self, in_channels, out_channels, *, stride=1, norm="BN", divisor=1):
+        super().__init__(in_channels, out_channels, stride=stride, norm=norm)
+        for name in ("shortcut", "conv1", "conv2"):
+            conv = getattr(self, name)
+            if conv is not None:
+                setattr(self, name, SlimConv2d.convert(conv, divisor=divisor))
+
+    def residual(self, x):
+        return self.conv2(F.relu_(self.conv1(x)))
+
+
+class SlimBottleneckBlock(_ResidualForward, BottleneckBlock):
+    """detectron2's ``BottleneckBlock`` with slimmable convolutions.
+
+    With ``num_groups > 1`` (ResNeXt) the bottleneck keeps the leading channels of
+    every group, so that the grouped 3x3 convolution stays a true sub-network.
+    """
+
+    def __init__(self, in_channels, out_channels, *, bottleneck_channels, stride=1, num_groups=1,
+                 norm="BN", stride_in_1x1=False, dilation=1, divisor=1):
+        super().__init__(
+            in_channels, out_channels, bottleneck_channels=bottleneck_channels, stride=stride,
+            num_groups=num_groups, norm=norm, stride_in_1x1=stride_in_1x1, dilation=dilation,
+        )
+        g = num_groups
+        layouts = {"shortcut": (1, 1), "conv1": (1, g), "conv2": (g, g), "conv3": (g, 1)}
+        for name, (in_layout, out_layout) in layouts.items():
+            conv = getattr(self, name)
+            if conv is not None:
+                setattr(self, name, SlimConv2d.convert(
+                    conv, in_layout=in_layout, out_layout=out_layout, divisor=divisor))
+
+    def residual(self, x):
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
+        return self.conv3(out)
+
+
+class SlimmableResNet(ResNet):
+    """detectron2's ``ResNet`` whose outputs keep their full channel count at any width."""
+
+    def forward(self, x):
+        outputs = super().forward(x)
+        shapes = self._out_feature_channels
+        return {k: pad_channels(v, shapes[k]) if k in shapes else v for k, v in outputs.items()}
+
+
+def check_slimmable_norms(model: nn.Module, prefix: str = "") -> None:
+    """Fail early for normalisations that cannot be sliced at every width.
+
+    GroupNorm slices cleanly only when every sliced channel count is a whole number of
+    groups, i.e. when ``MODEL.SLIMMABLE.CHANNEL_DIVISOR`` is a multiple of the layer's
+    channels per group.
+
+    Raises:
+        ValueError: naming the first layer that cannot be sliced and what to change.
+    """
+    for name, m in model.named_modules(prefix=prefix):
+        if not isinstance(m, SlimConv2d) or not m.slim_out or not isinstance(m.norm, nn.GroupNorm):
+            continue
+        per_group = m.norm.num_channels // m.norm.num_groups
+        if m.out_layout != 1 or m.divisor % per_group != 0:
+            raise ValueError(
+                f"{name}.norm is GroupNorm({m.norm.num_groups}, {m.norm.num_channels}) with "
+                f"{per_group} channels per group, which cannot be sliced at every width with "
+                f"MODEL.SLIMMABLE.CHANNEL_DIVISOR={m.divisor}"
+                + (" and grouped convolutions" if m.out_layout != 1 else "")
+                + f". Set MODEL.SLIMMABLE.CHANNEL_DIVISOR to a multiple of {per_group} "
+                "(of every GN layer's channels per group) or use a BN-type norm "
+                "(FrozenBN, BN, SyncBN)."
+            )
+
+
+@BACKBONE_REGISTRY.register()
+def build_slimmable_resnet_backbone(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
+    """Build a slimmable ResNet from the same config keys as ``build_resnet_backbone``.
+
+    Reads ``MODEL.RESNETS.*``, ``MODEL.BACKBONE.FREEZE_AT`` and
+    ``MODEL.SLIMMABLE.CHANNEL_DIVISOR``.
+
+    Returns:
+        SlimmableResNet: state-dict compatible with detectron2's ``ResNet``.
+    """
+    model = make_slimmable_resnet(cfg, input_shape)
+    check_slimmable_norms(model, prefix="backbone")
+    return model
+
+
+def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
+    """The body of :func:`build_slimmable_resnet_backbone`, without the norm check.
+
+    Callers that wrap the ResNet (FPN, classifier) check the whole model themselves
+    so that error messages carry the full module names.
+    """
+    r = cfg.MODEL.RESNETS
+    depth = r.DEPTH
+    divisor = cfg.MODEL.SLIMMABLE.CHANNEL_DIVISOR
+    if divisor < 1:
+        raise ValueError(f"MODEL.SLIMMABLE.CHANNEL_DIVISOR must be >= 1, got {divisor}")
+    blocks_per_stage = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3],
+                        101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+    if depth not in blocks_per_stage:
+        raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not supported; use one of {sorted(blocks_per_stage)}")
+    if any(r.DEFORM_ON_PER_STAGE):
+        raise ValueError(
+            f"MODEL.RESNETS.DEFORM_ON_PER_STAGE={list(r.DEFORM_ON_PER_STAGE)}: deformable "
+            "convolutions are not slimmable; set it to [False, False, False, False]."
+        )
+    if r.RES5_DILATION not in (1, 2):
+        raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {r.RES5_DILATION}")
+    if depth in (18, 34):
+        for key, value, allowed in (("RES2_OUT_CHANNELS", r.RES2_OUT_CHANNELS, 64),
+                                    ("RES5_DILATION", r.RES5_DILATION, 1), ("NUM_GROUPS", r.NUM_GROUPS, 1)):
+            if value != allowed:
+                raise ValueError(f"MODEL.RESNETS.{key}={value} is not supported for R{depth}; set it to {allowed}")
+
+    stem = SlimBasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, r.NORM, divisor)
+    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
+    stages = []
+    for idx, num_blocks in enumerate(blocks_per_stage[depth]):
+        dilation = r.RES5_DILATION if idx == 3 else 1
+        first_stride = 1 if idx == 0 or dilation == 2 else 2
+        kwargs = dict(num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
+                      in_channels=in_channels, out_channels=out_channels, norm=r.NORM, divisor=divisor)
+        if depth in (18, 34):
+            kwargs["block_class"] = SlimBasicBlock
+        else:
+            kwargs.update(block_class=SlimBottleneckBlock, bottleneck_channels=bottleneck_channels,
+                          stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation, num_groups=r.NUM_GROUPS)
+        stages.append(ResNet.make_stage(**kwargs))
+        in_channels, out_channels, bottleneck_channels = out_channels, out_channels * 2, bottleneck_channels * 2
+    return SlimmableResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)

@@ -1,0 +1,25 @@
+"""gradaug-det: GradAug for detectron2 (slimmable backbones, GradAug training engine)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="gradaug-det",
+    version="0.1.0",
+    description="GradAug (NeurIPS 2020) sub-network regularization for detectron2",
+    python_requires=">=3.9",
+    packages=find_packages(include=["gradaug_det", "gradaug_det.*"]),
+    # detectron2 itself is not on PyPI: install it from its official source (clusters) or
+    # with tools/install_detectron2.py (what `make` does on a fresh machine).
+    install_requires=[
+        "torch>=2.0",
+        "torchvision",
+        "fvcore>=0.1.5",
+        "iopath>=0.1.7",
+        "pycocotools>=2.0.2",
+        "opencv-python-headless",
+        "matplotlib",
+        "tabulate",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
