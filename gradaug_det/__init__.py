@@ -3,6 +3,14 @@
 Importing this package registers the slimmable backbones (and the other components
 it provides) in detectron2's registries.
 """
+import warnings
+
+with warnings.catch_warnings():
+    # detectron2's import scripts a few ops with torch.jit, which torch>=2.10 flags as
+    # deprecated on every import; the notice is about detectron2, not about your code.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    import detectron2.modeling  # noqa: F401
+
 from .config import add_gradaug_config
 from .slim import depth, get_width, set_depth_mask, set_width, slim_channels, width
 from . import modeling  # noqa: F401  (registers backbones)

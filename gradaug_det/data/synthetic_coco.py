@@ -1,0 +1,583 @@
+"""Deterministic synthetic COCO-format instance-segmentation dataset ("shapes").
+
+The quickstart configs of this project train and evaluate on a small dataset of
+coloured geometric shapes (circles, rectangles, triangles) drawn on textured
+backgrounds. It is generated locally by :func:`generate_coco_shapes`, so the
+project can be exercised end to end without downloading COCO.
+
+Layout written under ``root``::
+
+    root/
+      train/000001.png ...
+      val/000001.png ...
+      annotations/instances_train.json
+      annotations/instances_val.json
+      DONE            # JSON with the generation parameters, written last
+
+Guarantees:
+
+* **Deterministic**: the same parameters give byte-identical JSON files and
+  identical images (each image is drawn from its own random generator seeded
+  with ``(seed, split, index)``).
+* **Exact annotations**: instance masks are computed *after* occlusion by later
+  shapes. The polygon ``segmentation`` traces the pixel boundary of the visible
+  mask, so rasterising it with pycocotools (``annToMask``) reproduces the
+  visible mask exactly; ``area`` is its pixel count and ``bbox`` encloses it
+  tightly. Shapes are placed so that every annotated instance keeps at least
+  half of its pixels visible, its visible mask has no holes and no fragment
+  smaller than ``_MIN_FRAGMENT_AREA`` pixels.
+* **Restartable**: every file is written through a temporary file and
+  ``os.replace``; the ``DONE`` marker is written last. A later call with the
+  same parameters and an intact marker returns immediately; an interrupted run
+  or one with different parameters is regenerated.
+"""
+
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+__all__ = [
+    "COCO_SHAPES_CATEGORIES",
+    "generate_coco_shapes",
+    "coco_shapes_paths",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Categories of the synthetic dataset, in COCO ``categories`` format.
+COCO_SHAPES_CATEGORIES: List[Dict[str, Any]] = [
+    {"id": 1, "name": "circle", "supercategory": "shape"},
+    {"id": 2, "name": "rectangle", "supercategory": "shape"},
+    {"id": 3, "name": "triangle", "supercategory": "shape"},
+]
+
+_FORMAT_VERSION = 1
+_MARKER_NAME = "DONE"
+_SPLIT_CODES = {"train": 0, "val": 1}
+_IMAGE_NAME_RE = re.compile(r"^\d{6}\.png$")
+
+# A placed shape must keep at least this fraction of its own (in-image) pixels
+# visible after all later shapes are drawn, otherwise the placement is rejected.
+_MIN_VISIBLE_FRACTION = 0.5
+# Minimum pixel count of every connected fragment of a visible mask.
+_MIN_FRAGMENT_AREA = 16
+# Minimum in-image pixel count of a freshly drawn shape.
+_MIN_SHAPE_AREA = 40
+# Placement attempts per shape before giving up on it.
+_MAX_PLACEMENT_TRIES = 12
+# Characteristic shape size is log-uniform in this range, expressed as a
+# fraction of the image side (at 256 px: ~12 px .. ~170 px), which populates
+# the COCO small (< 32^2), medium and large (>= 96^2) area buckets.
+_SIZE_RANGE = (0.047, 0.66)
+# Upsampling factor used to trace pixel-boundary polygons with cv2.findContours.
+_TRACE_UPSAMPLE = 3
+
+
+# ----------------------------------------------------------------------------
+# Small file helpers, shared with synthetic_imagefolder.
+# ----------------------------------------------------------------------------
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+    Args:
+        path: destination file.
+        data: file content.
+    """
+    tmp = "{}.{}.tmp".format(path, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _atomic_write_image(path: str, image: np.ndarray, params: Sequence[int] = ()) -> None:
+    """Encodes an image with OpenCV (format from the extension) and writes it atomically.
+
+    Args:
+        path: destination file; its extension selects the encoder.
+        image: HxWx3 uint8 image in BGR order.
+        params: OpenCV ``imencode`` parameters.
+    """
+    ext = os.path.splitext(path)[1]
+    ok, buf = cv2.imencode(ext, image, list(params))
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode an image for {!r}".format(path))
+    _atomic_write_bytes(path, buf.tobytes())
+
+
+def _read_marker(root: str) -> Optional[Dict[str, Any]]:
+    """Reads the ``DONE`` marker of a generated dataset.
+
+    Args:
+        root: dataset root.
+
+    Returns:
+        The parameters stored in the marker, or None if it is missing or unreadable.
+    """
+    path = os.path.join(root, _MARKER_NAME)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def _write_marker(root: str, params: Dict[str, Any]) -> None:
+    """Atomically writes the ``DONE`` marker containing ``params``."""
+    data = json.dumps(params, sort_keys=True, indent=1).encode("utf-8") + b"\n"
+    _atomic_write_bytes(os.path.join(root, _MARKER_NAME), data)
+
+
+def _remove_marker(root: str) -> None:
+    """Removes the ``DONE`` marker if present."""
+    try:
+        os.remove(os.path.join(root, _MARKER_NAME))
+    except FileNotFoundError:
+        pass
+
+
+def _remove_stale_files(directory: str, pattern: "re.Pattern", keep: set) -> None:
+    """Deletes files in ``directory`` whose name matches ``pattern`` and is not in ``keep``.
+
+    Only files following the generator's own naming scheme are ever deleted.
+    """
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if pattern.match(name) and name not in keep:
+            os.remove(os.path.join(directory, name))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    """Validates an integer argument and returns it.
+
+    Raises:
+        ValueError: if ``value`` is not an integer >= ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError("{} must be an integer >= {}, got {!r}".format(name, minimum, value))
+    return int(value)
+
+
+# ----------------------------------------------------------------------------
+# Drawing.
+# ----------------------------------------------------------------------------
+def _textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Draws a background: linear colour gradient + sinusoidal stripes + blotches.
+
+    Args:
+        rng: random generator.
+        size: image side in pixels.
+
+    Returns:
+        float32 array of shape (size, size, 3) with values roughly in [0, 255].
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0, 2 * np.pi)
+    t = np.cos(angle) * xx + np.sin(angle) * yy
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    c0 = rng.uniform(20, 235, size=3).astype(np.float32)
+    c1 = rng.uniform(20, 235, size=3).astype(np.float32)
+    image = c0 + t[..., None] * (c1 - c0)
+
+    # Stripes with random orientation, frequency and amplitude.
+    s_angle = rng.uniform(0, np.pi)
+    freq = rng.uniform(3, 18)
+    phase = rng.uniform(0, 2 * np.pi)
+    stripes = np.sin(2 * np.pi * freq * (np.cos(s_angle) * xx + np.sin(s_angle) * yy) + phase)
+    image += stripes[..., None] * rng.uniform(5, 30, size=3).astype(np.float32)
+
+    # Low-frequency blotches: upsampled coarse noise.
+    coarse = rng.normal(0, 1, size=(6, 6, 3)).astype(np.float32)
+    blotches = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+    image += blotches * rng.uniform(4, 16)
+    return image
+
+
+def _shape_polygon(
+    rng: np.random.Generator, category_id: int, center: np.ndarray, scale: float
+) -> Optional[np.ndarray]:
+    """Returns the integer vertex polygon of a rectangle or triangle.
+
+    Args:
+        rng: random generator.
+        category_id: 2 (rectangle) or 3 (triangle).
+        center: (x, y) centre.
+        scale: characteristic size in pixels.
+
+    Returns:
+        int32 array of shape (N, 2) with (x, y) vertices.
+    """
+    if category_id == 2:
+        aspect = rng.uniform(0.45, 1.0)
+        w, h = scale, scale * aspect
+        if rng.random() < 0.5:
+            w, h = h, w
+        box = ((float(center[0]), float(center[1])), (w, h), float(rng.uniform(0, 180)))
+        pts = cv2.boxPoints(box)
+    else:
+        # Three vertices on a circle, with angular gaps >= 70 degrees so that
+        # the triangle is never degenerate.
+        gaps = rng.uniform(70, 150, size=2)
+        angles = np.radians(rng.uniform(0, 360) + np.array([0.0, gaps[0], gaps[0] + gaps[1]]))
+        radius = scale / 2 * rng.uniform(0.85, 1.15, size=3)
+        pts = np.stack([center[0] + radius * np.cos(angles), center[1] + radius * np.sin(angles)], 1)
+    return np.round(pts).astype(np.int32)
+
+
+def _draw_shape_mask(
+    rng: np.random.Generator, category_id: int, size: int
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Samples a shape of the given category and rasterises its full mask.
+
+    Args:
+        rng: random generator.
+        category_id: 1 circle, 2 rectangle, 3 triangle.
+        size: image side in pixels.
+
+    Returns:
+        (mask, params): uint8 mask of shape (size, size) with 1 inside the shape
+        (no anti-aliasing, so the mask matches the painted pixels exactly), and
+        the drawing parameters needed to paint it.
+    """
+    lo, hi = _SIZE_RANGE
+    scale = float(np.exp(rng.uniform(np.log(lo * size), np.log(hi * size))))
+    # Centres stay scale/4 away from the border: large shapes may be truncated
+    # by the image border, but most of each shape lies inside the image.
+    margin = scale / 4
+    center = rng.uniform(margin, size - margin, size=2)
+    mask = np.zeros((size, size), np.uint8)
+    if category_id == 1:
+        params = {"circle": (int(round(center[0])), int(round(center[1])), max(int(round(scale / 2)), 2))}
+        cv2.circle(mask, params["circle"][:2], params["circle"][2], 1, thickness=-1, lineType=cv2.LINE_8)
+    else:
+        poly = _shape_polygon(rng, category_id, center, scale)
+        params = {"poly": poly}
+        cv2.fillPoly(mask, [poly], 1, lineType=cv2.LINE_8)
+    return mask, params
+
+
+def _paint(image: np.ndarray, params: Dict[str, Any], color: Tuple[float, float, float]) -> None:
+    """Paints a shape onto a float32 image in place (same rasterisation as the mask)."""
+    if "circle" in params:
+        x, y, r = params["circle"]
+        cv2.circle(image, (x, y), r, color, thickness=-1, lineType=cv2.LINE_8)
+    else:
+        cv2.fillPoly(image, [params["poly"]], color, lineType=cv2.LINE_8)
+
+
+def _fill_external(mask: np.ndarray) -> np.ndarray:
+    """Returns ``mask`` with every hole (background enclosed by an outer contour) filled."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(mask)
+    cv2.drawContours(filled, contours, -1, 1, thickness=-1)
+    return filled
+
+
+def _visible_mask_ok(mask: np.ndarray, full_area: int) -> bool:
+    """Checks that a visible mask can be annotated exactly and is mostly visible.
+
+    Args:
+        mask: uint8 visible mask (cropped is fine).
+        full_area: pixel count of the shape before occlusion.
+
+    Returns:
+        True if at least ``_MIN_VISIBLE_FRACTION`` of the shape is visible, the
+        mask has no holes, and each 8-connected fragment has at least
+        ``_MIN_FRAGMENT_AREA`` pixels.
+    """
+    area = int(mask.sum())
+    if area < _MIN_VISIBLE_FRACTION * full_area:
+        return False
+    if int(_fill_external(mask).sum()) != area:
+        return False
+    num, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    return bool(num <= 2 or stats[1:, cv2.CC_STAT_AREA].min() >= _MIN_FRAGMENT_AREA)
+
+
+def _mask_to_polygons(mask: np.ndarray, offset: Tuple[int, int] = (0, 0)) -> List[List[float]]:
+    """Traces the pixel-boundary polygons of a binary mask with ``cv2.findContours``.
+
+    ``cv2.findContours`` returns the centres of boundary pixels, which describes a
+    region about half a pixel smaller than the mask all around. Instead, the
+    mask is upsampled by 3 (nearest neighbour) before tracing; each traced
+    vertex then lies in the first or last sub-pixel of an original pixel, and
+    ``floor(v / 3 + 0.5)`` maps it to that pixel's left/top or right/bottom
+    edge. The result is the exact outline of the pixel squares in COCO's
+    continuous coordinates (pixel ``i`` spans ``[i, i + 1]``), so pycocotools
+    rasterises it back to exactly ``mask``, provided the mask has no holes.
+
+    Args:
+        mask: uint8 HxW mask.
+        offset: (x, y) added to every vertex (position of a crop in the image).
+
+    Returns:
+        One flat ``[x0, y0, x1, y1, ...]`` list per 8-connected component, each
+        with at least 4 vertices.
+    """
+    k = _TRACE_UPSAMPLE
+    up = np.repeat(np.repeat(mask, k, axis=0), k, axis=1)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for contour in contours:
+        pts = np.floor(contour.reshape(-1, 2) / k + 0.5).astype(np.int64)
+        keep = np.ones(len(pts), dtype=bool)
+        keep[1:] = np.any(pts[1:] != pts[:-1], axis=1)
+        if len(pts) > 1 and np.array_equal(pts[-1], pts[0]):
+            keep[-1] = False
+        pts = pts[keep] + np.asarray(offset, dtype=np.int64)
+        if len(pts) >= 3:
+            polygons.append([float(v) for v in pts.reshape(-1)])
+    return polygons
+
+
+def _contrasting_color(rng: np.random.Generator, reference: np.ndarray) -> Tuple[float, float, float]:
+    """Samples a colour at least ~70 (L2 in RGB) away from ``reference``."""
+    color = rng.uniform(0, 255, size=3)
+    for _ in range(20):
+        if np.linalg.norm(color - reference) >= 70:
+            break
+        color = rng.uniform(0, 255, size=3)
+    return float(color[0]), float(color[1]), float(color[2])
+
+
+def _render_image(
+    rng: np.random.Generator, size: int, num_shapes: Tuple[int, int]
+) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+    """Renders one image and the annotations of its visible shapes.
+
+    Args:
+        rng: random generator for this image.
+        size: image side in pixels.
+        num_shapes: inclusive (min, max) number of shapes to try to place.
+
+    Returns:
+        (image, instances): uint8 BGR image and a list of dicts with keys
+        ``category_id``, ``segmentation``, ``bbox``, ``area``.
+    """
+    image = _textured_background(rng, size)
+    owner = np.full((size, size), -1, dtype=np.int16)  # index of the top shape per pixel
+    shapes: List[Dict[str, Any]] = []
+    target = int(rng.integers(num_shapes[0], num_shapes[1] + 1))
+    for _ in range(target):
+        for _attempt in range(_MAX_PLACEMENT_TRIES):
+            category_id = int(rng.integers(1, len(COCO_SHAPES_CATEGORIES) + 1))
+            mask, params = _draw_shape_mask(rng, category_id, size)
+            ys, xs = np.nonzero(mask)
+            if len(ys) < _MIN_SHAPE_AREA:
+                continue
+            new_owner = owner.copy()
+            new_owner[ys, xs] = len(shapes)
+            ok = True
+            for j, prev in enumerate(shapes):
+                y0, y1, x0, x1 = prev["crop"]
+                vis = (new_owner[y0:y1, x0:x1] == j).astype(np.uint8)
+                if not _visible_mask_ok(vis, prev["full_area"]):
+                    ok = False
+                    break
+            if not ok:
+                continue
+            owner = new_owner
+            shapes.append(
+                {
+                    "category_id": category_id,
+                    "params": params,
+                    "full_area": len(ys),
+                    "crop": (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1),
+                }
+            )
+            break
+
+    for shape in shapes:
+        y0, y1, x0, x1 = shape["crop"]
+        reference = image[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+        _paint(image, shape["params"], _contrasting_color(rng, reference))
+
+    # Sensor-like noise over everything so that shapes are not flat.
+    image += rng.normal(0, rng.uniform(3, 10), size=image.shape).astype(np.float32)
+    image_u8 = np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+    instances = []
+    for j, shape in enumerate(shapes):
+        y0, y1, x0, x1 = shape["crop"]
+        vis = (owner[y0:y1, x0:x1] == j).astype(np.uint8)
+        ys, xs = np.nonzero(vis)
+        area = len(ys)
+        polygons = _mask_to_polygons(vis, offset=(x0, y0))
+        # By construction (see _visible_mask_ok) this never triggers; it guards
+        # the invariant that the polygons describe the whole visible mask.
+        if area == 0 or not polygons:
+            continue
+        bx0, by0 = int(xs.min()) + x0, int(ys.min()) + y0
+        bx1, by1 = int(xs.max()) + x0 + 1, int(ys.max()) + y0 + 1
+        instances.append(
+            {
+                "category_id": shape["category_id"],
+                "segmentation": polygons,
+                "bbox": [float(bx0), float(by0), float(bx1 - bx0), float(by1 - by0)],
+                "area": float(area),
+            }
+        )
+    return image_u8, instances
+
+
+# ----------------------------------------------------------------------------
+# Public API.
+# ----------------------------------------------------------------------------
+def coco_shapes_paths(root: str) -> Dict[str, Dict[str, str]]:
+    """Returns the annotation file and image directory of each split.
+
+    Args:
+        root: dataset root passed to :func:`generate_coco_shapes`.
+
+    Returns:
+        ``{"train": {"json_file": ..., "image_root": ...}, "val": {...}}``.
+    """
+    root = os.fspath(root)
+    return {
+        split: {
+            "json_file": os.path.join(root, "annotations", "instances_{}.json".format(split)),
+            "image_root": os.path.join(root, split),
+        }
+        for split in _SPLIT_CODES
+    }
+
+
+def _generate_split(
+    root: str,
+    split: str,
+    num_images: int,
+    image_size: int,
+    seed: int,
+    num_shapes: Tuple[int, int],
+    progress: bool,
+) -> None:
+    """Writes the images and the annotation JSON of one split."""
+    paths = coco_shapes_paths(root)[split]
+    image_dir = paths["image_root"]
+    os.makedirs(image_dir, exist_ok=True)
+    images, annotations = [], []
+    names = set()
+    iterator = range(1, num_images + 1)
+    if progress:
+        iterator = tqdm(iterator, desc="gradaug shapes {}".format(split), unit="img", leave=False)
+    for image_id in iterator:
+        rng = np.random.default_rng([seed, _SPLIT_CODES[split], image_id])
+        image, instances = _render_image(rng, image_size, num_shapes)
+        file_name = "{:06d}.png".format(image_id)
+        names.add(file_name)
+        _atomic_write_image(os.path.join(image_dir, file_name), image)
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
+        )
+        for inst in instances:
+            inst = {"id": len(annotations) + 1, "image_id": image_id, **inst, "iscrowd": 0}
+            annotations.append(inst)
+    _remove_stale_files(image_dir, _IMAGE_NAME_RE, names)
+
+    dataset = {
+        "info": {
+            "description": "gradaug_det synthetic shapes ({} split)".format(split),
+            "version": str(_FORMAT_VERSION),
+            "year": 2024,
+            "contributor": "gradaug_det.data.synthetic_coco",
+            "date_created": "n/a",
+        },
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in COCO_SHAPES_CATEGORIES],
+    }
+    os.makedirs(os.path.dirname(paths["json_file"]), exist_ok=True)
+    data = json.dumps(dataset, separators=(",", ":")).encode("utf-8")
+    _atomic_write_bytes(paths["json_file"], data)
+
+
+def generate_coco_shapes(
+    root: str,
+    num_train: int = 300,
+    num_val: int = 50,
+    image_size: int = 256,
+    seed: int = 0,
+    num_shapes: Tuple[int, int] = (1, 4),
+    progress: bool = True,
+) -> Dict[str, Dict[str, str]]:
+    """Generates (or reuses) the synthetic COCO-format shapes dataset under ``root``.
+
+    If ``root/DONE`` exists, records exactly these parameters and both
+    annotation files exist, nothing is written. Otherwise the marker is removed
+    first, all images and annotation files are (re)written atomically, stale
+    images from an earlier, larger generation (named ``NNNNNN.png``) are
+    deleted, and the marker is written last; an interrupted run is therefore
+    redone by the next call. Concurrent calls with identical parameters (e.g.
+    several distributed ranks) write identical bytes and are harmless.
+
+    With the defaults (300 train / 50 val images of 256 px) this takes about
+    3-4 seconds on a single CPU core.
+
+    Args:
+        root: output directory.
+        num_train: number of training images (>= 1).
+        num_val: number of validation images (>= 1).
+        image_size: side of the square images in pixels (>= 32).
+        seed: non-negative random seed; the data is a pure function of the
+            parameters.
+        num_shapes: inclusive ``(min, max)`` number of shapes attempted per image.
+            A shape that cannot be placed without hiding more than half of an
+            earlier one (after 12 attempts) is skipped, so an image can contain
+            fewer shapes, rarely none.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``{"train": {"json_file": ..., "image_root": ...}, "val": {...}}``, as
+        :func:`coco_shapes_paths`.
+
+    Raises:
+        ValueError: if an argument is out of range.
+    """
+    root = os.fspath(root)
+    num_train = _check_int("num_train", num_train, 1)
+    num_val = _check_int("num_val", num_val, 1)
+    image_size = _check_int("image_size", image_size, 32)
+    seed = _check_int("seed", seed, 0)
+    try:
+        lo, hi = num_shapes
+    except (TypeError, ValueError):
+        raise ValueError(
+            "num_shapes must be a (min, max) pair of integers, got {!r}".format(num_shapes)
+        ) from None
+    lo = _check_int("num_shapes[0]", lo, 1)
+    hi = _check_int("num_shapes[1]", hi, 1)
+    if lo > hi:
+        raise ValueError("num_shapes must satisfy min <= max, got {!r}".format(num_shapes))
+
+    params = {
+        "generator": "gradaug_det.data.synthetic_coco",
+        "version": _FORMAT_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "image_size": image_size,
+        "seed": seed,
+        "num_shapes": [lo, hi],
+    }
+    paths = coco_shapes_paths(root)
+    if _read_marker(root) == params and all(
+        os.path.isfile(p["json_file"]) for p in paths.values()
+    ):
+        logger.debug("Synthetic shapes dataset at %s is up to date.", root)
+        return paths
+
+    logger.info("Generating synthetic shapes dataset at %s ...", root)
+    os.makedirs(root, exist_ok=True)
+    _remove_marker(root)
+    for split, count in (("train", num_train), ("val", num_val)):
+        _generate_split(root, split, count, image_size, seed, (lo, hi), progress)
+    _write_marker(root, params)
+    return paths
