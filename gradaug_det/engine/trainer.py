@@ -1,0 +1,213 @@
+"""``GradAugTrainer``: detectron2's ``DefaultTrainer`` with GradAug in every iteration.
+
+Enable GradAug in your own project with one line — derive your trainer from
+``GradAugTrainer`` instead of ``DefaultTrainer``::
+
+    class Trainer(GradAugTrainer):   # was: class Trainer(DefaultTrainer)
+        ...
+
+With ``GRADAUG.ENABLED`` False it builds exactly what ``DefaultTrainer`` builds.
+A detectron2 hook cannot see the current batch, so GradAug lives in the trainer's
+``run_step`` (:mod:`gradaug_det.engine.runner`), not in a hook.
+"""
+import logging
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..gradaug import SubnetSampler, build_task, validate_sampler_args
+from ..gradaug.sampler import SUBNET_LOSSES
+from ..slim import DroppableBlock, SlimmableModule, check_width, linear_keep_probs, residual_blocks
+from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
+
+__all__ = ["GradAugTrainer", "validate_config", "create_ddp_model", "apply_depth_eval_scale"]
+
+logger = logging.getLogger(__name__)
+
+
+def validate_config(cfg) -> None:
+    """Check the GradAug keys before any work starts.
+
+    Raises:
+        ValueError: naming the key, the bad value and what is allowed.
+    """
+    g = cfg.GRADAUG
+    for w in cfg.TEST.SLIM_WIDTHS:
+        try:
+            check_width(w)
+        except ValueError:
+            raise ValueError(f"TEST.SLIM_WIDTHS contains {w!r}; every width must be in (0, 1]") from None
+    if not g.ENABLED:
+        return
+    validate_sampler_args(num_subnets=g.NUM_SUBNETS, min_width=g.MIN_WIDTH, max_width=g.MAX_WIDTH,
+                          sampling=g.SAMPLING, min_keep=g.DEPTH_MIN_KEEP, transform=g.TRANSFORM,
+                          scales=g.SCALES, rotation=g.ROTATION)
+    if g.SUBNET_LOSS not in SUBNET_LOSSES:
+        raise ValueError(f"GRADAUG.SUBNET_LOSS={g.SUBNET_LOSS!r} is invalid: allowed {', '.join(SUBNET_LOSSES)}")
+    for key in ("SOFT_WEIGHT", "GT_WEIGHT"):
+        if g[key] < 0:
+            raise ValueError(f"GRADAUG.{key}={g[key]} is invalid: a loss weight must be >= 0")
+
+
+def check_model(cfg, model) -> None:
+    """Check that the built model can form the configured sub-networks."""
+    if not cfg.GRADAUG.ENABLED:
+        return
+    if cfg.GRADAUG.SAMPLING == "width" and not any(isinstance(m, SlimmableModule) for m in model.modules()):
+        raise ValueError(
+            f"GRADAUG.SAMPLING='width' needs a slimmable backbone, but MODEL.BACKBONE.NAME="
+            f"{cfg.MODEL.BACKBONE.NAME!r} has no slimmable layer; use "
+            "'build_slimmable_resnet_fpn_backbone' or 'build_slimmable_resnet_backbone'"
+        )
+    if cfg.GRADAUG.SAMPLING == "depth" and not residual_blocks(model):
+        raise ValueError(
+            f"GRADAUG.SAMPLING='depth' needs droppable residual blocks, but MODEL.BACKBONE.NAME="
+            f"{cfg.MODEL.BACKBONE.NAME!r} has none; use a slimmable ResNet backbone"
+        )
+
+
+def apply_depth_eval_scale(cfg, model) -> None:
+    """With depth sampling and ``GRADAUG.DEPTH_EVAL_SCALE``, scale each residual branch at
+    evaluation by its keep probability (the stochastic-depth rule of the reference)."""
+    blocks = residual_blocks(model)
+    use = cfg.GRADAUG.ENABLED and cfg.GRADAUG.SAMPLING == "depth" and cfg.GRADAUG.DEPTH_EVAL_SCALE
+    probs = linear_keep_probs(len(blocks), cfg.GRADAUG.DEPTH_MIN_KEEP) if blocks else []
+    for block, p in zip(blocks, probs):
+        block.eval_scale = p if use else 1.0
+
+
+def needs_unused_parameter_search(cfg) -> bool:
+    """Whether some parameters may get no gradient in the synchronised (last) pass.
+
+    Depth sub-networks skip blocks, and "soft" sub-network losses leave the RPN and the
+    box-regression / mask heads without gradient. With ``no_sync`` on earlier passes, DDP
+    must then be told (``find_unused_parameters=True``), or it averages wrong gradients.
+    """
+    g = cfg.GRADAUG
+    return g.ENABLED and (g.SAMPLING == "depth" or "gt" not in g.SUBNET_LOSS)
+
+
+def create_ddp_model(model, *, find_unused_parameters=False, **kwargs):
+    """Wrap ``model`` in DistributedDataParallel when more than one process runs.
+
+    Like detectron2's ``create_ddp_model`` (broadcast_buffers etc. in ``kwargs``), but also
+    for CPU models (gloo), and with ``find_unused_parameters`` exposed.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    on_cuda = next(model.parameters()).is_cuda
+    kwargs.setdefault("device_ids", [comm.get_local_rank()] if on_cuda else None)
+    return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters, **kwargs)
+
+
+class GradAugTrainer(DefaultTrainer):
+    """``DefaultTrainer`` whose step is a GradAug iteration when ``GRADAUG.ENABLED``.
+
+    Also builds the ImageNet classifier's loader and evaluator, and evaluates at the
+    extra widths of ``TEST.SLIM_WIDTHS``.
+    """
+
+    def __init__(self, cfg):
+        # Mirrors DefaultTrainer.__init__; only the DDP wrapper and the step trainer differ.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        validate_config(cfg)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        check_model(cfg, model)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False,
+                                 find_unused_parameters=needs_unused_parameter_search(cfg))
+        self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_step_trainer(cls, cfg, model, data_loader, optimizer):
+        """The object whose ``run_step`` trains: detectron2's, or its GradAug version."""
+        amp = cfg.SOLVER.AMP.ENABLED
+        if not cfg.GRADAUG.ENABLED:
+            return (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        kwargs = dict(sampler=SubnetSampler.from_config(cfg), task=build_task(cfg, model))
+        if amp:
+            return GradAugAMPTrainer(model, data_loader, optimizer, **kwargs)
+        return GradAugSimpleTrainer(model, data_loader, optimizer, **kwargs)
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = super().build_model(cfg)
+        apply_depth_eval_scale(cfg, model)
+        return model
+
+    @staticmethod
+    def is_classifier(cfg) -> bool:
+        return cfg.MODEL.META_ARCHITECTURE == "SlimmableClassifier"
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if cls.is_classifier(cfg):
+            from ..data.classification import build_classification_train_loader
+
+            return build_classification_train_loader(cfg)
+        return super().build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        if cls.is_classifier(cfg):
+            from ..data.classification import build_classification_test_loader
+
+            return build_classification_test_loader(cfg, dataset_name)
+        return super().build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder or cfg.OUTPUT_DIR + "/inference")
+        if evaluator_type == "classification":
+            from ..evaluation.classification import ClassificationEvaluator
+
+            return ClassificationEvaluator.from_config(cfg, dataset_name) if hasattr(
+                ClassificationEvaluator, "from_config") else ClassificationEvaluator(dataset_name)
+        raise NotImplementedError(
+            f"no evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
+            "override GradAugTrainer.build_evaluator"
+        )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate at width 1.0 and at every width of ``TEST.SLIM_WIDTHS``."""
+        widths = list(cfg.TEST.SLIM_WIDTHS)
+        if not widths:
+            return super().test(cfg, model, evaluators)
+        from ..evaluation.widths import evaluate_at_widths, merge_width_results, width_results_table
+
+        results = OrderedDict()
+        for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
+            data_loader = cls.build_test_loader(cfg, dataset_name)
+            evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
+            per_width = evaluate_at_widths(model, data_loader, evaluator, [1.0] + widths)
+            if comm.is_main_process():
+                logging.getLogger(__name__).info(
+                    f"Evaluation of {dataset_name} at widths {list(per_width)}:\n" + width_results_table(per_width))
+            results[dataset_name] = merge_width_results(per_width)
+        if len(results) == 1:
+            results = list(results.values())[0]
+        return results

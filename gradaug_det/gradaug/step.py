@@ -1,0 +1,84 @@
+"""One GradAug iteration, independent of how a trainer is written.
+
+1. Full network (width 1.0, all blocks) on the original batch; its losses; backward.
+2. Each sampled sub-network, widest first: set it, transform the batch, forward, its loss,
+   backward — one sub-network's graph alive at a time.
+3. Width 1.0 and all blocks restored (also when a pass raises). The caller then takes one
+   optimizer step on the summed gradients.
+
+Under DistributedDataParallel every pass but the last runs under ``no_sync()``, so the
+gradients are all-reduced exactly once per iteration, after the last backward.
+"""
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Dict, List
+
+import torch
+from torch import nn
+
+from ..slim import depth, residual_blocks, width
+from .losses import unwrap_model
+from .sampler import SubnetSampler, SubnetSpec
+
+__all__ = ["GradAugOutput", "gradaug_step"]
+
+
+@dataclass
+class GradAugOutput:
+    """What one iteration produced (detached losses, for logging)."""
+
+    full_losses: Dict[str, torch.Tensor]
+    subnet_losses: List[Dict[str, torch.Tensor]] = field(default_factory=list)
+    specs: List[SubnetSpec] = field(default_factory=list)
+
+
+def _sum(losses: Dict[str, torch.Tensor]) -> torch.Tensor:
+    if not losses:
+        raise ValueError("a GradAug pass produced no loss; check GRADAUG.SUBNET_LOSS")
+    return sum(losses.values())
+
+
+def gradaug_step(model: nn.Module, batch, sampler: SubnetSampler, task, *,
+                 backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> GradAugOutput:
+    """Run the forward and backward passes of one GradAug iteration (no optimizer step).
+
+    Gradients accumulate into ``.grad``; zero them before and step after.
+
+    Args:
+        model: the network, optionally wrapped in DistributedDataParallel.
+        batch: one batch from the data loader.
+        sampler: draws this iteration's sub-networks.
+        task: :class:`~gradaug_det.gradaug.tasks.DetectionTask` or ``ClassificationTask``.
+        backward: how to back-propagate a loss (e.g. through an AMP grad scaler).
+        autocast: context manager factory wrapping every forward (AMP).
+
+    Returns:
+        GradAugOutput with the detached losses of every pass and the sampled specs.
+    """
+    net = unwrap_model(model)
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    specs = sampler.sample(len(residual_blocks(net)) if sampler.sampling == "depth" else 0)
+    last = len(specs)
+
+    def sync(i):
+        return model.no_sync() if is_ddp and i < last else contextlib.nullcontext()
+
+    with sync(0):
+        with autocast():
+            full_losses, teacher = task.full_pass(model, batch)
+            loss = _sum(full_losses)
+        backward(loss)
+    out = GradAugOutput({k: v.detach() for k, v in full_losses.items()}, specs=specs)
+    del loss
+
+    for i, spec in enumerate(specs, start=1):
+        arch = depth(net, spec.keep) if spec.keep is not None else contextlib.nullcontext()
+        with sync(i), width(net, spec.width), arch:
+            with autocast():
+                losses = task.subnet_pass(model, batch, teacher, spec)
+                loss = _sum(losses)
+            backward(loss)
+        out.subnet_losses.append({k: v.detach() for k, v in losses.items()})
+        del loss, losses
+    return out

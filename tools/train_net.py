@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Train or evaluate a detectron2 model with GradAug.
+
+    python tools/train_net.py --config-file configs/mask_rcnn_gradaug.yaml --num-gpus 8
+    python tools/train_net.py --config-file configs/mask_rcnn_gradaug.yaml --eval-only MODEL.WEIGHTS model.pth
+
+Standard detectron2 flags: --num-gpus, --num-machines, --machine-rank, --dist-url, --resume,
+--eval-only, and config overrides as trailing KEY VALUE pairs.
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import gradaug_det  # noqa: F401  (registers backbones, meta-architectures, datasets)
+from gradaug_det.engine import GradAugTrainer, setup
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = GradAugTrainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = GradAugTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = GradAugTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
