@@ -39,7 +39,8 @@ def detection_transform(height: int, width: int, spec: SubnetSpec) -> T.Transfor
 
 def _transform_instances(inst: Instances, tfm: T.TransformList, size: Tuple[int, int]) -> Instances:
     out = Instances(size)
-    boxes = tfm.apply_box(inst.gt_boxes.tensor.cpu().numpy())
+    # detectron2 transforms may edit coordinates in place: always hand them copies
+    boxes = tfm.apply_box(inst.gt_boxes.tensor.cpu().numpy().copy())
     out.gt_boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
     out.gt_boxes.clip(size)
     for field, value in inst.get_fields().items():
@@ -47,7 +48,7 @@ def _transform_instances(inst: Instances, tfm: T.TransformList, size: Tuple[int,
             continue
         if isinstance(value, PolygonMasks):
             value = PolygonMasks([
-                [p.reshape(-1) for p in tfm.apply_polygons([q.reshape(-1, 2) for q in polys])]
+                [p.reshape(-1) for p in tfm.apply_polygons([q.reshape(-1, 2).copy() for q in polys])]
                 for polys in value.polygons
             ])
         elif isinstance(value, BitMasks):
@@ -92,7 +93,7 @@ def transform_detection_batch(batch: List[Dict], spec: SubnetSpec,
         new_batch.append(out)
         if teacher is not None:
             t = teacher[i]
-            boxes = Boxes(torch.as_tensor(tfm.apply_box(t["boxes"].detach().cpu().numpy()), dtype=torch.float32))
+            boxes = Boxes(torch.as_tensor(tfm.apply_box(t["boxes"].detach().cpu().numpy().copy()), dtype=torch.float32))
             boxes.clip(size)
             keep = boxes.nonempty().to(t["logits"].device)
             new_teacher.append({"boxes": boxes.tensor.to(t["boxes"].device)[keep], "logits": t["logits"][keep]})

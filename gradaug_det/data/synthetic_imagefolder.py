@@ -1,0 +1,233 @@
+"""Deterministic tiny ImageFolder classification dataset (an ImageNet stand-in).
+
+:func:`generate_imagefolder` writes::
+
+    root/
+      train/<wnid>/<wnid>_00000.JPEG ...
+      val/<wnid>/<wnid>_00000.JPEG ...
+      DONE            # JSON with the generation parameters, written last
+
+in the layout expected by :func:`gradaug_det.data.datasets.register_imagenet`,
+so the classification-pretraining code path can be tested without ImageNet.
+
+Class ``k`` has the fake WordNet id ``"n{k:08d}"`` (so sorted wnids give class
+ids in order) and is learnable: it is a fixed shape (circle, square, triangle,
+cross, ring, diamond, bar, star, cycling) drawn in a fixed hue, with random
+position, size, rotation, hue/brightness jitter and a noisy textured
+background. Classes sharing a shape (``num_classes > 8``) differ by hue.
+"""
+
+import logging
+import os
+import re
+from typing import Any, Dict, List
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .synthetic_coco import (
+    _atomic_write_image,
+    _check_int,
+    _read_marker,
+    _remove_marker,
+    _remove_stale_files,
+    _write_marker,
+)
+
+__all__ = ["generate_imagefolder", "imagefolder_wnids"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT_VERSION = 1
+_SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
+_SPLIT_CODES = {"train": 0, "val": 1}
+_FILE_RE = re.compile(r"^n\d{8}_\d{5}\.JPEG$")
+_WNID_RE = re.compile(r"^n\d{8}$")
+# Golden-ratio hue spacing keeps the hues of consecutive classes far apart.
+_GOLDEN = 0.6180339887498949
+
+
+def imagefolder_wnids(num_classes: int) -> List[str]:
+    """Returns the fake WordNet ids used for ``num_classes`` synthetic classes.
+
+    Args:
+        num_classes: number of classes (>= 1).
+
+    Returns:
+        ``["n00000000", "n00000001", ...]``; sorted order equals class order.
+    """
+    num_classes = _check_int("num_classes", num_classes, 1)
+    return ["n{:08d}".format(k) for k in range(num_classes)]
+
+
+def _class_color(class_id: int, rng: np.random.Generator) -> tuple:
+    """Returns a jittered BGR colour for a class (fixed hue, random brightness)."""
+    hue = ((class_id * _GOLDEN) % 1.0 + rng.uniform(-0.025, 0.025)) % 1.0
+    hsv = np.array(
+        [[[hue * 180.0, rng.uniform(170, 255), rng.uniform(160, 255)]]], dtype=np.float32
+    )
+    hsv = np.clip(np.round(hsv), 0, [179, 255, 255]).astype(np.uint8)
+    bgr = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
+    return tuple(float(v) for v in bgr)
+
+
+def _star_points(cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    """Returns the vertices of a five-pointed star."""
+    angles = angle + np.arange(10) * np.pi / 5
+    radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+    return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+
+
+def _render(rng: np.random.Generator, class_id: int, size: int) -> np.ndarray:
+    """Renders one uint8 BGR image of the given class.
+
+    Args:
+        rng: random generator for this image.
+        class_id: class index.
+        size: image side in pixels.
+
+    Returns:
+        uint8 array of shape (size, size, 3).
+    """
+    # Background: dim random gradient + uniform noise, independent of the class.
+    coords = np.arange(size, dtype=np.float32) / size
+    angle = rng.uniform(0, 2 * np.pi)
+    t = np.float32(np.cos(angle)) * coords[None, :] + np.float32(np.sin(angle)) * coords[:, None]
+    c0, c1 = rng.uniform(30, 140, size=3), rng.uniform(30, 140, size=3)
+    image = cv2.merge([np.float32(c0[i]) + np.float32((c1[i] - c0[i]) / 1.5) * t for i in range(3)])
+
+    shape = _SHAPES[class_id % len(_SHAPES)]
+    color = _class_color(class_id, rng)
+    r = size * rng.uniform(0.2, 0.33)
+    cx, cy = size / 2 + rng.uniform(-0.15, 0.15, size=2) * size
+    rot = rng.uniform(0, 2 * np.pi)
+    thick = max(int(round(r * 0.35)), 2)
+
+    def poly(points: np.ndarray) -> None:
+        cv2.fillPoly(image, [np.round(points).astype(np.int32)], color, lineType=cv2.LINE_AA)
+
+    def rotated(offsets: np.ndarray) -> np.ndarray:
+        c, s = np.cos(rot), np.sin(rot)
+        x = cx + c * offsets[:, 0] - s * offsets[:, 1]
+        y = cy + s * offsets[:, 0] + c * offsets[:, 1]
+        return np.stack([x, y], 1)
+
+    center = (int(round(cx)), int(round(cy)))
+    if shape == "circle":
+        cv2.circle(image, center, int(round(r)), color, -1, cv2.LINE_AA)
+    elif shape == "ring":
+        cv2.circle(image, center, int(round(r)), color, thick, cv2.LINE_AA)
+    elif shape == "square":
+        poly(rotated(np.array([[-r, -r], [r, -r], [r, r], [-r, r]]) * 0.8))
+    elif shape == "diamond":
+        poly(rotated(np.array([[0, -r], [0.6 * r, 0], [0, r], [-0.6 * r, 0]])))
+    elif shape == "triangle":
+        a = rot + np.arange(3) * 2 * np.pi / 3
+        poly(np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1))
+    elif shape == "cross":
+        w = thick / 2
+        poly(rotated(np.array([[-r, -w], [r, -w], [r, w], [-r, w]])))
+        poly(rotated(np.array([[-w, -r], [w, -r], [w, r], [-w, r]])))
+    elif shape == "bar":
+        poly(rotated(np.array([[-r, -r * 0.22], [r, -r * 0.22], [r, r * 0.22], [-r, r * 0.22]])))
+    else:  # star
+        poly(_star_points(cx, cy, r, rot))
+
+    amp = int(rng.integers(6, 21))
+    noise = rng.integers(-amp, amp + 1, size=image.shape, dtype=np.int16)
+    return cv2.add(image, noise, dtype=cv2.CV_8U)
+
+
+def generate_imagefolder(
+    root: str,
+    num_classes: int = 4,
+    train_per_class: int = 16,
+    val_per_class: int = 8,
+    image_size: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> Dict[str, str]:
+    """Generates (or reuses) a tiny, learnable ImageFolder dataset under ``root``.
+
+    Same restart rules as :func:`gradaug_det.data.synthetic_coco.generate_coco_shapes`:
+    if ``root/DONE`` records exactly these parameters nothing is written;
+    otherwise the marker is removed, all images are rewritten atomically,
+    stale files following this generator's naming scheme
+    (``n########/n########_#####.JPEG``) are deleted, and the marker is
+    written last. Files not following that scheme are never touched.
+
+    JPEG encoding (quality 95) is deterministic for a given OpenCV build, so
+    the same parameters give identical files.
+
+    Args:
+        root: output directory.
+        num_classes: number of classes (>= 1).
+        train_per_class: training images per class (>= 1).
+        val_per_class: validation images per class (>= 1).
+        image_size: side of the square images in pixels (>= 16).
+        seed: non-negative random seed.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``{"train": root/train, "val": root/val}``.
+
+    Raises:
+        ValueError: if an argument is out of range.
+    """
+    root = os.fspath(root)
+    wnids = imagefolder_wnids(num_classes)
+    counts = {
+        "train": _check_int("train_per_class", train_per_class, 1),
+        "val": _check_int("val_per_class", val_per_class, 1),
+    }
+    image_size = _check_int("image_size", image_size, 16)
+    seed = _check_int("seed", seed, 0)
+    params: Dict[str, Any] = {
+        "generator": "gradaug_det.data.synthetic_imagefolder",
+        "version": _FORMAT_VERSION,
+        "num_classes": len(wnids),
+        "train_per_class": counts["train"],
+        "val_per_class": counts["val"],
+        "image_size": image_size,
+        "seed": seed,
+    }
+    paths = {split: os.path.join(root, split) for split in _SPLIT_CODES}
+    if _read_marker(root) == params:
+        return paths
+
+    logger.info("Generating synthetic ImageFolder dataset at %s ...", root)
+    os.makedirs(root, exist_ok=True)
+    _remove_marker(root)
+    jobs = [
+        (split, class_id, index)
+        for split in _SPLIT_CODES
+        for class_id in range(len(wnids))
+        for index in range(counts[split])
+    ]
+    iterator = tqdm(jobs, desc="gradaug imagefolder", unit="img", leave=False) if progress else jobs
+    for split, class_id, index in iterator:
+        class_dir = os.path.join(paths[split], wnids[class_id])
+        if index == 0:
+            os.makedirs(class_dir, exist_ok=True)
+        rng = np.random.default_rng([seed, _SPLIT_CODES[split], class_id, index])
+        image = _render(rng, class_id, image_size)
+        name = "{}_{:05d}.JPEG".format(wnids[class_id], index)
+        _atomic_write_image(
+            os.path.join(class_dir, name), image, (cv2.IMWRITE_JPEG_QUALITY, 95)
+        )
+
+    # Remove what an earlier generation with other parameters left behind.
+    for split, split_dir in paths.items():
+        for wnid in os.listdir(split_dir):
+            class_dir = os.path.join(split_dir, wnid)
+            if not (_WNID_RE.match(wnid) and os.path.isdir(class_dir)):
+                continue
+            keep = set()
+            if wnid in wnids:
+                keep = {"{}_{:05d}.JPEG".format(wnid, i) for i in range(counts[split])}
+            _remove_stale_files(class_dir, _FILE_RE, keep)
+            if not os.listdir(class_dir):
+                os.rmdir(class_dir)
+    _write_marker(root, params)
+    return paths

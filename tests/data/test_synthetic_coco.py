@@ -1,0 +1,209 @@
+"""Tests for the synthetic COCO shapes dataset and its detectron2 registration."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+from pycocotools.coco import COCO
+
+from gradaug_det.data.datasets import QUICKSTART_TRAIN, QUICKSTART_VAL, register_quickstart
+from gradaug_det.data.synthetic_coco import (
+    COCO_SHAPES_CATEGORIES,
+    coco_shapes_paths,
+    generate_coco_shapes,
+)
+
+# Small but big enough (at 256 px) to populate all three COCO area buckets.
+SMALL = dict(num_train=24, num_val=6, image_size=256, seed=0, progress=False)
+
+
+def _read_tree(root):
+    """Maps every relative path under ``root`` to the file bytes."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    generate_coco_shapes(root, **SMALL)
+    return root
+
+
+@pytest.fixture
+def clean_quickstart():
+    """Unregisters the quickstart names before and after a test."""
+
+    def clean():
+        for name in (QUICKSTART_TRAIN, QUICKSTART_VAL):
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+            if name in MetadataCatalog.list():
+                MetadataCatalog.remove(name)
+
+    clean()
+    yield
+    clean()
+
+
+def test_layout(shapes_root):
+    paths = coco_shapes_paths(shapes_root)
+    for split, n in (("train", SMALL["num_train"]), ("val", SMALL["num_val"])):
+        assert os.path.isfile(paths[split]["json_file"])
+        pngs = sorted(f for f in os.listdir(paths[split]["image_root"]) if f.endswith(".png"))
+        assert len(pngs) == n
+    with open(os.path.join(shapes_root, "DONE")) as f:
+        marker = json.load(f)
+    assert marker["seed"] == 0 and marker["num_train"] == SMALL["num_train"]
+
+
+def test_determinism(shapes_root, tmp_path):
+    again = str(tmp_path / "again")
+    generate_coco_shapes(again, **SMALL)
+    first, second = _read_tree(shapes_root), _read_tree(again)
+    assert sorted(first) == sorted(second)
+    for rel in first:  # JSON byte-identical, PNG byte-identical (hence identical pixels)
+        assert first[rel] == second[rel], rel
+
+    other = str(tmp_path / "other_seed")
+    generate_coco_shapes(other, **dict(SMALL, seed=1))
+    third = _read_tree(other)
+    rel = os.path.join("annotations", "instances_train.json")
+    assert third[rel] != first[rel]
+    assert third[os.path.join("train", "000001.png")] != first[os.path.join("train", "000001.png")]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_annotations_are_exact(shapes_root, split):
+    json_file = coco_shapes_paths(shapes_root)[split]["json_file"]
+    coco = COCO(json_file)
+    cat_ids = {c["id"] for c in COCO_SHAPES_CATEGORIES}
+    assert sorted(coco.getCatIds()) == [1, 2, 3]
+    assert len(coco.dataset["annotations"]) > 0
+    ann_ids = [a["id"] for a in coco.dataset["annotations"]]
+    assert len(set(ann_ids)) == len(ann_ids)
+    image_ids = [i["id"] for i in coco.dataset["images"]]
+    assert len(set(image_ids)) == len(image_ids)
+
+    for img in coco.dataset["images"]:
+        assert (img["width"], img["height"]) == (256, 256)
+        coverage = np.zeros((img["height"], img["width"]), dtype=np.int64)
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
+            assert ann["category_id"] in cat_ids
+            assert ann["iscrowd"] == 0
+            assert ann["image_id"] == img["id"]
+            assert all(len(poly) >= 6 and len(poly) % 2 == 0 for poly in ann["segmentation"])
+            mask = coco.annToMask(ann)
+            ys, xs = np.nonzero(mask)
+            # The polygons trace pixel boundaries, so rasterising them gives the
+            # visible mask exactly: no tolerance on area or bbox.
+            assert len(ys) == ann["area"], ann["id"]
+            x, y, w, h = ann["bbox"]
+            tight = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            assert tight == [x, y, x + w, y + h], ann["id"]
+            coverage += mask
+        # Visible masks of one image never overlap (occlusion is resolved).
+        assert coverage.max() <= 1
+
+
+def test_size_buckets_and_categories(shapes_root):
+    with open(coco_shapes_paths(shapes_root)["train"]["json_file"]) as f:
+        anns = json.load(f)["annotations"]
+    areas = np.array([a["area"] for a in anns])
+    assert (areas < 32**2).sum() > 0
+    assert ((areas >= 32**2) & (areas < 96**2)).sum() > 0
+    assert (areas >= 96**2).sum() > 0
+    assert {a["category_id"] for a in anns} == {1, 2, 3}
+
+
+def test_load_coco_json(shapes_root):
+    paths = coco_shapes_paths(shapes_root)["val"]
+    dicts = load_coco_json(paths["json_file"], paths["image_root"])
+    assert len(dicts) == SMALL["num_val"]
+    for d in dicts:
+        assert os.path.isfile(d["file_name"])
+        for obj in d["annotations"]:
+            assert obj["category_id"] in (1, 2, 3)  # no dataset_name: ids are not remapped
+
+
+def test_done_marker_skips_and_regenerates(tmp_path):
+    root = str(tmp_path / "marker")
+    kwargs = dict(num_train=3, num_val=2, image_size=64, seed=0, progress=False)
+    generate_coco_shapes(root, **kwargs)
+    json_file = coco_shapes_paths(root)["train"]["json_file"]
+    png = os.path.join(root, "train", "000001.png")
+    os.utime(json_file, ns=(1, 1))  # any rewrite would change these
+    os.utime(png, ns=(1, 1))
+
+    generate_coco_shapes(root, **kwargs)  # marker matches: nothing rewritten
+    assert os.stat(json_file).st_mtime_ns == 1 and os.stat(png).st_mtime_ns == 1
+
+    generate_coco_shapes(root, **dict(kwargs, num_train=2))  # parameters differ: regenerate
+    assert os.stat(json_file).st_mtime_ns != 1
+    assert not os.path.exists(os.path.join(root, "train", "000003.png"))  # stale image removed
+    with open(json_file) as f:
+        assert len(json.load(f)["images"]) == 2
+
+    # Interrupted run (no marker): regenerated.
+    os.remove(os.path.join(root, "DONE"))
+    os.utime(json_file, ns=(1, 1))
+    generate_coco_shapes(root, **dict(kwargs, num_train=2))
+    assert os.stat(json_file).st_mtime_ns != 1
+    assert os.path.isfile(os.path.join(root, "DONE"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_train=0), "num_train .* got 0"),
+        (dict(image_size=8), "image_size .* got 8"),
+        (dict(seed=-1), "seed .* got -1"),
+        (dict(num_shapes=(3, 1)), r"min <= max, got \(3, 1\)"),
+        (dict(num_shapes=5), "num_shapes .* got 5"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate_coco_shapes(str(tmp_path), progress=False, **kwargs)
+    assert not os.path.exists(os.path.join(str(tmp_path), "DONE"))
+
+
+def test_register_quickstart_lazy(tmp_path, clean_quickstart):
+    root = str(tmp_path / "qs")
+    names = register_quickstart(root, num_train=4, num_val=2, image_size=128, progress=False)
+    assert names == {"train": QUICKSTART_TRAIN, "val": QUICKSTART_VAL}
+    assert not os.path.exists(root)  # lazy: nothing generated yet
+    register_quickstart(root, num_train=4, num_val=2, image_size=128, progress=False)  # no raise
+
+    meta = MetadataCatalog.get(QUICKSTART_VAL)
+    assert meta.evaluator_type == "coco"
+    assert meta.json_file == coco_shapes_paths(root)["val"]["json_file"]
+    assert meta.thing_classes == ["circle", "rectangle", "triangle"]
+
+    dicts = DatasetCatalog.get(QUICKSTART_TRAIN)
+    assert len(dicts) == 4
+    assert sum(len(d["annotations"]) for d in dicts) > 0
+    for d in dicts:
+        assert os.path.isfile(d["file_name"])
+        assert all(0 <= obj["category_id"] < 3 for obj in d["annotations"])  # contiguous ids
+    # Loading train generated both splits, so an evaluator can open the val json.
+    assert os.path.isfile(meta.json_file)
+    assert len(DatasetCatalog.get(QUICKSTART_VAL)) == 2
+    id_map = MetadataCatalog.get(QUICKSTART_TRAIN).thing_dataset_id_to_contiguous_id
+    assert id_map == {1: 0, 2: 1, 3: 2}
+
+
+def test_register_quickstart_default_root_and_eager(tmp_path, monkeypatch, clean_quickstart):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    register_quickstart(num_train=2, num_val=1, image_size=64, eager=True, progress=False)
+    root = os.path.join(str(tmp_path), "gradaug_quickstart")
+    assert MetadataCatalog.get(QUICKSTART_TRAIN).image_root == os.path.join(root, "train")
+    assert os.path.isfile(os.path.join(root, "DONE"))

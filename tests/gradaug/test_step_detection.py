@@ -1,0 +1,162 @@
+"""One GradAug iteration on Mask R-CNN equals the passes computed by hand."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+import gradaug_det
+from gradaug_det.gradaug import DetectionTask, SubnetSampler, gradaug_step
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in model.named_parameters()}
+
+
+def _resize_by_hand(batch, scale):
+    """The sub-network input, built independently: PIL-resize images, scale boxes/polygons."""
+    out = []
+    for d in batch:
+        h, w = d["image"].shape[-2:]
+        nh, nw = int(round(h * scale)), int(round(w * scale))
+        img = T.ResizeTransform(h, w, nh, nw).apply_image(d["image"].permute(1, 2, 0).numpy())
+        sx, sy = nw / w, nh / h
+        inst = Instances((nh, nw))
+        factor = torch.tensor([sx, sy, sx, sy])
+        inst.gt_boxes = Boxes(d["instances"].gt_boxes.tensor * factor)
+        inst.gt_classes = d["instances"].gt_classes
+        polys = [[(p.reshape(-1, 2) * np.array([sx, sy])).reshape(-1) for p in obj]
+                 for obj in d["instances"].gt_masks.polygons]
+        inst.gt_masks = PolygonMasks(polys)
+        out.append({"image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+                    "instances": inst, "height": d["height"], "width": d["width"]})
+    return out
+
+
+def _hand_iteration(model, batch, specs, loss_mode):
+    """GradAug by hand: explicit hooks, explicit KL formula, explicit width switches."""
+    roi = model.roi_heads
+    rec = {}
+
+    def on_pool(m, args, out):
+        rec["boxes"] = [b.tensor.clone() for b in args[1]]
+
+    def on_predict(m, args, out):
+        rec["logits"] = out[0].detach().clone()
+
+    h1 = roi.box_pooler.register_forward_hook(on_pool)
+    h2 = roi.box_predictor.register_forward_hook(on_predict)
+    losses = model(batch)
+    h1.remove(), h2.remove()
+    sum(losses.values()).backward()
+    for spec in specs:
+        gradaug_det.set_width(model, spec.width)
+        sub_batch = _resize_by_hand(batch, spec.scale)
+        kl = {}
+
+        def student(m, args, output):
+            features = args[1]
+            boxes = []
+            for d, sd, b in zip(batch, sub_batch, rec["boxes"]):
+                sx = sd["image"].shape[-1] / d["image"].shape[-1]
+                sy = sd["image"].shape[-2] / d["image"].shape[-2]
+                bb = Boxes(b * torch.tensor([sx, sy, sx, sy]))
+                bb.clip(sd["image"].shape[-2:])
+                boxes.append(bb)
+            x = roi.box_pooler([features[f] for f in roi.box_in_features], boxes)
+            s = roi.box_predictor(roi.box_head(x))[0]
+            p = F.softmax(rec["logits"], 1)
+            kl["v"] = (p * (torch.log(p) - F.log_softmax(s, 1))).sum() / len(p)
+            return output
+
+        h = roi.register_forward_hook(student)
+        sub_losses = model(sub_batch)
+        h.remove()
+        total = 0.0
+        if "soft" in loss_mode:
+            total = total + kl["v"]
+        if "gt" in loss_mode:
+            total = total + sum(sub_losses.values())
+        total.backward()
+    gradaug_det.set_width(model, 1.0)
+
+
+@pytest.mark.parametrize("loss_mode", ["soft", "gt+soft"])
+def test_gradient_parity_with_hand_computation(make_rcnn_cfg, make_batch, loss_mode):
+    cfg = make_rcnn_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    batch = make_batch(2, 96)
+    sampler = SubnetSampler(num_subnets=3, min_width=0.6, max_width=1.0, scales=(1.0, 0.75, 0.5), seed=3)
+    specs = copy.deepcopy(sampler).sample()
+    assert {s.scale for s in specs} != {1.0}, "the draw should exercise a rescale"
+    state = copy.deepcopy(model.state_dict())
+    with EventStorage(0):
+        torch.manual_seed(1)
+        gradaug_step(model, batch, sampler, DetectionTask(model, loss_mode))
+        ours = _grads(model)
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)  # BN running stats of the full pass
+        torch.manual_seed(1)
+        _hand_iteration(model, batch, specs, loss_mode)
+        ref = _grads(model)
+    worst = max((ours[n] - ref[n]).abs().max().item() for n in ours)
+    scale = max(ref[n].abs().max().item() for n in ref)
+    assert scale > 0
+    assert worst <= 1e-5 * max(1.0, scale), f"max gradient difference {worst}"
+    # the sub-networks really contributed: gradients differ from the full pass alone
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    with EventStorage(0):
+        torch.manual_seed(1)
+        sum(model(batch).values()).backward()
+    full_only = _grads(model)
+    assert max((ours[n] - full_only[n]).abs().max().item() for n in ours) > 1e-4
+
+
+def test_subnets_leave_bn_running_stats_and_width(make_rcnn_cfg, make_batch):
+    cfg = make_rcnn_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    batch = make_batch(2, 96)
+    bn_names = [n for n, b in model.named_buffers() if "running_" in n]
+    assert bn_names
+    state = copy.deepcopy(model.state_dict())
+    with EventStorage(0):
+        torch.manual_seed(1)
+        model(batch)  # the full pass alone
+        after_full = {n: b.clone() for n, b in model.named_buffers()}
+        model.load_state_dict(state)
+        torch.manual_seed(1)
+        gradaug_step(model, batch, SubnetSampler(seed=0, min_width=0.5), DetectionTask(model, "gt"))
+    for n, b in model.named_buffers():
+        if "running_" in n:
+            assert torch.equal(b, after_full[n]), n
+    assert any(not torch.equal(after_full[n], state[n]) for n in bn_names), "full pass updates BN"
+    assert gradaug_det.get_width(model) == 1.0
+
+
+def test_width_restored_when_a_pass_raises(make_rcnn_cfg, make_batch):
+    model = build_model(make_rcnn_cfg())
+    model.train()
+
+    class Boom(DetectionTask):
+        def subnet_pass(self, model, batch, teacher, spec):
+            raise RuntimeError("boom")
+
+    with EventStorage(0), pytest.raises(RuntimeError, match="boom"):
+        gradaug_step(model, make_batch(1, 64), SubnetSampler(seed=0), Boom(model, "gt"))
+    assert gradaug_det.get_width(model) == 1.0
+    with EventStorage(0), pytest.raises(RuntimeError, match="boom"):
+        gradaug_step(model, make_batch(1, 64), SubnetSampler(seed=0, sampling="depth", min_keep=0.1),
+                     Boom(model, "gt"))
+    assert not any(b.drop for b in gradaug_det.slim.residual_blocks(model))
