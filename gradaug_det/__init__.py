@@ -13,7 +13,12 @@ with warnings.catch_warnings():
 
 from .config import add_gradaug_config
 from .slim import depth, get_width, set_depth_mask, set_width, slim_channels, width
-from . import modeling  # noqa: F401  (registers backbones)
+from . import modeling  # noqa: F401  (registers backbones and meta-architectures)
+from .data import register_imagenet, register_quickstart
+
+# Dataset names (lazy: nothing is read or generated until a dataset is first used).
+register_quickstart()
+register_imagenet()
 
 __version__ = "0.1.0"
 __all__ = ["add_gradaug_config", "set_width", "get_width", "width", "depth", "set_depth_mask",

@@ -74,5 +74,44 @@ def add_gradaug_config(cfg: CN) -> CN:
 
 def _add_classification_config(_c: CN) -> None:
     """Keys of ImageNet pretraining (the classifier meta-architecture and its data)."""
-    # (filled by the ImageNet pretraining work; kept separate so the detection keys above
-    # stay readable)
+    # ---- Classifier (MODEL.META_ARCHITECTURE = "SlimmableClassifier") --------------------
+    _c.MODEL.CLASSIFIER = CN()
+    # Number of classes of the linear head (ImageNet: 1000).
+    _c.MODEL.CLASSIFIER.NUM_CLASSES = 1000
+    # Label smoothing of the hard-label cross-entropy (0.0 = none, the GradAug reference).
+    # Unused when the batch carries soft labels (CutMix).
+    _c.MODEL.CLASSIFIER.LABEL_SMOOTHING = 0.0
+
+    # ---- Classification data (gradaug_det.data.classification) ------------------------------
+    _c.INPUT.CLASSIFICATION = CN()
+    # Side of the square crop fed to the network, in training (RandomResizedCrop) and test
+    # (center crop). Reference: 224.
+    _c.INPUT.CLASSIFICATION.CROP_SIZE = 224
+    # Test: the shorter image side is resized to this before the center crop (reference 256).
+    _c.INPUT.CLASSIFICATION.RESIZE_SIZE = 256
+    # Training: smallest fraction of the image area a RandomResizedCrop may cover.
+    _c.INPUT.CLASSIFICATION.MIN_SCALE = 0.08
+    # Training: ColorJitter strength for brightness, contrast and saturation (0 = off).
+    _c.INPUT.CLASSIFICATION.COLOR_JITTER = 0.4
+    # Training: std of AlexNet-style PCA lighting noise, with the standard ImageNet
+    # eigenvalues/eigenvectors, on the [0, 1] RGB image (0 = off).
+    _c.INPUT.CLASSIFICATION.LIGHTING = 0.1
+    # Images per batch and worker of the classification test loader.
+    _c.INPUT.CLASSIFICATION.TEST_IMS_PER_BATCH = 32
+
+    # ---- CutMix ("GradAug+": CutMix on the full network's batch) ----------------------------
+    _c.INPUT.CUTMIX = CN()
+    # Mix the training batch with CutMix before the full-network pass; the batch then
+    # carries soft labels and the classifier uses the soft-label (KL) loss.
+    _c.INPUT.CUTMIX.ENABLED = False
+    # Beta(ALPHA, ALPHA) distribution of the mixing ratio (CutMix paper: 1.0).
+    _c.INPUT.CUTMIX.ALPHA = 1.0
+    # Probability that a batch is mixed (CutMix ImageNet recipe: 1.0).
+    _c.INPUT.CUTMIX.PROB = 1.0
+
+    # ---- Classification evaluation ----------------------------------------------------------
+    # FGSM perturbation sizes evaluated in addition to clean top-1, in the [0, 1] pixel
+    # scale: eps = 8/255 ~ 0.0314 moves every 0-255 pixel by 8 levels. Empty = no FGSM.
+    _c.TEST.FGSM_EPSILONS = []
+    # Top-k accuracies reported by the classification evaluator.
+    _c.TEST.TOPK = (1, 5)

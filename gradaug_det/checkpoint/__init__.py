@@ -1,0 +1,21 @@
+"""Checkpoint tools: ImageNet classifiers and torchvision ResNets -> detectron2 detection models."""
+from .convert import (
+    TARGETS,
+    TORCHVISION_FORMAT,
+    TORCHVISION_PIXEL_MEAN,
+    TORCHVISION_PIXEL_STD,
+    LoadReport,
+    check_pretrained_config,
+    classifier_to_d2,
+    convert_classifier,
+    convert_torchvision,
+    load_pretrained,
+    make_d2_checkpoint,
+    pretrained_config_opts,
+    read_pretrained_meta,
+    resnet_arch,
+    save_d2_checkpoint,
+    torchvision_to_d2,
+)
+
+__all__ = [k for k in globals() if not k.startswith("_")]

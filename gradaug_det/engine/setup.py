@@ -1,4 +1,6 @@
 """Config setup shared by the tools."""
+import os
+
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 
@@ -24,4 +26,8 @@ def setup(args):
     validate_config(cfg)  # fail on bad keys before any work (or log file) is made
     cfg.freeze()
     default_setup(cfg, args)
+    if os.path.isfile(cfg.MODEL.WEIGHTS):
+        from ..checkpoint.convert import check_pretrained_config
+
+        check_pretrained_config(cfg)  # warns where converted weights expect other pixel conventions
     return cfg

@@ -11,6 +11,7 @@ A detectron2 hook cannot see the current batch, so GradAug lives in the trainer'
 ``run_step`` (:mod:`gradaug_det.engine.runner`), not in a hook.
 """
 import logging
+import os
 import weakref
 from collections import OrderedDict
 
@@ -180,12 +181,11 @@ class GradAugTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         if evaluator_type == "coco":
-            return COCOEvaluator(dataset_name, output_dir=output_folder or cfg.OUTPUT_DIR + "/inference")
+            return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
         if evaluator_type == "classification":
-            from ..evaluation.classification import ClassificationEvaluator
+            from ..evaluation.classification import build_classification_evaluator
 
-            return ClassificationEvaluator.from_config(cfg, dataset_name) if hasattr(
-                ClassificationEvaluator, "from_config") else ClassificationEvaluator(dataset_name)
+            return build_classification_evaluator(cfg, dataset_name, output_dir=output_folder)
         raise NotImplementedError(
             f"no evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
             "override GradAugTrainer.build_evaluator"
@@ -193,20 +193,30 @@ class GradAugTrainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Evaluate at width 1.0 and at every width of ``TEST.SLIM_WIDTHS``."""
-        widths = list(cfg.TEST.SLIM_WIDTHS)
-        if not widths:
-            return super().test(cfg, model, evaluators)
-        from ..evaluation.widths import evaluate_at_widths, merge_width_results, width_results_table
+        """Evaluate at width 1.0 and at every width of ``TEST.SLIM_WIDTHS``.
 
+        Results at width 1.0 keep detectron2's keys ("bbox", "segm", "classification");
+        other widths are added as "bbox@w0.75" etc., and a table of all widths is logged.
+        Classifiers are evaluated with top-k and, with ``TEST.FGSM_EPSILONS``, FGSM.
+        """
+        from ..evaluation.widths import evaluate_at_widths, log_width_results, merge_width_results, normalize_widths
+
+        widths = normalize_widths(cfg.TEST.SLIM_WIDTHS)
+        if widths == [1.0] and not cls.is_classifier(cfg):
+            return super().test(cfg, model, evaluators)
         results = OrderedDict()
         for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
             data_loader = cls.build_test_loader(cfg, dataset_name)
-            evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
-            per_width = evaluate_at_widths(model, data_loader, evaluator, [1.0] + widths)
+            if cls.is_classifier(cfg) and evaluators is None:
+                from ..evaluation.classification import evaluate_classifier
+
+                per_width = OrderedDict(
+                    (w, evaluate_classifier(cfg, model, dataset_name, data_loader, width=w)) for w in widths)
+            else:
+                evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
+                per_width = evaluate_at_widths(model, data_loader, evaluator, widths)
             if comm.is_main_process():
-                logging.getLogger(__name__).info(
-                    f"Evaluation of {dataset_name} at widths {list(per_width)}:\n" + width_results_table(per_width))
+                log_width_results(per_width, dataset_name)
             results[dataset_name] = merge_width_results(per_width)
         if len(results) == 1:
             results = list(results.values())[0]

@@ -119,6 +119,6 @@ def build_task(cfg, model):
         if cfg.INPUT.CUTMIX.ENABLED:
             from ..data.classification import CutMix
 
-            batch_fn = CutMix.from_config(cfg)
+            batch_fn = CutMix(cfg)
         return ClassificationTask(model, g.SUBNET_LOSS, g.SOFT_WEIGHT, g.GT_WEIGHT, batch_fn)
     return DetectionTask(model, g.SUBNET_LOSS, g.SOFT_WEIGHT, g.GT_WEIGHT)

@@ -1,4 +1,5 @@
 """detectron2 registrations built from :mod:`gradaug_det.slim`."""
+from .classifier import SlimmableClassifier, classification_loss
 from .fpn import SlimmableFPN, build_slimmable_resnet_fpn_backbone
 from .resnet import (
     SlimBasicBlock,

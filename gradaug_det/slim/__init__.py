@@ -12,5 +12,6 @@ from .control import (
     width,
 )
 from .layers import SlimConv2d, slim_norm
+from .linear import SlimLinear
 
 __all__ = [k for k in globals() if not k.startswith("_")]

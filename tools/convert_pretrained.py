@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Convert an ImageNet-pretrained ResNet into a detectron2 .pkl for detection fine-tuning.
+
+Examples::
+
+    # a GradAug (or baseline) classifier trained with configs/imagenet/*.yaml
+    python tools/convert_pretrained.py --source classifier \\
+        output/imagenet_r50_gradaug/model_final.pth r50_gradaug.pkl
+
+    # a torchvision ResNet-50 state dict
+    python tools/convert_pretrained.py --source torchvision resnet50-0676ba61.pth r50_tv.pkl
+
+Then train with ``MODEL.WEIGHTS r50_gradaug.pkl`` and the printed overrides (pixel
+mean/std, input format, ResNet shape), or ``--emit-config`` writes them to a YAML file.
+See :mod:`gradaug_det.checkpoint.convert` for the layouts (``--target``).
+"""
+import argparse
+import logging
+import os
+import sys
+
+import yaml
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="classifier checkpoint (.pth) or torchvision state dict (.pth)")
+    p.add_argument("output", help="detectron2 checkpoint to write (.pkl)")
+    p.add_argument("--source", choices=("classifier", "torchvision"), required=True,
+                   help="what the input is")
+    p.add_argument("--target", choices=("fpn", "c4", "classifier", "heuristic"), default="fpn",
+                   help="where the ResNet goes: FPN models (backbone.bottom_up.*, default), C4 models "
+                        "(backbone.* + roi_heads.res5.*), a SlimmableClassifier, or bare names with "
+                        "detectron2's matching heuristics")
+    p.add_argument("--config-file", default=None,
+                   help="classifier source: its training config (for MODEL.PIXEL_MEAN/STD, INPUT.FORMAT, "
+                        "MODEL.RESNETS.STRIDE_IN_1X1); default: config.yaml beside the checkpoint")
+    p.add_argument("--emit-config", default=None, metavar="YAML",
+                   help="also write the matching MODEL.WEIGHTS / PIXEL_MEAN / PIXEL_STD / INPUT.FORMAT / "
+                        "RESNETS overrides to this YAML file (merge it after your detection config)")
+    return p.parse_args(argv)
+
+
+def _classifier_cfg(args):
+    from detectron2.config import get_cfg
+
+    from gradaug_det import add_gradaug_config
+
+    path = args.config_file
+    if path is None:
+        guess = os.path.join(os.path.dirname(os.path.abspath(args.input)), "config.yaml")
+        if not os.path.isfile(guess):
+            sys.exit(f"error: no --config-file given and no {guess}; pass the classifier's training config")
+        path = guess
+    logging.getLogger("gradaug_det").info("Reading the classifier's conventions from %s", path)
+    cfg = add_gradaug_config(get_cfg())
+    cfg.set_new_allowed(True)  # a dumped config.yaml may hold keys of other extensions
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def _nested(opts):
+    out = {}
+    for key, value in zip(opts[::2], opts[1::2]):
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger(name="gradaug_det")
+    from gradaug_det.checkpoint import convert_classifier, convert_torchvision, pretrained_config_opts
+
+    if args.source == "classifier":
+        ckpt = convert_classifier(args.input, args.output, target=args.target, cfg=_classifier_cfg(args))
+    else:
+        ckpt = convert_torchvision(args.input, args.output, target=args.target)
+    opts = ["MODEL.WEIGHTS", args.output] + pretrained_config_opts(ckpt["gradaug_det"])
+    print("Use these config overrides with the converted weights:")
+    print("  " + " ".join(f'"{o}"' if " " in o else o for o in opts))
+    if args.emit_config:
+        with open(args.emit_config, "w") as f:
+            yaml.safe_dump(_nested(opts), f, sort_keys=False)
+        print(f"Wrote them to {args.emit_config}")
+
+
+if __name__ == "__main__":
+    main()
