@@ -3,6 +3,8 @@ import os
 
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_gradaug_config
 
@@ -26,6 +28,8 @@ def setup(args):
     validate_config(cfg)  # fail on bad keys before any work (or log file) is made
     cfg.freeze()
     default_setup(cfg, args)
+    # gradaug-det's own messages (per-width result tables, conversions) go to the same log
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gradaug_det", abbrev_name="ga")
     if os.path.isfile(cfg.MODEL.WEIGHTS):
         from ..checkpoint.convert import check_pretrained_config
 
