@@ -7,10 +7,12 @@ block can be dropped (depth sub-networks). At width ``w < 1`` the returned featu
 hold the sub-network's channels first and zeros after, at the full channel count, so
 ``output_shape()`` never changes and every consumer (FPN, C4 res5 head) works as is.
 """
+import math
+
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.layers import ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
@@ -112,26 +114,48 @@ class SlimmableResNet(ResNet):
 def check_slimmable_norms(model: nn.Module, prefix: str = "") -> None:
     """Fail early for normalisations that cannot be sliced at every width.
 
-    GroupNorm slices cleanly only when every sliced channel count is a whole number of
-    groups, i.e. when ``MODEL.SLIMMABLE.CHANNEL_DIVISOR`` is a multiple of the layer's
-    channels per group.
+    FrozenBN, BN and SyncBN slice per channel. GroupNorm slices cleanly only when
+    every sliced channel count is a whole number of groups, i.e. when
+    ``MODEL.SLIMMABLE.CHANNEL_DIVISOR`` is a multiple of every GN layer's channels per
+    group (and never inside grouped, ResNeXt, convolutions). Other norms cannot be
+    sliced.
 
     Raises:
-        ValueError: naming the first layer that cannot be sliced and what to change.
+        ValueError: naming the first layer that cannot be sliced and what to change;
+            for GN, the smallest divisor that suits every GN layer of ``model``.
     """
+    group_norms = []
     for name, m in model.named_modules(prefix=prefix):
-        if not isinstance(m, SlimConv2d) or not m.slim_out or not isinstance(m.norm, nn.GroupNorm):
+        if not isinstance(m, SlimConv2d) or not m.slim_out or m.norm is None:
             continue
+        if isinstance(m.norm, (FrozenBatchNorm2d, nn.modules.batchnorm._BatchNorm)):
+            continue
+        if isinstance(m.norm, nn.GroupNorm):
+            group_norms.append((name, m))
+            continue
+        raise ValueError(
+            f"{name}.norm is {type(m.norm).__name__}, which cannot be sliced to a sub-network "
+            "width. Use FrozenBN, BN, SyncBN or GN (MODEL.RESNETS.NORM, MODEL.FPN.NORM)."
+        )
+    required = 1
+    for _, m in group_norms:
+        required = math.lcm(required, m.norm.num_channels // m.norm.num_groups)
+    for name, m in group_norms:
         per_group = m.norm.num_channels // m.norm.num_groups
-        if m.out_layout != 1 or m.divisor % per_group != 0:
+        desc = f"{name}.norm is GroupNorm({m.norm.num_groups}, {m.norm.num_channels}) with {per_group} channels per group"
+        if m.out_layout != 1:
             raise ValueError(
-                f"{name}.norm is GroupNorm({m.norm.num_groups}, {m.norm.num_channels}) with "
-                f"{per_group} channels per group, which cannot be sliced at every width with "
-                f"MODEL.SLIMMABLE.CHANNEL_DIVISOR={m.divisor}"
-                + (" and grouped convolutions" if m.out_layout != 1 else "")
-                + f". Set MODEL.SLIMMABLE.CHANNEL_DIVISOR to a multiple of {per_group} "
-                "(of every GN layer's channels per group) or use a BN-type norm "
-                "(FrozenBN, BN, SyncBN)."
+                f"{desc} inside a grouped (ResNeXt) convolution, whose sub-networks keep the "
+                "leading channels of every convolution group and so cannot keep whole GN groups. "
+                "Use a BN-type norm (MODEL.RESNETS.NORM: FrozenBN, BN, SyncBN) or "
+                "MODEL.RESNETS.NUM_GROUPS=1."
+            )
+        if m.divisor % per_group != 0:
+            raise ValueError(
+                f"{desc}, which cannot be sliced at every width with "
+                f"MODEL.SLIMMABLE.CHANNEL_DIVISOR={m.divisor}. Set MODEL.SLIMMABLE.CHANNEL_DIVISOR "
+                f"to a multiple of {required} (the least common multiple of every GN layer's "
+                "channels per group in this model) or use a BN-type norm (FrozenBN, BN, SyncBN)."
             )
 
 
