@@ -4,6 +4,7 @@ A task runs the full network's pass (returning its losses and the teacher, i.e. 
 sub-networks learn from) and a sub-network's pass on the transformed batch. Both always
 call the top-level model, so DistributedDataParallel sees every forward.
 """
+import contextlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -21,6 +22,19 @@ LossDict = Dict[str, torch.Tensor]
 def _check_loss_mode(subnet_loss: str) -> None:
     if subnet_loss not in SUBNET_LOSSES:
         raise ValueError(f"GRADAUG.SUBNET_LOSS={subnet_loss!r} is invalid: allowed {', '.join(SUBNET_LOSSES)}")
+
+
+@contextlib.contextmanager
+def _heads_off(roi_heads, flags):
+    """Temporarily switch off optional RoI heads (``mask_on``, ``keypoint_on``)."""
+    saved = {f: getattr(roi_heads, f) for f in flags if hasattr(roi_heads, f)}
+    try:
+        for f in saved:
+            setattr(roi_heads, f, False)
+        yield
+    finally:
+        for f, v in saved.items():
+            setattr(roi_heads, f, v)
 
 
 class DetectionTask:
@@ -56,8 +70,11 @@ class DetectionTask:
         batch_t, teacher_t = transform_detection_batch(batch, spec, teacher)
         if not self.use_soft:
             losses = model(batch_t)
-        else:
+        elif self.use_gt:
             with self.soft.teach(teacher_t):
+                losses = model(batch_t)
+        else:  # soft labels only: the mask / keypoint heads' losses would be discarded
+            with self.soft.teach(teacher_t), _heads_off(self.soft.roi_heads, ("mask_on", "keypoint_on")):
                 losses = model(batch_t)
         out = {}
         for k, v in losses.items():
