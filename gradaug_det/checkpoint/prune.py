@@ -1,0 +1,578 @@
+"""Prune a slimmable detector to one width: a physically smaller stock detectron2 model.
+
+A sub-network of width ``w`` uses only the leading channels of every slimmable layer
+(:mod:`gradaug_det.slim`). :func:`prune_model` cuts those channels out for good:
+
+* every :class:`~gradaug_det.slim.SlimConv2d` of the ResNet (and of the FPN when
+  ``MODEL.SLIMMABLE.SLIM_FPN``) keeps the weight / bias rows and columns, and the norm
+  parameters and buffers, of its active channels (grouped ``in_layout`` / ``out_layout``,
+  ``slim_in`` / ``slim_out`` and ``MODEL.SLIMMABLE.CHANNEL_DIVISOR`` respected: the
+  slicing asks each layer which channels it uses);
+* the consumers of sliced features keep their outputs and lose the dead inputs: the FPN
+  lateral convolutions when the FPN is not slimmed; with a slimmed FPN of ``k`` active
+  channels, the RPN head's first convolution and the first layer of the box, mask and
+  keypoint heads (their outputs, e.g. ``MODEL.RPN.CONV_DIMS``, keep the full size).
+
+The result is described by a config for *stock* detectron2 modules: stock ``ResNet``
+blocks, ``FPN``, ``StandardRPNHead`` and RoI heads, with ``MODEL.FPN.OUT_CHANNELS = k``.
+Per-stage channel counts of a pruned ResNet generally break the stock ResNet rule
+(``RES2_OUT_CHANNELS`` doubled per stage, 64 for R18/R34) after rounding, so:
+
+* when the counts still follow the rule (e.g. R50 at width 0.5 or 0.75, or any model at
+  width 1.0) the config uses ``build_resnet_fpn_backbone`` and stock keys only: plain
+  ``detectron2.config.get_cfg()`` reads it;
+* otherwise it uses :func:`build_pruned_resnet_fpn_backbone` (registered in
+  ``BACKBONE_REGISTRY`` when this module is imported), which reads explicit per-stage
+  channel counts from ``MODEL.PRUNED_RESNET.*`` (:func:`add_pruned_config` adds the keys).
+
+In eval mode a BN layer of a sub-network normalises with its sliced running statistics,
+exactly what the pruned BN does, so the pruned model's outputs equal the slimmed model's
+(:func:`gradaug_det.width`) up to float rounding, and so does its COCO AP.
+"""
+import copy
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.config import CfgNode, get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
+
+from ..modeling import SlimmableFPN, SlimmableResNet
+from ..slim import DroppableBlock, SlimConv2d, check_width, width
+from ..slim.layers import _select
+
+__all__ = [
+    "add_pruned_config",
+    "build_pruned_resnet_fpn_backbone",
+    "pruned_channels",
+    "prune_config",
+    "prune_state_dict",
+    "prune_model",
+    "prune_checkpoint",
+    "count_parameters",
+    "backbone_flops",
+    "feature_difference",
+]
+
+logger = logging.getLogger(__name__)
+
+_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3],
+                     101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+# ---------------------------------------------------------------------------------------
+# Config and backbone of a pruned model
+# ---------------------------------------------------------------------------------------
+def add_pruned_config(cfg: CfgNode) -> CfgNode:
+    """Add the ``MODEL.PRUNED_RESNET`` keys read by :func:`build_pruned_resnet_fpn_backbone`.
+
+    Idempotent. Call it on ``get_cfg()`` before ``merge_from_file`` of a pruned config
+    whose ``MODEL.BACKBONE.NAME`` is ``"build_pruned_resnet_fpn_backbone"``.
+
+    Args:
+        cfg: a detectron2 ``CfgNode``.
+
+    Returns:
+        ``cfg``, for chaining.
+    """
+    if "PRUNED_RESNET" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.PRUNED_RESNET = CfgNode()
+    # Output channels of the stem convolution.
+    cfg.MODEL.PRUNED_RESNET.STEM_OUT_CHANNELS = 64
+    # Output channels of every residual block of res2, res3, res4, res5 (R50 defaults).
+    cfg.MODEL.PRUNED_RESNET.OUT_CHANNELS = [256, 512, 1024, 2048]
+    # Bottleneck (conv1 / conv2) channels of res2..res5, MODEL.RESNETS.NUM_GROUPS groups;
+    # unused by R18/R34, whose blocks have no bottleneck.
+    cfg.MODEL.PRUNED_RESNET.BOTTLENECK_CHANNELS = [64, 128, 256, 512]
+    return cfg
+
+
+def _build_pruned_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
+    """Stock detectron2 ``ResNet`` with the per-stage channels of ``MODEL.PRUNED_RESNET``."""
+    r, p = cfg.MODEL.RESNETS, cfg.MODEL.PRUNED_RESNET
+    if r.DEPTH not in _BLOCKS_PER_STAGE:
+        raise ValueError(
+            f"MODEL.RESNETS.DEPTH={r.DEPTH} is not supported; use one of {sorted(_BLOCKS_PER_STAGE)}"
+        )
+    for key in ("OUT_CHANNELS", "BOTTLENECK_CHANNELS"):
+        values = list(p[key])
+        if len(values) != 4 or any(int(v) < 1 for v in values):
+            raise ValueError(
+                f"MODEL.PRUNED_RESNET.{key} must list 4 positive channel counts (res2..res5), got {values}"
+            )
+    if any(r.DEFORM_ON_PER_STAGE):
+        raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE must be all False for a pruned ResNet")
+    basic = r.DEPTH in (18, 34)
+    if not basic:
+        for c in p.BOTTLENECK_CHANNELS:
+            if c % r.NUM_GROUPS:
+                raise ValueError(
+                    f"MODEL.PRUNED_RESNET.BOTTLENECK_CHANNELS={list(p.BOTTLENECK_CHANNELS)} must be "
+                    f"multiples of MODEL.RESNETS.NUM_GROUPS={r.NUM_GROUPS}"
+                )
+    stem = BasicStem(input_shape.channels, p.STEM_OUT_CHANNELS, r.NORM)
+    in_channels = p.STEM_OUT_CHANNELS
+    stages = []
+    for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[r.DEPTH]):
+        dilation = r.RES5_DILATION if idx == 3 else 1
+        first_stride = 1 if idx == 0 or dilation == 2 else 2
+        kwargs = dict(num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
+                      in_channels=in_channels, out_channels=p.OUT_CHANNELS[idx], norm=r.NORM)
+        if basic:
+            kwargs["block_class"] = BasicBlock
+        else:
+            kwargs.update(block_class=BottleneckBlock, bottleneck_channels=p.BOTTLENECK_CHANNELS[idx],
+                          stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation, num_groups=r.NUM_GROUPS)
+        stages.append(ResNet.make_stage(**kwargs))
+        in_channels = p.OUT_CHANNELS[idx]
+    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+@BACKBONE_REGISTRY.register()
+def build_pruned_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    """Build a stock detectron2 ResNet-FPN with explicit per-stage channel counts.
+
+    Reads ``MODEL.PRUNED_RESNET.*`` (per-stage channels, see :func:`add_pruned_config`),
+    ``MODEL.RESNETS.{DEPTH, NORM, NUM_GROUPS, STRIDE_IN_1X1, RES5_DILATION, OUT_FEATURES}``,
+    ``MODEL.BACKBONE.FREEZE_AT`` and ``MODEL.FPN.*``. Module and parameter names are those
+    of ``build_resnet_fpn_backbone``.
+    """
+    return FPN(
+        bottom_up=_build_pruned_resnet(cfg, input_shape),
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelMaxPool(),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Channels kept at a width
+# ---------------------------------------------------------------------------------------
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _check_prunable(model: nn.Module, w: float) -> None:
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, SlimmableFPN) or not isinstance(backbone.bottom_up, SlimmableResNet):
+        raise ValueError(
+            f"Pruning needs a model whose backbone is built by MODEL.BACKBONE.NAME "
+            f"'build_slimmable_resnet_fpn_backbone'; got {type(backbone).__name__}"
+        )
+    for name, block in model.named_modules():
+        if isinstance(block, DroppableBlock) and (block.drop or block.eval_scale != 1.0):
+            raise ValueError(
+                f"{name} is dropped or scaled (depth sub-network / GRADAUG.DEPTH_EVAL_SCALE); "
+                "pruning handles width only: set GRADAUG.DEPTH_EVAL_SCALE False"
+            )
+    if w == 1.0:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, SlimConv2d) and m.slim_out and isinstance(m.norm, nn.GroupNorm):
+            raise ValueError(
+                f"{name}.norm is GroupNorm: a pruned GroupNorm would need per-layer group counts "
+                "that stock detectron2 cannot build. Prune models with BN-type norms "
+                "(MODEL.RESNETS.NORM / MODEL.FPN.NORM in FrozenBN, BN, SyncBN, '')."
+            )
+
+
+def pruned_channels(model: nn.Module, w: float) -> Dict:
+    """Channel counts of ``model``'s sub-network of width ``w``.
+
+    Asks each slimmable layer which channels it uses (``SlimConv2d.active_channels``),
+    so the channel rule (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``, grouped layouts) lives in
+    one place.
+
+    Args:
+        model: a detector with a ``build_slimmable_resnet_fpn_backbone`` backbone.
+        w: the width, in (0, 1].
+
+    Returns:
+        dict with ``stem`` (int), ``out`` and ``bottleneck`` (4 ints each, res2..res5),
+        ``fpn`` (active FPN channels), ``fpn_full`` (FPN ``out_channels``).
+    """
+    model = _unwrap(model)
+    w = check_width(w)
+    _check_prunable(model, w)
+    bottom_up = model.backbone.bottom_up
+    with width(model, w):
+        stem = bottom_up.stem.conv1.active_channels()[1]
+        out, bottleneck = [], []
+        for stage in bottom_up.stages:
+            block = stage[0]
+            last = block.conv3 if hasattr(block, "conv3") else block.conv2
+            out.append(last.active_channels()[1])
+            bottleneck.append(block.conv1.active_channels()[1])
+        fpn_full = model.backbone.output_shape()["p2"].channels
+        first = model.backbone.output_convs[0]
+        fpn = first.active_channels()[1] if isinstance(first, SlimConv2d) else fpn_full
+    return {"stem": stem, "out": out, "bottleneck": bottleneck, "fpn": fpn, "fpn_full": fpn_full}
+
+
+# ---------------------------------------------------------------------------------------
+# Config of the pruned model
+# ---------------------------------------------------------------------------------------
+def _copy_common(dst: CfgNode, src: CfgNode) -> None:
+    """Copy into ``dst`` the value of every key of ``dst`` that ``src`` also has."""
+    for key, value in dst.items():
+        if key not in src:
+            continue
+        if isinstance(value, CfgNode):
+            _copy_common(value, src[key])
+        else:
+            dst[key] = copy.deepcopy(src[key])
+
+
+def _stock_resnet_keys(cfg: CfgNode, ch: Dict) -> Optional[Dict[str, int]]:
+    """Stock ``MODEL.RESNETS`` keys that express ``ch``, or None if the stock rule can't."""
+    r = cfg.MODEL.RESNETS
+    out, bott = ch["out"], ch["bottleneck"]
+    if r.DEPTH in (18, 34):
+        ok = out[0] == 64 and ch["stem"] == 64  # detectron2 asserts RES2_OUT_CHANNELS == 64
+    else:
+        ok = bott[0] % r.NUM_GROUPS == 0
+    ok = ok and all(out[i] == out[0] * 2 ** i and bott[i] == bott[0] * 2 ** i for i in range(4))
+    if not ok:
+        return None
+    return {"STEM_OUT_CHANNELS": ch["stem"], "RES2_OUT_CHANNELS": out[0],
+            "WIDTH_PER_GROUP": r.WIDTH_PER_GROUP if r.DEPTH in (18, 34) else bott[0] // r.NUM_GROUPS}
+
+
+def _rpn_conv_dims(model: nn.Module) -> List[int]:
+    conv = model.proposal_generator.rpn_head.conv
+    convs = list(conv) if isinstance(conv, nn.Sequential) else [conv]
+    return [c.out_channels for c in convs]
+
+
+def prune_config(cfg: CfgNode, model: nn.Module, w: float, weights: str = "") -> CfgNode:
+    """Config of ``model`` pruned to width ``w``, for stock detectron2 modules.
+
+    Every stock detectron2 key is copied from ``cfg``; gradaug-det's keys
+    (``GRADAUG.*``, ``MODEL.SLIMMABLE.*``, ``TEST.SLIM_WIDTHS``) are left out. See the
+    module docstring for when ``MODEL.PRUNED_RESNET`` is needed.
+
+    Args:
+        cfg: config of the slimmable model.
+        model: the slimmable model built from ``cfg``.
+        w: the width, in (0, 1].
+        weights: ``MODEL.WEIGHTS`` of the pruned config (the pruned checkpoint).
+
+    Returns:
+        A new, unfrozen ``CfgNode``.
+    """
+    model = _unwrap(model)
+    ch = pruned_channels(model, w)
+    stock = _stock_resnet_keys(cfg, ch)
+    out = get_cfg()
+    if stock is None:
+        add_pruned_config(out)
+    _copy_common(out, cfg)
+    if stock is not None:
+        out.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+        for key, value in stock.items():
+            out.MODEL.RESNETS[key] = value
+    else:
+        out.MODEL.BACKBONE.NAME = "build_pruned_resnet_fpn_backbone"
+        out.MODEL.PRUNED_RESNET.STEM_OUT_CHANNELS = ch["stem"]
+        out.MODEL.PRUNED_RESNET.OUT_CHANNELS = list(ch["out"])
+        out.MODEL.PRUNED_RESNET.BOTTLENECK_CHANNELS = list(ch["bottleneck"])
+    out.MODEL.FPN.OUT_CHANNELS = ch["fpn"]
+    if getattr(model, "proposal_generator", None) is not None and hasattr(model.proposal_generator, "rpn_head"):
+        # The RPN conv keeps its full output width; "-1" would now mean the pruned input width.
+        out.MODEL.RPN.CONV_DIMS = _rpn_conv_dims(model)
+    out.MODEL.WEIGHTS = weights
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# State dict of the pruned model
+# ---------------------------------------------------------------------------------------
+def _slice_slim_conv(conv: SlimConv2d) -> Dict[str, torch.Tensor]:
+    """The tensors of ``conv`` (and its norm) that its current width uses."""
+    cin, cout = conv.active_channels()
+    out = {}
+    for key, t in conv.state_dict().items():
+        if key == "weight":
+            if conv.slim_in and cin < conv.in_channels:
+                if conv.groups == 1:
+                    t = _select(t, 1, conv.in_layout, cin // conv.in_layout)
+                else:  # each group reads the leading channels of its own group
+                    t = t.narrow(1, 0, cin // conv.groups)
+            if conv.slim_out:
+                t = _select(t, 0, conv.out_layout, cout // conv.out_layout)
+        elif conv.slim_out and t.dim() >= 1 and t.shape[0] == conv.out_channels and (
+            key == "bias" or key.startswith("norm.")
+        ):
+            t = _select(t, 0, conv.out_layout, cout // conv.out_layout)
+        out[key] = t
+    return out
+
+
+def _slice_input(layer: nn.Module, channels: int, keep: int) -> Dict[str, torch.Tensor]:
+    """Weights of ``layer`` reading only the leading ``keep`` of its ``channels`` input channels."""
+    t = layer.weight
+    if isinstance(layer, nn.ConvTranspose2d):
+        t = t[:keep]
+    elif isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ValueError(f"cannot prune the input of a grouped convolution {layer}")
+        t = t[:, :keep]
+    elif isinstance(layer, nn.Linear):
+        if layer.in_features % channels:
+            raise ValueError(f"{layer} does not read a flattened {channels}-channel feature map")
+        t = t.reshape(t.shape[0], channels, -1)[:, :keep].reshape(t.shape[0], -1)
+    else:
+        raise TypeError(f"cannot prune the input of {type(layer).__name__}")
+    return {"weight": t}
+
+
+def _first_layer(head: nn.Module) -> nn.Module:
+    for m in head.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            return m
+    raise ValueError(f"{type(head).__name__} has no convolution or linear layer to prune")
+
+
+def _fpn_consumers(model: nn.Module) -> List[nn.Module]:
+    """First layer of every head that reads the FPN features."""
+    layers = []
+    pg = getattr(model, "proposal_generator", None)
+    if pg is not None:
+        if not hasattr(pg, "rpn_head"):
+            raise ValueError(f"cannot prune the inputs of proposal generator {type(pg).__name__}")
+        layers.append(_first_layer(pg.rpn_head))
+    roi = getattr(model, "roi_heads", None)
+    if roi is not None:
+        for name in ("box_head", "mask_head", "keypoint_head"):
+            head = getattr(roi, name, None)
+            if head is None:
+                continue
+            heads = list(head) if isinstance(head, nn.ModuleList) else [head]  # cascade
+            layers.extend(_first_layer(h) for h in heads)
+    if pg is None and roi is None:
+        raise ValueError(
+            f"cannot find the heads of {type(model).__name__}; pruning supports "
+            "MODEL.META_ARCHITECTURE 'GeneralizedRCNN' and 'ProposalNetwork'"
+        )
+    return layers
+
+
+def prune_state_dict(model: nn.Module, w: float) -> "OrderedDict[str, torch.Tensor]":
+    """State dict of ``model`` pruned to width ``w`` (same keys, smaller tensors).
+
+    Args:
+        model: a detector with a ``build_slimmable_resnet_fpn_backbone`` backbone.
+        w: the width, in (0, 1].
+
+    Returns:
+        OrderedDict of contiguous tensor copies, in the order of ``model.state_dict()``.
+    """
+    model = _unwrap(model)
+    w = check_width(w)
+    ch = pruned_channels(model, w)
+    full = model.state_dict()
+    names = {id(m): n for n, m in model.named_modules()}
+    pruned: Dict[str, torch.Tensor] = {}
+
+    def put(module, tensors):
+        prefix = names[id(module)]
+        for key, t in tensors.items():
+            pruned[f"{prefix}.{key}"] = t
+
+    with width(model, w):
+        for m in model.modules():
+            if isinstance(m, SlimConv2d):
+                put(m, _slice_slim_conv(m))
+        fpn = model.backbone
+        kept = dict(zip(fpn.bottom_up.stage_names, ch["out"]))
+        for i, feature in enumerate(fpn.in_features):
+            lateral = fpn.lateral_convs[len(fpn.in_features) - 1 - i]
+            if not isinstance(lateral, SlimConv2d):  # MODEL.SLIMMABLE.SLIM_FPN False
+                put(lateral, _slice_input(lateral, lateral.in_channels, kept[feature]))
+        if ch["fpn"] < ch["fpn_full"]:
+            for layer in _fpn_consumers(model):
+                put(layer, _slice_input(layer, ch["fpn_full"], ch["fpn"]))
+    return OrderedDict((k, pruned.get(k, v).detach().clone().contiguous()) for k, v in full.items())
+
+
+# ---------------------------------------------------------------------------------------
+# Whole model, checkpoints, statistics
+# ---------------------------------------------------------------------------------------
+def prune_model(model: nn.Module, cfg: CfgNode, w: float, weights: str = "") -> Tuple[CfgNode, nn.Module]:
+    """Prune ``model`` to width ``w``: a stock detectron2 model with its sub-network's weights.
+
+    Args:
+        model: a slimmable detector built from ``cfg`` (weights loaded).
+        cfg: its config.
+        w: the width, in (0, 1].
+        weights: ``MODEL.WEIGHTS`` written into the pruned config.
+
+    Returns:
+        ``(pruned_cfg, pruned_model)``; the pruned model is on ``cfg.MODEL.DEVICE``, in
+        the training mode of ``model``.
+
+    Raises:
+        RuntimeError: if the pruned weights do not fit the model the pruned config builds
+            (a bug, or a head this module does not know).
+    """
+    model = _unwrap(model)
+    pruned_cfg = prune_config(cfg, model, w, weights)
+    state = prune_state_dict(model, w)
+    pruned_model = build_model(pruned_cfg)
+    try:
+        pruned_model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"The weights pruned to width {w} do not fit the pruned model "
+            f"(MODEL.BACKBONE.NAME {pruned_cfg.MODEL.BACKBONE.NAME}): {e}"
+        ) from None
+    pruned_model.train(model.training)
+    return pruned_cfg, pruned_model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (every parameter, trainable or frozen)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def backbone_flops(model: nn.Module, height: int, width_: int) -> float:
+    """FLOPs (fvcore: one multiply-add = one flop) of ``model.backbone`` on one image.
+
+    Under :func:`gradaug_det.width` this counts the sub-network's real compute, since a
+    slimmed layer convolves with its sliced weights.
+
+    Args:
+        model: a detector with a ``backbone``.
+        height, width_: input size in pixels.
+    """
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    backbone = _unwrap(model).backbone
+    param = next(backbone.parameters())
+    image = torch.zeros(1, 3, height, width_, device=param.device, dtype=param.dtype)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            counter = FlopCountAnalysis(backbone, (image,))
+            counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            return float(counter.total())
+    finally:
+        backbone.train(was_training)
+
+
+_CFG_HEADER = """\
+# Pruned by gradaug_det.checkpoint.prune: the width-{width:g} sub-network of
+#   {source}
+# as a stock detectron2 model ({backbone}).
+{extra}"""
+
+
+def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[str] = None,
+                     flops_size: Optional[int] = None) -> Dict:
+    """Build ``cfg``'s slimmable model, load ``weights`` and write it pruned to width ``w``.
+
+    Writes ``model_pruned_w<w>.pth`` (``{"model": state_dict, "gradaug_prune": info}``,
+    loadable with ``DetectionCheckpointer``) and ``config_pruned_w<w>.yaml`` (whose
+    ``MODEL.WEIGHTS`` points at the checkpoint) under ``output_dir``.
+
+    Args:
+        cfg: config of the slimmable model (``add_gradaug_config`` applied).
+        w: the width, in (0, 1].
+        output_dir: where to write; created if missing.
+        weights: checkpoint to prune; default ``cfg.MODEL.WEIGHTS``.
+        flops_size: if given, also count backbone FLOPs on a ``flops_size`` square image.
+
+    Returns:
+        dict with ``checkpoint`` and ``config`` (paths), ``builder`` (backbone name),
+        ``params`` / ``params_pruned`` and, with ``flops_size``, ``flops`` (full network),
+        ``flops_slim`` (full network at width ``w``) and ``flops_pruned``, and
+        ``feature_diff`` (:func:`feature_difference` on a ``flops_size`` or 256 px image).
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    w = check_width(w)
+    weights = cfg.MODEL.WEIGHTS if weights is None else weights
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    model.eval()
+    os.makedirs(output_dir, exist_ok=True)
+    ckpt_path = os.path.abspath(os.path.join(output_dir, f"model_pruned_w{w:g}.pth"))
+    cfg_path = os.path.join(output_dir, f"config_pruned_w{w:g}.yaml")
+    pruned_cfg, pruned_model = prune_model(model, cfg, w, weights=ckpt_path)
+    info = {"width": w, "source": str(weights), "backbone": pruned_cfg.MODEL.BACKBONE.NAME}
+    torch.save({"model": pruned_model.state_dict(), "gradaug_prune": info}, ckpt_path)
+    custom = pruned_cfg.MODEL.BACKBONE.NAME == "build_pruned_resnet_fpn_backbone"
+    extra = (
+        "# Load with: cfg = get_cfg(); gradaug_det.checkpoint.prune.add_pruned_config(cfg);\n"
+        "#            cfg.merge_from_file(<this file>)  (importing that module registers the backbone)\n"
+        if custom else "# Stock keys only: detectron2's get_cfg().merge_from_file(<this file>) reads it.\n"
+    )
+    with open(cfg_path, "w") as f:
+        f.write(_CFG_HEADER.format(width=w, source=weights or "(random init)",
+                                   backbone=pruned_cfg.MODEL.BACKBONE.NAME, extra=extra))
+        f.write(pruned_cfg.dump())
+    logger.info(f"Wrote the width-{w:g} model to {ckpt_path} and its config to {cfg_path}")
+    stats = {"checkpoint": ckpt_path, "config": cfg_path, "builder": pruned_cfg.MODEL.BACKBONE.NAME,
+             "params": count_parameters(model), "params_pruned": count_parameters(pruned_model)}
+    check = flops_size or 256
+    stats["feature_diff"] = feature_difference(model, pruned_model, w, check, check)
+    if flops_size:
+        stats["flops"] = backbone_flops(model, flops_size, flops_size)
+        with width(model, w):
+            stats["flops_slim"] = backbone_flops(model, flops_size, flops_size)
+        stats["flops_pruned"] = backbone_flops(pruned_model, flops_size, flops_size)
+    return stats
+
+
+def feature_difference(model: nn.Module, pruned_model: nn.Module, w: float, height: int = 256,
+                       width_: int = 256, seed: int = 0) -> float:
+    """Largest relative difference between the pruned and the slimmed backbone features.
+
+    Both backbones run in eval mode on one random image; at width ``w`` the slimmable
+    backbone's features hold the sub-network's channels first (zeros after), which must
+    equal the pruned backbone's features. A value around 1e-6 is float rounding.
+
+    Args:
+        model: the slimmable detector.
+        pruned_model: the output of :func:`prune_model` for ``w``.
+        w: the width the model was pruned at.
+        height, width_: input size in pixels.
+        seed: seed of the random image.
+
+    Returns:
+        ``max |slim - pruned| / max(1, max |slim|)`` over all feature levels.
+    """
+    model, pruned_model = _unwrap(model), _unwrap(pruned_model)
+    param = next(model.backbone.parameters())
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 3, height, width_, generator=g).to(param.device, param.dtype)
+    modes = (model.training, pruned_model.training)
+    model.eval()
+    pruned_model.eval()
+    try:
+        with torch.no_grad(), width(model, w):
+            slim = model.backbone(image)
+            pruned = pruned_model.backbone(image)
+    finally:
+        model.train(modes[0])
+        pruned_model.train(modes[1])
+    worst = 0.0
+    for key, p in pruned.items():
+        s = slim[key][:, : p.shape[1]]
+        if p.shape != s.shape:
+            raise RuntimeError(f"pruned feature {key} has shape {tuple(p.shape)}, slimmed {tuple(s.shape)}")
+        scale = max(1.0, s.abs().max().item())
+        worst = max(worst, (s - p).abs().max().item() / scale)
+    return worst

@@ -1,0 +1,239 @@
+"""Evaluation of a slimmable model at several widths (the full network and its sub-networks).
+
+:func:`evaluate_at_widths` runs detectron2's ``inference_on_dataset`` once per width and
+returns the evaluator's results per width. Two ways to present them:
+
+* :func:`width_results_table`: one row per width with AP / AP50 / AP75 of every COCO task
+  (``bbox``, ``segm``) and top-1 / top-5 of classification results, in the markdown
+  ("pipe") style of detectron2's own evaluation logs.
+* :func:`merge_width_results`: the single ``task -> {metric -> score}`` dict that
+  detectron2's trainers, ``verify_results``, ``print_csv_format`` and the ``EvalHook``
+  (EventStorage) expect. **Convention**: the results at width 1.0 keep the usual task
+  keys (``"bbox"``, ``"segm"``), so everything written for stock detectron2 sees the full
+  network unchanged; the results at another width ``w`` are stored under
+  ``"<task>@w<w>"`` (``"bbox@w0.75"``, ``"segm@w0.9"``, see :func:`width_task_key`), so the
+  EventStorage / ``metrics.json`` scalars read ``"bbox/AP"`` and ``"bbox@w0.75/AP"``.
+  :func:`split_width_key` inverts the naming.
+"""
+import logging
+import math
+import re
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+from tabulate import tabulate
+from torch import nn
+
+from detectron2.evaluation import inference_on_dataset
+
+from ..slim import SlimmableModule, check_width, width
+
+__all__ = [
+    "normalize_widths",
+    "evaluate_at_widths",
+    "width_task_key",
+    "split_width_key",
+    "merge_width_results",
+    "split_width_results",
+    "width_results_table",
+    "log_width_results",
+    "flatten_width_results",
+]
+
+logger = logging.getLogger(__name__)
+
+# Metrics of the table, in column order, per kind of results dict.
+_TABLE_METRICS = ("AP", "AP50", "AP75", "top1", "top5")
+_WIDTH_KEY_RE = re.compile(r"^(?P<task>.+)@w(?P<width>[0-9.]+(?:e-?[0-9]+)?)$")
+
+
+def normalize_widths(widths: Optional[Iterable[float]], key: str = "TEST.SLIM_WIDTHS") -> List[float]:
+    """Validate and order the widths to evaluate: 1.0 first, then the others widest first.
+
+    Args:
+        widths: widths in (0, 1]; ``None`` or empty means only the full network. 1.0 is
+            always evaluated, whether listed or not; duplicates are dropped.
+        key: config key (or flag) the widths come from, named in error messages.
+
+    Returns:
+        The widths as floats, ``[1.0, ...]`` in decreasing order, without duplicates.
+
+    Raises:
+        ValueError: if a width is not a number in (0, 1].
+    """
+    out = {1.0}
+    for w in widths or ():
+        try:
+            out.add(check_width(w))
+        except ValueError:
+            raise ValueError(
+                f"{key} holds width {w!r}; every width must be a number in (0, 1] "
+                "(1.0 is always evaluated and need not be listed)"
+            ) from None
+    return sorted(out, reverse=True)
+
+
+def evaluate_at_widths(
+    model: nn.Module,
+    data_loader,
+    evaluator,
+    widths: Optional[Iterable[float]] = None,
+) -> "OrderedDict[float, dict]":
+    """Run ``inference_on_dataset`` at width 1.0 and at every width of ``widths``.
+
+    The model runs in eval mode (as ``inference_on_dataset`` sets it) with every slimmable
+    layer at the given width (:func:`gradaug_det.width`); the widths the model had before
+    are restored afterwards, also when inference or evaluation raises. The sub-networks
+    are evaluated first and the full network last, so that files the evaluator writes
+    (e.g. ``COCOEvaluator``'s ``coco_instances_results.json``) hold width 1.0's predictions. BN layers of a
+    sub-network normalise with their sliced running statistics (see
+    :func:`gradaug_det.slim.slim_norm`).
+
+    Args:
+        model: a model with slimmable layers (e.g. built with
+            ``build_slimmable_resnet_fpn_backbone``); may be wrapped in
+            ``DistributedDataParallel``.
+        data_loader: the test loader, as for ``inference_on_dataset``.
+        evaluator: a ``DatasetEvaluator`` or a list of them; it is reset before every width.
+        widths: sub-network widths to evaluate besides 1.0 (``TEST.SLIM_WIDTHS``); see
+            :func:`normalize_widths`.
+
+    Returns:
+        OrderedDict mapping each width (float, 1.0 first, then decreasing) to the results
+        of ``evaluator.evaluate()`` at that width (``{}`` where it returned ``None``, e.g.
+        on non-main processes).
+
+    Raises:
+        ValueError: if a width is invalid, or if widths below 1.0 are asked of a model
+            without slimmable layers (they would silently evaluate the full network).
+    """
+    widths = normalize_widths(widths)
+    if len(widths) > 1 and not any(isinstance(m, SlimmableModule) for m in model.modules()):
+        raise ValueError(
+            f"Cannot evaluate widths {widths[1:]}: the model has no slimmable layers. Build it "
+            "with MODEL.BACKBONE.NAME 'build_slimmable_resnet_fpn_backbone' (or "
+            "'build_slimmable_resnet_backbone'), or set TEST.SLIM_WIDTHS to []."
+        )
+    results: Dict[float, dict] = {}
+    # The full network runs last, so that the files an evaluator writes (COCOEvaluator's
+    # coco_instances_results.json in its output_dir) are those of width 1.0.
+    for w in widths[1:] + widths[:1]:
+        logger.info(f"Evaluating at width {w:g} ...")
+        with width(model, w):
+            res = inference_on_dataset(model, data_loader, evaluator)
+        results[w] = res if res is not None else {}
+    return OrderedDict((w, results[w]) for w in widths)
+
+
+def width_task_key(task: str, w: float) -> str:
+    """Name of ``task``'s results at width ``w`` in a flat results dict.
+
+    ``width_task_key("bbox", 1.0) == "bbox"``; ``width_task_key("bbox", 0.75) == "bbox@w0.75"``.
+    """
+    w = check_width(w)
+    return task if w == 1.0 else f"{task}@w{w:g}"
+
+
+def split_width_key(key: str) -> Tuple[str, float]:
+    """Inverse of :func:`width_task_key`: ``"segm@w0.9" -> ("segm", 0.9)``, ``"bbox" -> ("bbox", 1.0)``.
+
+    Also accepts EventStorage scalar names: ``"bbox@w0.9/AP" -> ("bbox/AP", 0.9)``.
+    """
+    head, sep, tail = key.partition("/")
+    m = _WIDTH_KEY_RE.match(head)
+    if m is None:
+        return key, 1.0
+    return m.group("task") + sep + tail, float(m.group("width"))
+
+
+def merge_width_results(results: Mapping[float, Mapping]) -> "OrderedDict[str, dict]":
+    """Merge per-width results into one ``task -> {metric -> score}`` dict.
+
+    Width 1.0 keeps the usual task names; width ``w`` uses ``"<task>@w<w>"`` (module
+    docstring). The result suits ``verify_results``, ``print_csv_format`` and the
+    trainer's ``EvalHook``.
+
+    Args:
+        results: the output of :func:`evaluate_at_widths`.
+    """
+    flat: "OrderedDict[str, dict]" = OrderedDict()
+    for w, res in results.items():
+        for task, metrics in (res or {}).items():
+            flat[width_task_key(task, w)] = metrics
+    return flat
+
+
+#: Alias of :func:`merge_width_results`.
+flatten_width_results = merge_width_results
+
+
+def split_width_results(flat: Mapping[str, Mapping]) -> "OrderedDict[float, OrderedDict]":
+    """Inverse of :func:`merge_width_results` (widths ordered 1.0 first, then decreasing)."""
+    per_width: Dict[float, OrderedDict] = {}
+    for key, metrics in flat.items():
+        task, w = split_width_key(key)
+        per_width.setdefault(w, OrderedDict())[task] = metrics
+    return OrderedDict((w, per_width[w]) for w in sorted(per_width, reverse=True))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return "nan" if math.isnan(v) else f"{v:.3f}"
+
+
+def width_results_table(results: Mapping) -> str:
+    """Format results per width as a markdown table, one row per width.
+
+    Columns: ``width``, then for every task found (in order of first appearance) the
+    metrics among AP, AP50, AP75 (COCO ``bbox`` / ``segm``) and top1, top5
+    (classification) that it reports, e.g. ``bbox AP | bbox AP50 | ... | segm AP75``.
+    A metric missing at some width is shown as ``-``.
+
+    Args:
+        results: the output of :func:`evaluate_at_widths` (``width -> task -> metrics``),
+            or its flat form (:func:`merge_width_results`, e.g. a trainer's results).
+
+    Returns:
+        The table as a string (tabulate "pipe" format, like detectron2's AP logs);
+        ``""`` if there are no results.
+    """
+    if results and all(isinstance(k, str) for k in results):
+        results = split_width_results(results)
+    columns: List[Tuple[str, str]] = []
+    for res in results.values():
+        for task, metrics in (res or {}).items():
+            if not isinstance(metrics, Mapping):
+                continue
+            for metric in _TABLE_METRICS:
+                if metric in metrics and (task, metric) not in columns:
+                    columns.append((task, metric))
+    if not results:
+        return ""
+    rows = []
+    for w, res in results.items():
+        row = [str(float(w))]
+        for task, metric in columns:
+            metrics = (res or {}).get(task)
+            row.append(_fmt(metrics.get(metric) if isinstance(metrics, Mapping) else None))
+        rows.append(row)
+    headers = ["width"] + [f"{task} {metric}" for task, metric in columns]
+    return tabulate(rows, headers=headers, tablefmt="pipe", stralign="center", disable_numparse=True)
+
+
+def log_width_results(results: Mapping, name: str = "") -> str:
+    """Log :func:`width_results_table` of ``results`` at INFO level and return it.
+
+    Args:
+        results: as for :func:`width_results_table`.
+        name: dataset name, shown in the log line's heading.
+    """
+    table = width_results_table(results)
+    heading = f"Evaluation results per width{' on ' + name if name else ''}:"
+    logger.info(heading + "\n" + table)
+    return table
+
