@@ -14,6 +14,7 @@ with warnings.catch_warnings():
 from .config import add_gradaug_config
 from .slim import depth, get_width, set_depth_mask, set_width, slim_channels, width
 from . import modeling  # noqa: F401  (registers backbones and meta-architectures)
+from .checkpoint import prune as _prune  # noqa: F401  (registers build_pruned_resnet_fpn_backbone)
 from .data import register_imagenet, register_quickstart
 
 # Dataset names (lazy: nothing is read or generated until a dataset is first used).

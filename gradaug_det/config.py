@@ -69,6 +69,11 @@ def add_gradaug_config(cfg: CN) -> CN:
     _c.TEST.SLIM_WIDTHS = []
 
     _add_classification_config(_c)
+
+    # ---- Pruned checkpoints (tools/prune.py) -------------------------------------------------
+    from .checkpoint.prune import add_pruned_config
+
+    add_pruned_config(_c)  # MODEL.PRUNED_RESNET.*: explicit per-stage channels of a pruned model
     return cfg
 
 
