@@ -47,8 +47,10 @@ def small_data(tmp_path_factory):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     for name in ("gradaug_quickstart_train", "gradaug_quickstart_val"):
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
     gradaug_det.register_quickstart(root=str(root / "gradaug_quickstart"))
     yield str(root)
 
