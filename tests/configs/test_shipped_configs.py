@@ -5,6 +5,7 @@ import os
 import pytest
 
 from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer
 from detectron2.modeling import build_model
 
 import gradaug_det
@@ -39,6 +40,7 @@ def test_config_parses_and_builds(path):
     normalize_widths(cfg.TEST.SLIM_WIDTHS)
     model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0
+    DefaultTrainer.build_optimizer(cfg, model)  # SOLVER.* keys (e.g. CLIP_GRADIENTS) are valid
 
 
 @pytest.mark.parametrize("name", ["", "_3x"])
