@@ -1,4 +1,6 @@
 """Shared fixtures: a tiny Mask R-CNN config and synthetic detection batches."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -69,3 +71,8 @@ def make_batch():
 @pytest.fixture
 def make_rcnn_cfg():
     return tiny_rcnn_cfg
+
+
+# The MMDetection adapter's tests need mmdet (`make test-mmdet` installs it and runs them).
+if importlib.util.find_spec("mmdet") is None:
+    collect_ignore = ["mmdet_adapter"]

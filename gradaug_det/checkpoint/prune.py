@@ -46,7 +46,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 
 from ..modeling import SlimmableFPN, SlimmableResNet
 from ..slim import DroppableBlock, SlimConv2d, check_width, width
-from ..slim.layers import _select
+from ..slim import select_channels
 
 __all__ = [
     "add_pruned_config",
@@ -306,15 +306,15 @@ def _slice_slim_conv(conv: SlimConv2d) -> Dict[str, torch.Tensor]:
         if key == "weight":
             if conv.slim_in and cin < conv.in_channels:
                 if conv.groups == 1:
-                    t = _select(t, 1, conv.in_layout, cin // conv.in_layout)
+                    t = select_channels(t, 1, conv.in_layout, cin // conv.in_layout)
                 else:  # each group reads the leading channels of its own group
                     t = t.narrow(1, 0, cin // conv.groups)
             if conv.slim_out:
-                t = _select(t, 0, conv.out_layout, cout // conv.out_layout)
+                t = select_channels(t, 0, conv.out_layout, cout // conv.out_layout)
         elif conv.slim_out and t.dim() >= 1 and t.shape[0] == conv.out_channels and (
             key == "bias" or key.startswith("norm.")
         ):
-            t = _select(t, 0, conv.out_layout, cout // conv.out_layout)
+            t = select_channels(t, 0, conv.out_layout, cout // conv.out_layout)
         out[key] = t
     return out
 

@@ -8,7 +8,6 @@ detectron2's trainers, uses directly::
 """
 import contextlib
 import time
-from typing import Dict
 
 import numpy as np
 import torch
@@ -17,26 +16,9 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from ..gradaug import GradAugOutput, SubnetSampler, gradaug_step
+from ..gradaug import GradAugOutput, SubnetSampler, gradaug_step, subnet_metrics
 
 __all__ = ["GradAugSimpleTrainer", "GradAugAMPTrainer", "subnet_metrics"]
-
-
-def subnet_metrics(out: GradAugOutput) -> Dict[str, float]:
-    """Flat scalars of the sub-network passes: ``gradaug/sub{i}/{loss|width|scale|...}``."""
-    metrics = {}
-    total = sum(float(v) for v in out.full_losses.values())
-    for i, (spec, losses) in enumerate(zip(out.specs, out.subnet_losses)):
-        prefix = f"gradaug/sub{i}/"
-        for k, v in losses.items():
-            metrics[prefix + k] = float(v)
-        sub_total = sum(float(v) for v in losses.values())
-        metrics[prefix + "total_loss"] = sub_total
-        total += sub_total
-        for k, v in spec.describe().items():
-            metrics[prefix + k] = float(v)
-    metrics["gradaug/all_passes_loss"] = total
-    return metrics
 
 
 class _GradAugRunStep:

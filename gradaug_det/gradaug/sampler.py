@@ -130,10 +130,18 @@ class SubnetSampler:
 
 
 def validate_sampler_args(*, num_subnets, min_width, max_width, sampling, min_keep, transform,
-                          scales, rotation, prefix="GRADAUG.") -> None:
-    """Raise ValueError naming the config key, the value and what is allowed."""
+                          scales, rotation, prefix="GRADAUG.", lowercase=False) -> None:
+    """Raise ValueError naming the config key, the value and what is allowed.
+
+    Args:
+        prefix: what the keys are under (``"GRADAUG."`` in detectron2 configs,
+            ``"model.gradaug."`` in MMDetection configs).
+        lowercase: name the keys in lower case (MMDetection style).
+    """
 
     def bad(key, value, allowed):
+        key = key.lower() if lowercase else key
+        allowed = allowed.replace(prefix + "MAX_WIDTH", prefix + "max_width") if lowercase else allowed
         raise ValueError(f"{prefix}{key}={value!r} is invalid: {allowed}")
 
     if not isinstance(num_subnets, int) or num_subnets < 1:

@@ -20,7 +20,7 @@ from ..slim import depth, residual_blocks, width
 from .losses import unwrap_model
 from .sampler import SubnetSampler, SubnetSpec
 
-__all__ = ["GradAugOutput", "gradaug_step"]
+__all__ = ["GradAugOutput", "gradaug_step", "subnet_metrics"]
 
 
 @dataclass
@@ -82,3 +82,20 @@ def gradaug_step(model: nn.Module, batch, sampler: SubnetSampler, task, *,
         out.subnet_losses.append({k: v.detach() for k, v in losses.items()})
         del loss, losses
     return out
+
+
+def subnet_metrics(out: GradAugOutput) -> Dict[str, float]:
+    """Flat scalars of the sub-network passes: ``gradaug/sub{i}/{loss|width|scale|...}``."""
+    metrics = {}
+    total = sum(float(v) for v in out.full_losses.values())
+    for i, (spec, losses) in enumerate(zip(out.specs, out.subnet_losses)):
+        prefix = f"gradaug/sub{i}/"
+        for k, v in losses.items():
+            metrics[prefix + k] = float(v)
+        sub_total = sum(float(v) for v in losses.values())
+        metrics[prefix + "total_loss"] = sub_total
+        total += sub_total
+        for k, v in spec.describe().items():
+            metrics[prefix + k] = float(v)
+    metrics["gradaug/all_passes_loss"] = total
+    return metrics

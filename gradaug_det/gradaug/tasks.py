@@ -10,7 +10,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .losses import OutputRecorder, RoIClassifierSoftLabels, unwrap_model
+from .losses import OutputRecorder, unwrap_model
+from .roi_soft_labels import RoIClassifierSoftLabels
 from .sampler import SUBNET_LOSSES, SubnetSpec
 from .transforms import transform_classification_batch, transform_detection_batch
 

@@ -1,4 +1,10 @@
-"""Width machinery in plain torch: the channel rule, slimmable layers, width/depth control."""
+"""Width machinery in plain torch: the channel rule, channel slicing, width/depth control.
+
+Everything here but :class:`SlimConv2d` (a detectron2 ``Conv2d``, imported on first
+use) depends on torch only, so the MMDetection adapter shares it without detectron2.
+"""
+import importlib
+
 from .channels import check_width, slim_channels
 from .control import (
     DroppableBlock,
@@ -11,7 +17,17 @@ from .control import (
     set_width,
     width,
 )
-from .layers import SlimConv2d, slim_norm
+from .functional import leading_block, norm_to_input, select_channels, slim_conv2d, slim_norm
 from .linear import SlimLinear
 
-__all__ = [k for k in globals() if not k.startswith("_")]
+# detectron2 layers, imported when first accessed
+_DETECTRON2_LAYERS = {"SlimConv2d": ".layers"}
+
+
+def __getattr__(name):
+    if name in _DETECTRON2_LAYERS:
+        return getattr(importlib.import_module(_DETECTRON2_LAYERS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [k for k in globals() if not k.startswith("_") and k != "importlib"] + list(_DETECTRON2_LAYERS)

@@ -1,0 +1,162 @@
+"""Slimmable ResNet for MMDetection 3.x: mmdet's own ``ResNet``, runnable at any width.
+
+``SlimmableResNet`` *is* mmdet's ``ResNet`` (same constructor, modules, parameter names,
+initialisation), so mmdet / torchvision ResNet checkpoints load into it unchanged and
+what it learns loads back into a stock ``ResNet``. Only the forward differs: at width
+``w < 1`` every convolution uses the leading ``slim_channels(c, w, channel_divisor)``
+output channels of its weight (and the input channels its producer kept), every norm
+layer the matching slice (BN/SyncBN in training: batch statistics, running statistics
+untouched; in eval: the sliced running statistics) — the same rules, from the same
+functions (:mod:`gradaug_det.slim`), as the detectron2 backbone. The returned feature
+maps hold the sub-network's channels first and zeros after, at the full channel count,
+so necks and heads run unchanged. Residual blocks can be dropped (depth sub-networks).
+"""
+import math
+
+import torch.utils.checkpoint as cp
+from torch import nn
+
+from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from mmdet.registry import MODELS
+
+from ..slim import DroppableBlock, SlimmableModule, norm_to_input, slim_conv2d
+
+__all__ = ["SlimmableResNet", "SlimBasicBlock", "SlimBottleneck"]
+
+
+def _pad_channels(x, channels):
+    missing = channels - x.shape[1]
+    return x if missing == 0 else nn.functional.pad(x, (0, 0, 0, 0, 0, missing))
+
+
+class _SlimBlock(DroppableBlock, SlimmableModule):
+    """Forward shared by the slimmable blocks: width-aware convs and norms, block drop."""
+
+    divisor: int = 1
+
+    def _conv(self, conv, x):
+        return slim_conv2d(conv, x, self.width, self.divisor)
+
+    def _downsample(self, x):
+        for m in self.downsample:
+            if isinstance(m, nn.Conv2d):
+                x = self._conv(m, x)
+            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+                x = norm_to_input(m, x)
+            else:
+                x = m(x)
+        return x
+
+    def residual(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        def inner(x):
+            identity = x if self.downsample is None else self._downsample(x)
+            if self.drop:
+                return identity
+            out = self.residual(x)
+            if not self.training and self.eval_scale != 1.0:
+                out = out * self.eval_scale
+            return out + identity
+
+        out = cp.checkpoint(inner, x, use_reentrant=False) if self.with_cp and x.requires_grad else inner(x)
+        return self.relu(out)
+
+
+class SlimBasicBlock(_SlimBlock, BasicBlock):
+    """mmdet's ``BasicBlock`` (R18/R34) with a width and a drop flag."""
+
+    def residual(self, x):
+        out = self.relu(norm_to_input(self.norm1, self._conv(self.conv1, x)))
+        return norm_to_input(self.norm2, self._conv(self.conv2, out))
+
+
+class SlimBottleneck(_SlimBlock, Bottleneck):
+    """mmdet's ``Bottleneck`` (R50/R101/R152) with a width and a drop flag."""
+
+    def residual(self, x):
+        out = self.relu(norm_to_input(self.norm1, self._conv(self.conv1, x)))
+        out = self.relu(norm_to_input(self.norm2, self._conv(self.conv2, out)))
+        return norm_to_input(self.norm3, self._conv(self.conv3, out))
+
+
+_SLIM_BLOCKS = {BasicBlock: SlimBasicBlock, Bottleneck: SlimBottleneck}
+
+
+@MODELS.register_module()
+class SlimmableResNet(ResNet, SlimmableModule):
+    """mmdet ``ResNet`` whose width and depth can be switched (GradAug sub-networks).
+
+    Args:
+        channel_divisor (int): align every sliced channel count to a multiple of it
+            (1 = the GradAug reference rule; 8 gives hardware-friendly widths).
+        **kwargs: every argument of mmdet's ``ResNet``. ``conv_cfg`` must be None (plain
+            convolutions), ``dcn`` and ``plugins`` None: those layers are not slimmable.
+
+    Raises:
+        ValueError: naming the argument of ``model.backbone`` to change.
+    """
+
+    def __init__(self, *args, channel_divisor: int = 1, **kwargs):
+        for key in ("conv_cfg", "dcn", "plugins"):
+            if kwargs.get(key) is not None:
+                raise ValueError(
+                    f"SlimmableResNet: model.backbone.{key}={kwargs[key]!r} is not slimmable; set it to "
+                    "None (plain convolutions, no DCN, no plugins)"
+                )
+        if not isinstance(channel_divisor, int) or channel_divisor < 1:
+            raise ValueError(f"SlimmableResNet: model.backbone.channel_divisor={channel_divisor!r} must be an int >= 1")
+        norm_type = (kwargs.get("norm_cfg") or {}).get("type", "BN")
+        if norm_type not in ("BN", "BN2d", "SyncBN", "GN"):
+            raise ValueError(
+                f"SlimmableResNet: model.backbone.norm_cfg.type={norm_type!r} cannot be sliced to a "
+                "sub-network width; use BN, SyncBN or GN"
+            )
+        super().__init__(*args, **kwargs)
+        self.width = 1.0
+        self.divisor = channel_divisor
+        # The blocks become their slimmable subclasses in place (same parameters, names
+        # and initialisation: mmdet's own constructor built them).
+        for m in self.modules():
+            if type(m) in _SLIM_BLOCKS:
+                m.__class__ = _SLIM_BLOCKS[type(m)]
+                m.width, m.divisor = 1.0, channel_divisor
+        self._check_group_norms()
+        self._full_channels = [self.base_channels * 2**i * self.block.expansion for i in range(self.num_stages)]
+
+    def _check_group_norms(self):
+        group_norms = [(n, m) for n, m in self.named_modules() if isinstance(m, nn.GroupNorm)]
+        required = math.lcm(1, *(m.num_channels // m.num_groups for _, m in group_norms))
+        for name, m in group_norms:
+            per_group = m.num_channels // m.num_groups
+            if self.divisor % per_group != 0:
+                raise ValueError(
+                    f"SlimmableResNet: {name} is GroupNorm({m.num_groups}, {m.num_channels}) with "
+                    f"{per_group} channels per group, which cannot be sliced at every width with "
+                    f"model.backbone.channel_divisor={self.divisor}; set it to a multiple of {required} "
+                    "(the least common multiple of every GN layer's channels per group), or use BN"
+                )
+
+    def _stem(self, x):
+        if self.deep_stem:
+            for m in self.stem:
+                if isinstance(m, nn.Conv2d):
+                    x = slim_conv2d(m, x, self.width, self.divisor)
+                elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+                    x = norm_to_input(m, x)
+                else:
+                    x = m(x)
+            return x
+        x = slim_conv2d(self.conv1, x, self.width, self.divisor)
+        return self.relu(norm_to_input(self.norm1, x))
+
+    def forward(self, x):
+        """Feature maps of ``out_indices``, each at its full channel count."""
+        x = self.maxpool(self._stem(x))
+        outs = []
+        for i, layer_name in enumerate(self.res_layers):
+            x = getattr(self, layer_name)(x)
+            if i in self.out_indices:
+                outs.append(_pad_channels(x, self._full_channels[i]))
+        return tuple(outs)
