@@ -21,5 +21,10 @@ setup(
         "tqdm",
         "numpy",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # gradaug_det.mmdet. mmcv 2.1.0 has no wheel for recent torch: build it first with
+        # tools/install_mmdet.py (`make install-mmdet` does both steps).
+        "mmdet": ["mmengine>=0.10.0,<0.11", "mmcv==2.1.0", "mmdet==3.3.0"],
+    },
 )

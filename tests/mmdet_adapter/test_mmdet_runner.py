@@ -1,0 +1,78 @@
+"""The shipped mmdet configs: they parse and build; a short run through tools/mmdet_train.py."""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from mmengine.config import Config
+from mmdet.registry import MODELS
+
+from gradaug_det.mmdet import GradAugMaskRCNN, SlimmableResNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "mmdet", "**", "*.py"), recursive=True))
+
+
+def test_configs_found():
+    names = {os.path.relpath(c, ROOT) for c in CONFIGS}
+    assert {"configs/mmdet/mask-rcnn_r50_fpn_gradaug_1x_coco.py", "configs/mmdet/mask-rcnn_r50_fpn_1x_coco.py",
+            "configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_config_parses_and_builds(path):
+    cfg = Config.fromfile(path)
+    cfg.model.backbone.init_cfg = None  # no download
+    model = MODELS.build(cfg.model)
+    if "gradaug" in os.path.basename(path):
+        assert isinstance(model, GradAugMaskRCNN) and isinstance(model.backbone, SlimmableResNet)
+        assert cfg.model_wrapper_cfg.type == "GradAugDistributedDataParallel"
+        assert model.gradaug_sampler.num_subnets == 3 and model.gradaug_sampler.min_width == 0.9
+    else:
+        assert type(model).__name__ == "MaskRCNN"
+
+
+def test_gradaug_and_baseline_differ_only_in_gradaug():
+    a = Config.fromfile(os.path.join(ROOT, "configs/mmdet/mask-rcnn_r50_fpn_gradaug_1x_coco.py"))
+    b = Config.fromfile(os.path.join(ROOT, "configs/mmdet/mask-rcnn_r50_fpn_1x_coco.py"))
+    for key in ("train_dataloader", "val_evaluator", "optim_wrapper", "param_scheduler", "train_cfg"):
+        assert a[key] == b[key], key
+    for key in ("neck", "rpn_head", "roi_head", "train_cfg", "test_cfg", "data_preprocessor"):
+        assert a.model[key] == b.model[key], key
+    backbone = dict(a.model.backbone)
+    assert backbone.pop("type") == "SlimmableResNet" and backbone.pop("channel_divisor") == 1
+    assert backbone == {k: v for k, v in b.model.backbone.items() if k != "type"}
+
+
+def test_short_training_run_through_the_tool(tmp_path, shapes_root):
+    work = tmp_path / "work"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "mmdet_train.py"),
+           os.path.join(ROOT, "configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py"),
+           "--work-dir", str(work), "--cfg-options",
+           f"data_root={shapes_root}/", f"train_dataloader.dataset.data_root={shapes_root}/",
+           f"val_dataloader.dataset.data_root={shapes_root}/",
+           f"val_evaluator.ann_file={shapes_root}/annotations/instances_val.json",
+           "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
+           "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
+           "train_cfg.max_iters=4", "train_cfg.val_interval=4", "default_hooks.logger.interval=1",
+           "default_hooks.checkpoint.interval=4",
+           "train_pipeline.2.scales=[(160,128)]", "train_dataloader.dataset.pipeline.2.scales=[(160,128)]",
+           "val_dataloader.dataset.pipeline.1.scale=(160,128)"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scalars = glob.glob(str(work / "*" / "vis_data" / "scalars.json"))
+    assert len(scalars) == 1
+    records = [json.loads(line) for line in open(scalars[0])]
+    train = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["gradaug/sub2/width"] == pytest.approx(0.9) and 0.9 - 1e-6 <= r["gradaug/sub0/width"] <= 1.0
+        assert math.isfinite(r["gradaug/sub0/loss_soft_cls"])
+    evals = [r for r in records if "coco/bbox_mAP" in r]
+    assert len(evals) == 1 and 0.0 <= evals[0]["coco/bbox_mAP"] <= 1.0 and "coco/segm_mAP" in evals[0]
+    assert os.path.isfile(work / "iter_4.pth")

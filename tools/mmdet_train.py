@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train an MMDetection 3.x config (GradAug or baseline) with mmengine's Runner.
+
+A thin equivalent of mmdet's ``tools/train.py`` (which the mmdet wheel does not ship)::
+
+    python tools/mmdet_train.py configs/mmdet/mask-rcnn_r50_fpn_gradaug_1x_coco.py
+    python -m torch.distributed.run --nproc_per_node 8 tools/mmdet_train.py CONFIG --launcher pytorch
+    python tools/mmdet_train.py configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py \\
+        --generate-shapes --cfg-options train_cfg.max_iters=20
+
+GradAug configs import ``gradaug_det.mmdet`` themselves (``custom_imports``).
+"""
+import argparse
+import os
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", help="mmdet config file")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (AmpOptimWrapper; CUDA)")
+    p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
+    p.add_argument("--generate-shapes", action="store_true",
+                   help="first write the synthetic shapes dataset at the config's data_root (quickstart)")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+                   help="override config keys, e.g. train_cfg.max_iters=20")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    p.add_argument("--local-rank", "--local_rank", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    from mmengine.runner import Runner
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    if not osp.isfile(args.config):
+        raise SystemExit(f"config file not found: {args.config}")
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join(
+        "work_dirs", osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    cfg.resume = args.resume
+    if args.generate_shapes:
+        from gradaug_det.data.synthetic_coco import generate_coco_shapes
+
+        generate_coco_shapes(cfg.data_root)
+    Runner.from_cfg(cfg).train()
+
+
+if __name__ == "__main__":
+    main()
