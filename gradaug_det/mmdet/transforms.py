@@ -67,6 +67,11 @@ def rescale_batch(inputs: torch.Tensor, data_samples: List, scale: float,
         out = F.pad(out, (0, pw - nw, 0, ph - nh), value=pad_value)
     samples = []
     for sample in data_samples:
+        if "gt_sem_seg" in sample or "gt_panoptic_seg" in sample:
+            raise NotImplementedError(
+                "GradAug's rescale for mmdet batches covers gt_instances (boxes, masks) and "
+                "ignored_instances; this batch also has semantic/panoptic segmentation maps"
+            )
         new = sample.clone()
         ih, iw = sample.metainfo["img_shape"][:2]
         meta = {"img_shape": (min(nh, int(round(ih * sy))), min(nw, int(round(iw * sx)))),

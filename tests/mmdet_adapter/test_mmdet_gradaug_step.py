@@ -189,3 +189,53 @@ def test_plain_backbone_is_refused_with_the_fix(mask_rcnn_cfg, detector):
     cfg["backbone"].pop("channel_divisor")
     with pytest.raises(ValueError, match="model.backbone.type='SlimmableResNet'"):
         detector(cfg)
+
+
+class _ScalingWrapper(OptimWrapper):
+    """Scales each loss in ``backward`` and unscales the gradients in ``step``, entering a
+    context per forward, as ``AmpOptimWrapper`` does (which needs CUDA)."""
+
+    SCALE = 1024.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = {"backward": 0, "step": 0, "context": 0}
+        self.stepped_grads = None
+
+    def backward(self, loss, **kwargs):
+        self.calls["backward"] += 1
+        super().backward(loss * self.SCALE, **kwargs)
+
+    def step(self, **kwargs):
+        self.calls["step"] += 1
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            p.grad.div_(self.SCALE)
+        self.stepped_grads = [p.grad.clone() for p in params]
+        super().step(**kwargs)
+
+    def optim_context(self, model):
+        self.calls["context"] += 1
+        return super().optim_context(model)
+
+
+def test_every_pass_goes_through_the_optim_wrapper(make_batch, mask_rcnn_cfg, detector):
+    """A loss-scaling wrapper (the AMP contract) sees 4 backwards, 1 step, unscaled gradients."""
+    cfg = mask_rcnn_cfg(gradaug=dict(subnet_loss="gt+soft", seed=2))
+    batch = make_batch((0, 3))
+    plain = detector(cfg).train()
+    ow = OptimWrapper(torch.optim.SGD(plain.parameters(), lr=0.0))
+    captured = _capture_steps(ow, plain)
+    torch.manual_seed(9)
+    plain.train_step(copy.deepcopy(batch), ow)
+
+    model = detector(cfg).train()
+    sw = _ScalingWrapper(torch.optim.SGD(model.parameters(), lr=0.0))
+    torch.manual_seed(9)
+    model.train_step(copy.deepcopy(batch), sw)
+    assert sw.calls == {"backward": 4, "step": 1, "context": 5}  # preprocessor + 4 passes
+    assert sw.inner_count == 1
+    want = [captured[0][n] for n, p in model.named_parameters() if n in captured[0]]
+    assert len(want) == len(sw.stepped_grads)
+    for g, w in zip(sw.stepped_grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
