@@ -25,17 +25,26 @@ def _check_loss_mode(subnet_loss: str) -> None:
         raise ValueError(f"GRADAUG.SUBNET_LOSS={subnet_loss!r} is invalid: allowed {', '.join(SUBNET_LOSSES)}")
 
 
+def _no_losses(*args, **kwargs):
+    return None, {}
+
+
 @contextlib.contextmanager
-def _heads_off(roi_heads, flags):
-    """Temporarily switch off optional RoI heads (``mask_on``, ``keypoint_on``)."""
-    saved = {f: getattr(roi_heads, f) for f in flags if hasattr(roi_heads, f)}
+def _features_only(model):
+    """The R-CNN's forward computes its features and nothing else: the proposal generator and
+    the RoI heads return no proposals and no losses (the soft-label hook on the RoI heads then
+    adds the only loss). Restored on exit, also when the body raises."""
+    modules = [m for m in (getattr(model, "proposal_generator", None), model.roi_heads) if m is not None]
+    vis_period = getattr(model, "vis_period", 0)
     try:
-        for f in saved:
-            setattr(roi_heads, f, False)
+        model.vis_period = 0  # training visualisation would need proposals
+        for m in modules:
+            m.forward = _no_losses  # an instance attribute shadows the class's forward
         yield
     finally:
-        for f, v in saved.items():
-            setattr(roi_heads, f, v)
+        model.vis_period = vis_period
+        for m in modules:
+            del m.forward
 
 
 class DetectionTask:
@@ -68,14 +77,16 @@ class DetectionTask:
 
     def subnet_pass(self, model, batch: List[Dict], teacher, spec: SubnetSpec) -> LossDict:
         """One sub-network (already set on the model) on its transformed batch."""
+        if not self.use_gt:  # soft labels only: the annotations are not used
+            batch = [{k: v for k, v in d.items() if k != "instances"} for d in batch]
         batch_t, teacher_t = transform_detection_batch(batch, spec, teacher)
         if not self.use_soft:
             losses = model(batch_t)
         elif self.use_gt:
             with self.soft.teach(teacher_t):
                 losses = model(batch_t)
-        else:  # soft labels only: the mask / keypoint heads' losses would be discarded
-            with self.soft.teach(teacher_t), _heads_off(self.soft.roi_heads, ("mask_on", "keypoint_on")):
+        else:  # soft labels only: RPN, box, mask and keypoint losses would all be discarded
+            with self.soft.teach(teacher_t), _features_only(unwrap_model(model)):
                 losses = model(batch_t)
         out = {}
         for k, v in losses.items():

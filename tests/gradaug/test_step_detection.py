@@ -160,3 +160,24 @@ def test_width_restored_when_a_pass_raises(make_rcnn_cfg, make_batch):
         gradaug_step(model, make_batch(1, 64), SubnetSampler(seed=0, sampling="depth", min_keep=0.1),
                      Boom(model, "gt"))
     assert not any(b.drop for b in gradaug_det.slim.residual_blocks(model))
+
+
+def test_soft_only_subnetworks_compute_features_and_soft_labels_only(make_rcnn_cfg, make_batch):
+    """With SUBNET_LOSS "soft" the sub-network passes skip RPN and the RoI heads' own work."""
+    cfg = make_rcnn_cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    calls = {}
+    for name, module in (("anchors", model.proposal_generator.anchor_generator),
+                         ("mask", model.roi_heads.mask_head), ("backbone", model.backbone)):
+        calls[name] = 0
+        module.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    with EventStorage(0):
+        out = gradaug_step(model, make_batch(2, 96), SubnetSampler(num_subnets=3, seed=0), DetectionTask(model, "soft"))
+    assert calls == {"anchors": 1, "mask": 1, "backbone": 4}  # RPN and mask head: full pass only
+    assert [set(d) for d in out.subnet_losses] == [{"loss_soft_cls"}] * 3
+    assert all(float(d["loss_soft_cls"]) > 0 for d in out.subnet_losses)
+    # the modules' own forwards are back
+    assert "forward" not in vars(model.roi_heads) and "forward" not in vars(model.proposal_generator)
+    assert model.vis_period == cfg.VIS_PERIOD

@@ -28,6 +28,25 @@ def _capture_steps(optim_wrapper, model):
     return captured
 
 
+def _stepped_gradients(model, batch, seed):
+    """The gradients one train_step hands to the optimizer (lr 0), torch seeded with ``seed``."""
+    ow = _wrapper(model)
+    captured = _capture_steps(ow, model)
+    torch.manual_seed(seed)
+    log_vars = model.train_step(copy.deepcopy(batch), ow)
+    return captured[0], log_vars, ow
+
+
+def _full_pass_backward(ref, batch, seed):
+    """By hand: the full network's standard losses on the batch, back-propagated."""
+    torch.manual_seed(seed)
+    ref.zero_grad()
+    data = ref.data_preprocessor(copy.deepcopy(batch), True)
+    loss, _ = ref.parse_losses(ref.loss(data["inputs"], data["data_samples"]))
+    loss.backward()
+    return data
+
+
 def _passes(model):
     """Record (width, input height, input width) of every backbone forward."""
     seen = []
@@ -72,18 +91,10 @@ def test_gradients_equal_hand_computed_iteration(make_batch, mask_rcnn_cfg, dete
     ref = copy.deepcopy(model)
     batch = make_batch((0, 1))
 
-    ow = _wrapper(model)
-    captured = _capture_steps(ow, model)
-    torch.manual_seed(11)
-    model.train_step(copy.deepcopy(batch), ow)
-    got = captured[0]
+    got, _, _ = _stepped_gradients(model, batch, 11)
 
-    torch.manual_seed(11)
-    ref.zero_grad()
-    data = ref.data_preprocessor(copy.deepcopy(batch), True)
+    data = _full_pass_backward(ref, batch, 11)
     specs = SubnetSampler(seed=5).sample()
-    loss, _ = ref.parse_losses(ref.loss(data["inputs"], data["data_samples"]))
-    loss.backward()
     prep = ref.data_preprocessor
     for spec in specs:
         inputs, samples, _ = rescale_batch(data["inputs"], data["data_samples"], spec.scale, prep.pad_size_divisor)
@@ -99,34 +110,26 @@ def test_gradients_equal_hand_computed_iteration(make_batch, mask_rcnn_cfg, dete
 def test_soft_labels_vanish_for_a_subnetwork_equal_to_the_full_network(make_batch, mask_rcnn_cfg, detector):
     """Width 1.0 at scale 1.0 reproduces the teacher: KL 0, no gradient beyond the full pass."""
     cfg = mask_rcnn_cfg(gradaug=dict(min_width=1.0, max_width=1.0, scales=(1.0,), seed=0),
-                              backbone=dict(norm_eval=True))
+                        backbone=dict(norm_eval=True))
     model = detector(cfg)
     model.train()
     ref = copy.deepcopy(model)
     batch = make_batch((2, 3))
 
-    ow = _wrapper(model)
-    captured = _capture_steps(ow, model)
-    torch.manual_seed(2)
-    log_vars = model.train_step(copy.deepcopy(batch), ow)
+    same, log_vars, _ = _stepped_gradients(model, batch, 2)
     for i in range(3):
         assert abs(float(log_vars[f"gradaug/sub{i}/loss_soft_cls"])) < 1e-7
 
-    torch.manual_seed(2)
-    ref.zero_grad()
-    data = ref.data_preprocessor(copy.deepcopy(batch), True)
-    loss, _ = ref.parse_losses(ref.loss(data["inputs"], data["data_samples"]))
-    loss.backward()
+    _full_pass_backward(ref, batch, 2)
     for n, p in ref.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(captured[0][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+            torch.testing.assert_close(same[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
     # a real sub-network (narrower, smaller input) has something to learn
     model.gradaug_sampler = SubnetSampler(min_width=0.5, max_width=0.5, scales=(0.5,), seed=0)
-    torch.manual_seed(2)
-    log_vars = model.train_step(copy.deepcopy(batch), ow)
+    narrow, log_vars, _ = _stepped_gradients(model, batch, 2)
     assert float(log_vars["gradaug/sub0/loss_soft_cls"]) > 1e-5
-    moved = [n for n, g in captured[1].items() if not torch.allclose(g, captured[0][n], rtol=1e-3, atol=1e-7)]
+    moved = [n for n, g in narrow.items() if not torch.allclose(g, same[n], rtol=1e-3, atol=1e-7)]
     assert any(n.startswith("backbone.") for n in moved) and any("bbox_head.fc_cls" in n for n in moved)
 
 
@@ -223,11 +226,7 @@ def test_every_pass_goes_through_the_optim_wrapper(make_batch, mask_rcnn_cfg, de
     """A loss-scaling wrapper (the AMP contract) sees 4 backwards, 1 step, unscaled gradients."""
     cfg = mask_rcnn_cfg(gradaug=dict(subnet_loss="gt+soft", seed=2))
     batch = make_batch((0, 3))
-    plain = detector(cfg).train()
-    ow = OptimWrapper(torch.optim.SGD(plain.parameters(), lr=0.0))
-    captured = _capture_steps(ow, plain)
-    torch.manual_seed(9)
-    plain.train_step(copy.deepcopy(batch), ow)
+    plain, _, _ = _stepped_gradients(detector(cfg).train(), batch, 9)
 
     model = detector(cfg).train()
     sw = _ScalingWrapper(torch.optim.SGD(model.parameters(), lr=0.0))
@@ -235,7 +234,7 @@ def test_every_pass_goes_through_the_optim_wrapper(make_batch, mask_rcnn_cfg, de
     model.train_step(copy.deepcopy(batch), sw)
     assert sw.calls == {"backward": 4, "step": 1, "context": 5}  # preprocessor + 4 passes
     assert sw.inner_count == 1
-    want = [captured[0][n] for n, p in model.named_parameters() if n in captured[0]]
+    want = [plain[n] for n, p in model.named_parameters() if n in plain]
     assert len(want) == len(sw.stepped_grads)
     for g, w in zip(sw.stepped_grads, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
