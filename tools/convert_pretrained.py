@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert an ImageNet-pretrained ResNet into a detectron2 .pkl for detection fine-tuning.
+"""Convert an ImageNet-pretrained ResNet into a detectron2 .pkl for detection fine-tuning
+(or a GradAug classifier into torchvision names, for MMDetection).
 
 Examples::
 
@@ -9,6 +10,10 @@ Examples::
 
     # a torchvision ResNet-50 state dict
     python tools/convert_pretrained.py --source torchvision resnet50-0676ba61.pth r50_tv.pkl
+
+    # the same classifier for MMDetection (torchvision names; SlimmableResNet / ResNet init_cfg)
+    python tools/convert_pretrained.py --source classifier --target torchvision \
+        output/imagenet_r50_gradaug/model_final.pth r50_gradaug_tv.pth
 
 Then train with ``MODEL.WEIGHTS r50_gradaug.pkl`` and the printed overrides (pixel
 mean/std, input format, ResNet shape), or ``--emit-config`` writes them to a YAML file.
@@ -29,10 +34,11 @@ def parse_args(argv=None):
     p.add_argument("output", help="detectron2 checkpoint to write (.pkl)")
     p.add_argument("--source", choices=("classifier", "torchvision"), required=True,
                    help="what the input is")
-    p.add_argument("--target", choices=("fpn", "c4", "classifier", "heuristic"), default="fpn",
+    p.add_argument("--target", choices=("fpn", "c4", "classifier", "heuristic", "torchvision"), default="fpn",
                    help="where the ResNet goes: FPN models (backbone.bottom_up.*, default), C4 models "
-                        "(backbone.* + roi_heads.res5.*), a SlimmableClassifier, or bare names with "
-                        "detectron2's matching heuristics")
+                        "(backbone.* + roi_heads.res5.*), a SlimmableClassifier, bare names with "
+                        "detectron2's matching heuristics, or torchvision names in a .pth (MMDetection's "
+                        "ResNet / SlimmableResNet; classifier source only)")
     p.add_argument("--config-file", default=None,
                    help="classifier source: its training config (for MODEL.PIXEL_MEAN/STD, INPUT.FORMAT, "
                         "MODEL.RESNETS.STRIDE_IN_1X1); default: config.yaml beside the checkpoint")
@@ -76,8 +82,21 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger
 
     setup_logger(name="gradaug_det")
-    from gradaug_det.checkpoint import convert_classifier, convert_torchvision, pretrained_config_opts
+    from gradaug_det.checkpoint import (
+        convert_classifier,
+        convert_classifier_to_torchvision,
+        convert_torchvision,
+        pretrained_config_opts,
+    )
 
+    if args.target == "torchvision":
+        if args.source != "classifier":
+            sys.exit("error: --target torchvision converts a classifier (--source classifier); a torchvision "
+                     "state dict is already in that layout")
+        state = convert_classifier_to_torchvision(args.input, args.output, cfg=_classifier_cfg(args))
+        print(f"Wrote {len(state)} tensors to {args.output}; in an mmdet config: "
+              f"backbone=dict(..., init_cfg=dict(type='Pretrained', checkpoint='{args.output}'))")
+        return
     if args.source == "classifier":
         ckpt = convert_classifier(args.input, args.output, target=args.target, cfg=_classifier_cfg(args))
     else:

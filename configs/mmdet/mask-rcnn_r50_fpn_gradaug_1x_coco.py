@@ -1,7 +1,10 @@
 # Mask R-CNN R50-FPN 1x on COCO 2017 fine-tuned with GradAug: the baseline next to this
 # file plus a slimmable backbone and the GradAug iteration (gradaug_det.mmdet).
-# The backbone starts from torchvision's ResNet-50 (the base config's init_cfg); for a
-# GradAug-pretrained one, point model.backbone.init_cfg at its torchvision-layout weights.
+# The backbone starts from torchvision's ResNet-50 (the base config's init_cfg). For a
+# GradAug-pretrained one (configs/imagenet/resnet50_gradaug.yaml), convert it with
+#   python tools/convert_pretrained.py --source classifier --target torchvision \
+#       output/imagenet_gradaug/model_final.pth r50_gradaug_tv.pth
+# and set model.backbone.init_cfg=dict(type='Pretrained', checkpoint='r50_gradaug_tv.pth').
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 
 custom_imports = dict(imports=['gradaug_det.mmdet'], allow_failed_imports=False)

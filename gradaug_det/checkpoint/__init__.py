@@ -1,4 +1,5 @@
-"""Checkpoint tools: ImageNet classifiers and torchvision ResNets -> detectron2 detection models."""
+"""Checkpoint tools: ImageNet classifiers and torchvision ResNets -> detectron2 detection models
+(and classifiers -> torchvision names, for MMDetection)."""
 from .convert import (
     TARGETS,
     TORCHVISION_FORMAT,
@@ -8,6 +9,8 @@ from .convert import (
     check_pretrained_config,
     classifier_to_d2,
     convert_classifier,
+    convert_classifier_to_torchvision,
+    d2_to_torchvision,
     convert_torchvision,
     load_pretrained,
     make_d2_checkpoint,

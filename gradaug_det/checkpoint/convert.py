@@ -8,7 +8,11 @@ Two sources:
 * a torchvision ResNet / ResNeXt state dict (``conv1``, ``bn1``, ``layer1.0.conv1``,
   ``layer1.0.downsample.0``, ..., ``fc``).
 
-Both become a detectron2 ``.pkl`` (``{"model": {name: ndarray}, "__author__":
+A classifier can also go the other way, to torchvision's names
+(:func:`convert_classifier_to_torchvision`): the layout mmdet's ``ResNet`` and
+``gradaug_det.mmdet.SlimmableResNet`` load (``init_cfg=dict(type='Pretrained', ...)``).
+
+Otherwise both become a detectron2 ``.pkl`` (``{"model": {name: ndarray}, "__author__":
 "gradaug-det", "matching_heuristics": False, "gradaug_det": {...}}``) whose weights are
 named **exactly** as the target detection model names them, so detectron2's
 ``DetectionCheckpointer`` loads them by plain name matching, without heuristics. The
@@ -52,6 +56,8 @@ __all__ = [
     "TORCHVISION_FORMAT",
     "torchvision_to_d2",
     "classifier_to_d2",
+    "d2_to_torchvision",
+    "convert_classifier_to_torchvision",
     "resnet_arch",
     "make_d2_checkpoint",
     "convert_torchvision",
@@ -217,6 +223,41 @@ def classifier_to_d2(state_dict: StateDict) -> Tuple["OrderedDict[str, torch.Ten
     if not out:
         raise ValueError("no 'backbone.*' weights in the classifier checkpoint")
     return out, head, dropped
+
+
+def d2_to_torchvision(backbone: StateDict, head: Optional[Dict[str, torch.Tensor]] = None
+                      ) -> "OrderedDict[str, torch.Tensor]":
+    """Rename bare detectron2 ResNet weights to torchvision's names (the inverse of
+    :func:`torchvision_to_d2`); ``head`` (``weight`` / ``bias``) becomes ``fc``.
+
+    Raises:
+        ValueError: on a name that is not part of a detectron2 ResNet.
+    """
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    unknown = []
+    for name, value in backbone.items():
+        value = torch.as_tensor(value)
+        m = re.fullmatch(r"stem\.conv1\.(weight|norm\.(\w+))", name)
+        if m:
+            out["conv1.weight" if m.group(2) is None else f"bn1.{m.group(2)}"] = value
+            continue
+        m = re.fullmatch(r"res([2-5])\.(\d+)\.(conv(\d)|shortcut)\.(weight|norm\.(\w+))", name)
+        if m and (m.group(6) is None or m.group(6) in _BN_SUFFIXES):
+            prefix = f"layer{int(m.group(1)) - 1}.{m.group(2)}"
+            norm = m.group(6)
+            if m.group(3) == "shortcut":
+                out[f"{prefix}.downsample.0.weight" if norm is None else f"{prefix}.downsample.1.{norm}"] = value
+            else:
+                j = m.group(4)
+                out[f"{prefix}.conv{j}.weight" if norm is None else f"{prefix}.bn{j}.{norm}"] = value
+            continue
+        unknown.append(name)
+    if unknown:
+        raise ValueError(f"not detectron2 ResNet weights: cannot convert {unknown[:8]}"
+                         + (f" ({len(unknown)} names)" if len(unknown) > 8 else ""))
+    for key, value in (head or {}).items():
+        out[f"fc.{key}"] = torch.as_tensor(value)
+    return out
 
 
 def resnet_arch(backbone: StateDict) -> Dict[str, int]:
@@ -391,6 +432,50 @@ def convert_classifier(source: Union[str, StateDict], output: Optional[str] = No
     if output:
         save_d2_checkpoint(ckpt, output)
     return ckpt
+
+
+def convert_classifier_to_torchvision(source: Union[str, StateDict], output: Optional[str] = None, *,
+                                      cfg=None) -> "OrderedDict[str, torch.Tensor]":
+    """Convert a ``SlimmableClassifier`` checkpoint to a torchvision-named ResNet state dict.
+
+    That is what mmdet's ``ResNet`` / ``SlimmableResNet`` load
+    (``init_cfg=dict(type='Pretrained', checkpoint=output)``), with mmdet's standard
+    ``style='pytorch'`` and data preprocessor (RGB, torchvision's mean / std). The
+    classifier must have been trained with those conventions (this project's ImageNet
+    configs are); ``cfg`` (its training config) is checked against them.
+
+    Args:
+        source: a detectron2 ``Checkpointer`` file (``model_final.pth``) or its state dict.
+        output: if given, the ``.pth`` to write (``torch.save`` of the state dict).
+        cfg: the classifier's config; None skips the convention check.
+
+    Raises:
+        ValueError: naming the config key whose value mmdet's ResNet would not match.
+    """
+    if cfg is not None:
+        expected = {"INPUT.FORMAT": (cfg.INPUT.FORMAT, TORCHVISION_FORMAT),
+                    "MODEL.PIXEL_MEAN": (tuple(cfg.MODEL.PIXEL_MEAN), TORCHVISION_PIXEL_MEAN),
+                    "MODEL.PIXEL_STD": (tuple(cfg.MODEL.PIXEL_STD), TORCHVISION_PIXEL_STD),
+                    "MODEL.RESNETS.STRIDE_IN_1X1": (cfg.MODEL.RESNETS.STRIDE_IN_1X1, False)}
+        for key, (got, want) in expected.items():
+            same = np.allclose(got, want) if isinstance(want, tuple) else got == want
+            if not same:
+                raise ValueError(
+                    f"the classifier was trained with {key}={got!r}, but a torchvision-layout ResNet "
+                    f"(mmdet style='pytorch', its standard data preprocessor) assumes {want!r}; "
+                    "convert to a detectron2 layout instead (--target fpn) or set the model's "
+                    "preprocessing to match"
+                )
+    name = source if isinstance(source, str) else "classifier state dict"
+    state = _unwrap_state_dict(_load(source) if isinstance(source, str) else source, name)
+    backbone, head, dropped = classifier_to_d2(state)
+    _log_dropped(dropped)
+    out = d2_to_torchvision(backbone, head)
+    if output:
+        with PathManager.open(output, "wb") as f:
+            torch.save(out, f)
+        logger.info("Wrote %d torchvision-named tensors to %s", len(out), output)
+    return out
 
 
 def read_pretrained_meta(path: str) -> Optional[Dict[str, Any]]:

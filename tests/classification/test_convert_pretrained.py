@@ -17,10 +17,13 @@ from gradaug_det import add_gradaug_config
 from gradaug_det.checkpoint import (
     check_pretrained_config,
     convert_classifier,
+    convert_classifier_to_torchvision,
     convert_torchvision,
+    d2_to_torchvision,
     load_pretrained,
     pretrained_config_opts,
     save_d2_checkpoint,
+    torchvision_to_d2,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +200,43 @@ def test_tool_cli(tmp_path, capsys):
     cfg = mask_rcnn_cfg(18)
     cfg.merge_from_file(str(emitted))
     assert check_pretrained_config(cfg) == []
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_torchvision_names_round_trip(depth):
+    source = tv_state(depth)
+    backbone, head, _ = torchvision_to_d2(source)
+    back = d2_to_torchvision(backbone, head)
+    want = {k: v for k, v in source.items() if not k.endswith("num_batches_tracked")}
+    assert list(back) == list(want)
+    for k, v in want.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_classifier_to_torchvision_resnet_same_logits(tmp_path):
+    """A GradAug classifier converted for MMDetection/torchvision computes the same logits."""
+    clf_cfg = add_gradaug_config(get_cfg())
+    clf_cfg.merge_from_file(str(ROOT / "configs" / "imagenet" / "quickstart.yaml"))
+    torch.manual_seed(0)
+    clf = build_model(clf_cfg)
+    with torch.no_grad():
+        for t in clf.state_dict().values():
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.5)
+    DetectionCheckpointer(clf, str(tmp_path)).save("model_final")
+    out = tmp_path / "r18_tv.pth"
+    spec = importlib.util.spec_from_file_location("convert_pretrained_tool", ROOT / "tools" / "convert_pretrained.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "config.yaml").write_text(clf_cfg.dump())
+    tool.main(["--source", "classifier", "--target", "torchvision", str(tmp_path / "model_final.pth"), str(out)])
+    net = torchvision.models.resnet18(num_classes=clf_cfg.MODEL.CLASSIFIER.NUM_CLASSES)
+    net.load_state_dict(torch.load(out, weights_only=True), strict=False)  # num_batches_tracked only
+    clf.eval(), net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), clf.logits(x), rtol=1e-4, atol=1e-4)
+    # a classifier trained with detectron2's own conventions is refused, naming the key
+    clf_cfg.INPUT.FORMAT = "BGR"
+    with pytest.raises(ValueError, match="INPUT.FORMAT='BGR'"):
+        convert_classifier_to_torchvision(str(tmp_path / "model_final.pth"), cfg=clf_cfg)

@@ -157,3 +157,18 @@ def test_shared_core_imports_without_detectron2():
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+
+
+def test_torchvision_layout_checkpoint_loads_through_init_cfg(tmp_path):
+    """What mmdet configs do (init_cfg Pretrained, e.g. torchvision://resnet50 or a GradAug
+    classifier converted with tools/convert_pretrained.py --target torchvision)."""
+    import torchvision
+
+    torch.manual_seed(1)
+    source = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "r18.pth"
+    torch.save(source, path)
+    slim = SlimmableResNet(depth=18, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    slim.init_weights()
+    for k, v in slim.state_dict().items():
+        torch.testing.assert_close(v, source[k], rtol=0, atol=0, msg=k)
