@@ -2,39 +2,35 @@
 
 Importing this package only defines functions; nothing is registered or
 generated until one of the ``register_*`` / ``generate_*`` functions is called.
+The generators are plain numpy / OpenCV (usable without detectron2, e.g. for the
+MMDetection quickstart); the detectron2 registration helpers are imported on first use.
 """
+import importlib
 
-from .datasets import (
-    IMAGENET_FRACTIONS,
-    IMAGENET_TRAIN,
-    IMAGENET_VAL,
-    QUICKSTART_TRAIN,
-    QUICKSTART_VAL,
-    imagenet_frac_name,
-    list_imagefolder_classes,
-    load_imagefolder,
-    register_imagenet,
-    register_quickstart,
-    subsample_per_class,
-)
 from .synthetic_coco import COCO_SHAPES_CATEGORIES, coco_shapes_paths, generate_coco_shapes
 from .synthetic_imagefolder import generate_imagefolder, imagefolder_wnids
 
-__all__ = [
-    "COCO_SHAPES_CATEGORIES",
+# detectron2 dataset registration (gradaug_det.data.datasets), imported when first accessed
+_DETECTRON2_NAMES = (
     "IMAGENET_FRACTIONS",
     "IMAGENET_TRAIN",
     "IMAGENET_VAL",
     "QUICKSTART_TRAIN",
     "QUICKSTART_VAL",
-    "coco_shapes_paths",
-    "generate_coco_shapes",
-    "generate_imagefolder",
-    "imagefolder_wnids",
     "imagenet_frac_name",
     "list_imagefolder_classes",
     "load_imagefolder",
     "register_imagenet",
     "register_quickstart",
     "subsample_per_class",
-]
+)
+
+
+def __getattr__(name):
+    if name in _DETECTRON2_NAMES:
+        return getattr(importlib.import_module(".datasets", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(["COCO_SHAPES_CATEGORIES", "coco_shapes_paths", "generate_coco_shapes", "generate_imagefolder",
+                  "imagefolder_wnids", *_DETECTRON2_NAMES])

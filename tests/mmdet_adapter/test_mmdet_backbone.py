@@ -146,6 +146,7 @@ def test_shared_core_imports_without_detectron2():
         import gradaug_det.mmdet
         from gradaug_det.gradaug import gradaug_step, SubnetSampler
         from gradaug_det import width
+        from gradaug_det.data import generate_coco_shapes  # the quickstart data, too
         net = gradaug_det.mmdet.SlimmableResNet(depth=18, init_cfg=None)
         with width(net, 0.9):
             outs = net(torch.randn(1, 3, 64, 64))
