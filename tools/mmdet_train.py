@@ -52,6 +52,10 @@ def main(argv=None):
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
     cfg.resume = args.resume
+    if args.resume or cfg.get("load_from"):
+        from gradaug_det.mmdet.checkpoint import allow_full_checkpoints
+
+        allow_full_checkpoints("resuming" if args.resume else f"loading {cfg.load_from}")
     if args.generate_shapes:
         from gradaug_det.data.synthetic_coco import generate_coco_shapes
 

@@ -27,3 +27,5 @@ model = dict(
 
 # Multi-GPU: run the GradAug iteration (the default DDP wrapper would skip it).
 model_wrapper_cfg = dict(type='GradAugDistributedDataParallel')
+# Checkpoints carry the sub-network sampler's state: --resume continues the same draws.
+custom_hooks = [dict(type='GradAugSamplerStateHook')]

@@ -3,7 +3,7 @@
 Import it from an mmdet config (``custom_imports = dict(imports=['gradaug_det.mmdet'])``)
 to register ``SlimmableResNet`` and ``GradAugMaskRCNN`` / ``GradAugFasterRCNN`` in
 mmdet's ``MODELS`` and ``GradAugDistributedDataParallel`` in mmengine's
-``MODEL_WRAPPERS``. It shares the width machinery (:mod:`gradaug_det.slim`) and the
+``MODEL_WRAPPERS`` and ``GradAugSamplerStateHook`` in ``HOOKS``. It shares the width machinery (:mod:`gradaug_det.slim`) and the
 GradAug iteration (:func:`gradaug_det.gradaug.gradaug_step`) with the detectron2 side and
 does not need detectron2. Install the stack with ``make install-mmdet``
 (``tools/install_mmdet.py``: mmengine 0.10, mmcv 2.1.0 built with ops, mmdet 3.3.0).
@@ -25,6 +25,7 @@ from .detector import (  # noqa: E402
     MMDetTask,
     gradaug_train_step,
 )
+from .hooks import GradAugSamplerStateHook  # noqa: E402
 from .transforms import rescale_batch, rescale_rois  # noqa: E402
 from .wrapper import GradAugDistributedDataParallel  # noqa: E402
 

@@ -6,13 +6,18 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from mmengine.config import Config
 from mmdet.registry import MODELS
 
-from gradaug_det.mmdet import GradAugMaskRCNN, SlimmableResNet
+from gradaug_det.gradaug import SubnetSampler
+from gradaug_det.mmdet import GradAugMaskRCNN, GradAugSamplerStateHook, SlimmableResNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUICKSTART = os.path.join(ROOT, "configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py")
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "mmdet", "**", "*.py"), recursive=True))
 
 
@@ -49,18 +54,20 @@ def test_gradaug_and_baseline_differ_only_in_gradaug():
 
 def test_short_training_run_through_the_tool(tmp_path, shapes_root):
     work = tmp_path / "work"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "mmdet_train.py"),
-           os.path.join(ROOT, "configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py"),
-           "--work-dir", str(work), "--cfg-options",
-           f"data_root={shapes_root}/", f"train_dataloader.dataset.data_root={shapes_root}/",
-           f"val_dataloader.dataset.data_root={shapes_root}/",
-           f"val_evaluator.ann_file={shapes_root}/annotations/instances_val.json",
-           "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
-           "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
+    data_options = [
+        f"data_root={shapes_root}/", f"train_dataloader.dataset.data_root={shapes_root}/",
+        f"val_dataloader.dataset.data_root={shapes_root}/",
+        f"val_evaluator.ann_file={shapes_root}/annotations/instances_val.json",
+        "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
+        "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
+        "val_dataloader.dataset.pipeline.1.scale=(160,128)"]
+    # the config's test_* entries are copies of its val_* ones, made when it was parsed
+    data_options += [o.replace("val_", "test_", 1) for o in data_options if o.startswith("val_")]
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "mmdet_train.py"), QUICKSTART,
+           "--work-dir", str(work), "--cfg-options", *data_options,
            "train_cfg.max_iters=4", "train_cfg.val_interval=4", "default_hooks.logger.interval=1",
            "default_hooks.checkpoint.interval=4",
-           "train_pipeline.2.scales=[(160,128)]", "train_dataloader.dataset.pipeline.2.scales=[(160,128)]",
-           "val_dataloader.dataset.pipeline.1.scale=(160,128)"]
+           "train_pipeline.2.scales=[(160,128)]", "train_dataloader.dataset.pipeline.2.scales=[(160,128)]"]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -75,4 +82,42 @@ def test_short_training_run_through_the_tool(tmp_path, shapes_root):
         assert math.isfinite(r["gradaug/sub0/loss_soft_cls"])
     evals = [r for r in records if "coco/bbox_mAP" in r]
     assert len(evals) == 1 and 0.0 <= evals[0]["coco/bbox_mAP"] <= 1.0 and "coco/segm_mAP" in evals[0]
-    assert os.path.isfile(work / "iter_4.pth")
+    # the checkpoint carries the sampler's state after 4 iterations (GradAugSamplerStateHook) ...
+    ckpt = torch.load(work / "iter_4.pth", map_location="cpu", weights_only=False)  # written by this test
+    sampler = SubnetSampler(seed=0)
+    for _ in range(4):
+        sampler.sample()
+    assert ckpt["gradaug_sampler"] == sampler.state_dict()
+    # ... and loading it restores the draws
+    model = MODELS.build(Config.fromfile(QUICKSTART).model)
+    GradAugSamplerStateHook().after_load_checkpoint(SimpleNamespace(model=model), ckpt)
+    assert model.gradaug_sampler.sample() == sampler.sample()
+
+    # --resume continues from iter_4.pth (mmengine's full checkpoint, torch >= 2.6) with the
+    # sampler's next draws
+    resume = cmd[:cmd.index("train_cfg.max_iters=4")] + ["train_cfg.max_iters=6"] + \
+        cmd[cmd.index("train_cfg.max_iters=4") + 1:] + ["--resume"]
+    proc = subprocess.run(resume, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    latest = max(glob.glob(str(work / "*" / "vis_data" / "scalars.json")), key=os.path.getmtime)
+    resumed = [json.loads(line) for line in open(latest)]
+    resumed = [r for r in resumed if "loss" in r]
+    assert [r["iter"] for r in resumed] == [5, 6]
+    expected = SubnetSampler(seed=0)
+    draws = [expected.sample() for _ in range(6)]
+    for r, specs in zip(resumed, draws[4:]):
+        for i, spec in enumerate(specs):
+            assert r[f"gradaug/sub{i}/width"] == pytest.approx(spec.width, abs=1e-6)
+
+    # tools/mmdet_test.py: the same checkpoint at two widths; width 1.0 reproduces the AP above
+    out = tmp_path / "widths.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "mmdet_test.py"), QUICKSTART, str(work / "iter_4.pth"),
+           "--widths", "1.0", "0.75", "--work-dir", str(tmp_path / "test"), "--out", str(out),
+           "--cfg-options", *data_options]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    widths = json.loads(out.read_text())
+    assert set(widths) == {"1.0", "0.75"}
+    for key in ("coco/bbox_mAP", "coco/segm_mAP", "coco/bbox_mAP_50"):
+        assert widths["1.0"][key] == pytest.approx(evals[0][key], abs=1e-4)
+    assert "width" in proc.stdout and "coco/bbox_mAP" in proc.stdout

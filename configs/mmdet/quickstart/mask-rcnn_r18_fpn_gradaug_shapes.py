@@ -64,6 +64,8 @@ model = dict(
                  subnet_loss='soft', seed=0),
 )
 model_wrapper_cfg = dict(type='GradAugDistributedDataParallel')
+# Checkpoints carry the sub-network sampler's state: --resume continues the same draws.
+custom_hooks = [dict(type='GradAugSamplerStateHook')]
 
 dataset_type = 'CocoDataset'
 data_root = 'datasets/gradaug_quickstart/'

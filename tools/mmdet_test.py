@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Evaluate an MMDetection checkpoint at width 1.0 and at its sub-network widths.
+
+A GradAug-trained detector can be slimmed after training; this runs the config's test
+loop (its evaluator, e.g. COCO bbox/segm AP) once per width and prints one table::
+
+    python tools/mmdet_test.py configs/mmdet/mask-rcnn_r50_fpn_gradaug_1x_coco.py \\
+        work_dirs/mask-rcnn_r50_fpn_gradaug_1x_coco/epoch_12.pth --widths 1.0 0.9 0.75
+"""
+import argparse
+import json
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", help="mmdet config file")
+    p.add_argument("checkpoint", help="checkpoint to evaluate")
+    p.add_argument("--widths", type=float, nargs="+", default=[1.0, 0.9],
+                   help="network widths to evaluate, each in (0, 1] (default: 1.0 0.9)")
+    p.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--out", help="also write {width: metrics} to this JSON file")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+                   help="override config keys")
+    p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from mmdet.utils import register_all_modules
+    from mmengine.model import is_model_wrapper
+    from mmengine.runner import Runner
+
+    from gradaug_det.mmdet.checkpoint import allow_full_checkpoints
+    from gradaug_det.slim import check_width, width
+
+    for w in args.widths:
+        try:
+            check_width(w)
+        except ValueError as e:
+            raise SystemExit(f"--widths: {e}")
+    if not osp.isfile(args.checkpoint):
+        raise SystemExit(f"checkpoint not found: {args.checkpoint}")
+    allow_full_checkpoints(f"loading {args.checkpoint}")
+    register_all_modules(init_default_scope=False)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    cfg.load_from = args.checkpoint
+    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join(
+        "work_dirs", osp.splitext(osp.basename(args.config))[0])
+    runner = Runner.from_cfg(cfg)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    results = {}
+    for w in args.widths:
+        runner.logger.info(f"Evaluating at width {w} ...")
+        with width(model, w):
+            results[w] = runner.test()
+    keys = sorted({k for r in results.values() for k in r if isinstance(r[k], (int, float))})
+    print("width  " + "  ".join(keys))
+    for w, r in results.items():
+        print(f"{w:<6} " + "  ".join(f"{r.get(k, float('nan')):.4f}".rjust(len(k)) for k in keys))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({str(w): r for w, r in results.items()}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
