@@ -102,8 +102,10 @@ val_evaluator = dict(type='CocoMetric', ann_file=data_root + 'annotations/instan
                      metric=['bbox', 'segm'], format_only=False)
 test_evaluator = val_evaluator
 
-# From scratch: lr 0.005 with warm-up and per-parameter gradient clipping, as the
-# detectron2 quickstart (configs/quickstart/mask_rcnn_gradaug.yaml).
+# From scratch: lr 0.005 with warm-up and gradient clipping (total norm 5; the detectron2
+# quickstart, configs/quickstart/mask_rcnn_gradaug.yaml, clips each parameter at 5).
+# Measured on the 2-core CPU: 6 min 33 s for 300 iterations + evaluation, bbox / segm AP
+# 0.9 / 1.3 (AP50 3.2 / 4.7): a smoke test of the pipeline, far from converged.
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=300, val_interval=300)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
