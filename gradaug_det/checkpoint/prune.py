@@ -41,12 +41,14 @@ from torch import nn
 from detectron2.config import CfgNode, get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, build_model
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.fpn import FPN
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
+from ..gradaug import unwrap_model
 from ..modeling import SlimmableFPN, SlimmableResNet
-from ..slim import DroppableBlock, SlimConv2d, check_width, width
-from ..slim import select_channels
+from ..modeling.fpn import fpn_config_kwargs
+from ..modeling.resnet import BLOCKS_PER_STAGE
+from ..slim import DroppableBlock, SlimConv2d, check_width, select_channels, width
 
 __all__ = [
     "add_pruned_config",
@@ -63,8 +65,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3],
-                     101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
 
@@ -99,9 +99,9 @@ def add_pruned_config(cfg: CfgNode) -> CfgNode:
 def _build_pruned_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     """Stock detectron2 ``ResNet`` with the per-stage channels of ``MODEL.PRUNED_RESNET``."""
     r, p = cfg.MODEL.RESNETS, cfg.MODEL.PRUNED_RESNET
-    if r.DEPTH not in _BLOCKS_PER_STAGE:
+    if r.DEPTH not in BLOCKS_PER_STAGE:
         raise ValueError(
-            f"MODEL.RESNETS.DEPTH={r.DEPTH} is not supported; use one of {sorted(_BLOCKS_PER_STAGE)}"
+            f"MODEL.RESNETS.DEPTH={r.DEPTH} is not supported; use one of {sorted(BLOCKS_PER_STAGE)}"
         )
     for key in ("OUT_CHANNELS", "BOTTLENECK_CHANNELS"):
         values = list(p[key])
@@ -122,7 +122,7 @@ def _build_pruned_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
     stem = BasicStem(input_shape.channels, p.STEM_OUT_CHANNELS, r.NORM)
     in_channels = p.STEM_OUT_CHANNELS
     stages = []
-    for idx, num_blocks in enumerate(_BLOCKS_PER_STAGE[r.DEPTH]):
+    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[r.DEPTH]):
         dilation = r.RES5_DILATION if idx == 3 else 1
         first_stride = 1 if idx == 0 or dilation == 2 else 2
         kwargs = dict(num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
@@ -146,23 +146,12 @@ def build_pruned_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     ``MODEL.BACKBONE.FREEZE_AT`` and ``MODEL.FPN.*``. Module and parameter names are those
     of ``build_resnet_fpn_backbone``.
     """
-    return FPN(
-        bottom_up=_build_pruned_resnet(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-    )
+    return FPN(bottom_up=_build_pruned_resnet(cfg, input_shape), **fpn_config_kwargs(cfg))
 
 
 # ---------------------------------------------------------------------------------------
 # Channels kept at a width
 # ---------------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _check_prunable(model: nn.Module, w: float) -> None:
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, SlimmableFPN) or not isinstance(backbone.bottom_up, SlimmableResNet):
@@ -202,7 +191,7 @@ def pruned_channels(model: nn.Module, w: float) -> Dict:
         dict with ``stem`` (int), ``out`` and ``bottleneck`` (4 ints each, res2..res5),
         ``fpn`` (active FPN channels), ``fpn_full`` (FPN ``out_channels``).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     w = check_width(w)
     _check_prunable(model, w)
     bottom_up = model.backbone.bottom_up
@@ -271,7 +260,7 @@ def prune_config(cfg: CfgNode, model: nn.Module, w: float, weights: str = "") ->
     Returns:
         A new, unfrozen ``CfgNode``.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     ch = pruned_channels(model, w)
     stock = _stock_resnet_keys(cfg, ch)
     out = get_cfg()
@@ -378,7 +367,7 @@ def prune_state_dict(model: nn.Module, w: float) -> "OrderedDict[str, torch.Tens
     Returns:
         OrderedDict of contiguous tensor copies, in the order of ``model.state_dict()``.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     w = check_width(w)
     ch = pruned_channels(model, w)
     full = model.state_dict()
@@ -426,7 +415,7 @@ def prune_model(model: nn.Module, cfg: CfgNode, w: float, weights: str = "") -> 
         RuntimeError: if the pruned weights do not fit the model the pruned config builds
             (a bug, or a head this module does not know).
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     pruned_cfg = prune_config(cfg, model, w, weights)
     state = prune_state_dict(model, w)
     pruned_model = build_model(pruned_cfg)
@@ -458,7 +447,7 @@ def backbone_flops(model: nn.Module, height: int, width_: int) -> float:
     """
     from detectron2.utils.analysis import FlopCountAnalysis
 
-    backbone = _unwrap(model).backbone
+    backbone = unwrap_model(model).backbone
     param = next(backbone.parameters())
     image = torch.zeros(1, 3, height, width_, device=param.device, dtype=param.dtype)
     was_training = backbone.training
@@ -554,7 +543,7 @@ def feature_difference(model: nn.Module, pruned_model: nn.Module, w: float, heig
     Returns:
         ``max |slim - pruned| / max(1, max |slim|)`` over all feature levels.
     """
-    model, pruned_model = _unwrap(model), _unwrap(pruned_model)
+    model, pruned_model = unwrap_model(model), unwrap_model(pruned_model)
     param = next(model.backbone.parameters())
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(1, 3, height, width_, generator=g).to(param.device, param.dtype)

@@ -139,10 +139,11 @@ def validate_sampler_args(*, num_subnets, min_width, max_width, sampling, min_ke
         lowercase: name the keys in lower case (MMDetection style).
     """
 
+    def name(key):
+        return prefix + (key.lower() if lowercase else key)
+
     def bad(key, value, allowed):
-        key = key.lower() if lowercase else key
-        allowed = allowed.replace(prefix + "MAX_WIDTH", prefix + "max_width") if lowercase else allowed
-        raise ValueError(f"{prefix}{key}={value!r} is invalid: {allowed}")
+        raise ValueError(f"{name(key)}={value!r} is invalid: {allowed}")
 
     if not isinstance(num_subnets, int) or num_subnets < 1:
         bad("NUM_SUBNETS", num_subnets, "must be an integer >= 1")
@@ -152,7 +153,7 @@ def validate_sampler_args(*, num_subnets, min_width, max_width, sampling, min_ke
         except ValueError:
             bad(key, value, "widths must be in (0, 1]")
     if min_width > max_width:
-        bad("MIN_WIDTH", min_width, f"must be <= {prefix}MAX_WIDTH ({max_width})")
+        bad("MIN_WIDTH", min_width, f"must be <= {name('MAX_WIDTH')} ({max_width})")
     if sampling not in SAMPLINGS:
         bad("SAMPLING", sampling, f"allowed: {', '.join(SAMPLINGS)}")
     if not 0.0 < min_keep <= 1.0:

@@ -109,9 +109,9 @@ class _RoISoftLabels:
         return roi.bbox_head(feats)[0]
 
 
-def _loss_terms(detector, losses) -> Dict[str, torch.Tensor]:
-    """mmengine's loss parsing (lists summed, means taken), keeping only the loss terms."""
-    _, log_vars = detector.parse_losses(losses)
+def _loss_terms(log_vars) -> Dict[str, torch.Tensor]:
+    """The loss terms of mmengine's parsed losses (``parse_losses``: lists summed, means
+    taken), without their total ``"loss"`` and without metrics such as ``acc``."""
     return {k: v for k, v in log_vars.items() if k != "loss" and "loss" in k}
 
 
@@ -146,7 +146,7 @@ class MMDetTask:
                     f"expected one box prediction in the full network's pass, saw {len(state.recorded['logits'])}"
                 )
             teacher = {"rois": state.recorded["rois"][0], "logits": state.recorded["logits"][0]}
-        return _loss_terms(net, losses), teacher
+        return _loss_terms(log_vars), teacher
 
     def subnet_pass(self, model, batch, teacher, spec):
         net = unwrap_model(model)
@@ -160,7 +160,8 @@ class MMDetTask:
         with net.gradaug_pass(state):
             losses = model(inputs=inputs, data_samples=samples, mode="loss")
         out = {}
-        for k, v in _loss_terms(net, losses).items():
+        _, log_vars = net.parse_losses(losses)
+        for k, v in _loss_terms(log_vars).items():
             if k == "loss_soft_cls":
                 out[k] = v * self.soft_weight
             elif self.use_gt:

@@ -19,14 +19,24 @@ from torch import nn
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
 
-from ..slim import DroppableBlock, SlimmableModule, norm_to_input, slim_conv2d
+from ..slim import DroppableBlock, SlimmableModule, norm_to_input, pad_channels, slim_conv2d
 
 __all__ = ["SlimmableResNet", "SlimBasicBlock", "SlimBottleneck"]
 
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
-def _pad_channels(x, channels):
-    missing = channels - x.shape[1]
-    return x if missing == 0 else nn.functional.pad(x, (0, 0, 0, 0, 0, missing))
+
+def _slim_sequential(seq: nn.Sequential, x, width: float, divisor: int):
+    """Run an ``nn.Sequential`` of convolutions, norms and parameter-free layers at ``width``
+    (mmdet's deep stem and downsample shortcuts)."""
+    for m in seq:
+        if isinstance(m, nn.Conv2d):
+            x = slim_conv2d(m, x, width, divisor)
+        elif isinstance(m, _NORMS):
+            x = norm_to_input(m, x)
+        else:
+            x = m(x)
+    return x
 
 
 class _SlimBlock(DroppableBlock, SlimmableModule):
@@ -37,22 +47,13 @@ class _SlimBlock(DroppableBlock, SlimmableModule):
     def _conv(self, conv, x):
         return slim_conv2d(conv, x, self.width, self.divisor)
 
-    def _downsample(self, x):
-        for m in self.downsample:
-            if isinstance(m, nn.Conv2d):
-                x = self._conv(m, x)
-            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-                x = norm_to_input(m, x)
-            else:
-                x = m(x)
-        return x
-
     def residual(self, x):
         raise NotImplementedError
 
     def forward(self, x):
         def inner(x):
-            identity = x if self.downsample is None else self._downsample(x)
+            identity = x if self.downsample is None else _slim_sequential(
+                self.downsample, x, self.width, self.divisor)
             if self.drop:
                 return identity
             out = self.residual(x)
@@ -140,14 +141,7 @@ class SlimmableResNet(ResNet, SlimmableModule):
 
     def _stem(self, x):
         if self.deep_stem:
-            for m in self.stem:
-                if isinstance(m, nn.Conv2d):
-                    x = slim_conv2d(m, x, self.width, self.divisor)
-                elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-                    x = norm_to_input(m, x)
-                else:
-                    x = m(x)
-            return x
+            return _slim_sequential(self.stem, x, self.width, self.divisor)
         x = slim_conv2d(self.conv1, x, self.width, self.divisor)
         return self.relu(norm_to_input(self.norm1, x))
 
@@ -158,5 +152,5 @@ class SlimmableResNet(ResNet, SlimmableModule):
         for i, layer_name in enumerate(self.res_layers):
             x = getattr(self, layer_name)(x)
             if i in self.out_indices:
-                outs.append(_pad_channels(x, self._full_channels[i]))
+                outs.append(pad_channels(x, self._full_channels[i]))
         return tuple(outs)

@@ -3,10 +3,10 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
-from ..slim import SlimConv2d
-from .resnet import make_slimmable_resnet, check_slimmable_norms, pad_channels
+from ..slim import SlimConv2d, pad_channels
+from .resnet import check_slimmable_norms, make_slimmable_resnet
 
-__all__ = ["SlimmableFPN", "build_slimmable_resnet_fpn_backbone"]
+__all__ = ["SlimmableFPN", "build_slimmable_resnet_fpn_backbone", "fpn_config_kwargs"]
 
 
 class SlimmableFPN(FPN):
@@ -37,6 +37,14 @@ class SlimmableFPN(FPN):
         return {k: pad_channels(v, self._out_feature_channels[k]) for k, v in outputs.items()}
 
 
+def fpn_config_kwargs(cfg) -> dict:
+    """The ``FPN`` arguments that detectron2's ``build_resnet_fpn_backbone`` reads from
+    ``MODEL.FPN.*`` (with a ``LastLevelMaxPool`` top block); ``bottom_up`` is the caller's."""
+    f = cfg.MODEL.FPN
+    return dict(in_features=f.IN_FEATURES, out_channels=f.OUT_CHANNELS, norm=f.NORM,
+                top_block=LastLevelMaxPool(), fuse_type=f.FUSE_TYPE)
+
+
 @BACKBONE_REGISTRY.register()
 def build_slimmable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> SlimmableFPN:
     """Build a slimmable ResNet-FPN from the same keys as ``build_resnet_fpn_backbone``.
@@ -46,13 +54,9 @@ def build_slimmable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Slimmabl
     """
     backbone = SlimmableFPN(
         bottom_up=make_slimmable_resnet(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
         slim=cfg.MODEL.SLIMMABLE.SLIM_FPN,
         divisor=cfg.MODEL.SLIMMABLE.CHANNEL_DIVISOR,
+        **fpn_config_kwargs(cfg),
     )
     check_slimmable_norms(backbone, prefix="backbone")
     return backbone

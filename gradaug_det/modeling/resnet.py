@@ -16,7 +16,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
-from ..slim import DroppableBlock, SlimConv2d
+from ..slim import DroppableBlock, SlimConv2d, pad_channels
 
 __all__ = [
     "SlimBasicStem",
@@ -27,13 +27,12 @@ __all__ = [
     "check_slimmable_norms",
     "make_slimmable_resnet",
     "pad_channels",
+    "BLOCKS_PER_STAGE",
 ]
 
 
-def pad_channels(x, channels: int):
-    """Zero-pad a slimmed feature map ``x`` (N, c, H, W) to ``channels`` channels."""
-    missing = channels - x.shape[1]
-    return x if missing == 0 else F.pad(x, (0, 0, 0, 0, 0, missing))
+#: Residual blocks per stage (res2..res5) of the standard ResNet depths.
+BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 
 class SlimBasicStem(BasicStem):
@@ -185,10 +184,8 @@ def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
     divisor = cfg.MODEL.SLIMMABLE.CHANNEL_DIVISOR
     if divisor < 1:
         raise ValueError(f"MODEL.SLIMMABLE.CHANNEL_DIVISOR must be >= 1, got {divisor}")
-    blocks_per_stage = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3],
-                        101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
-    if depth not in blocks_per_stage:
-        raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not supported; use one of {sorted(blocks_per_stage)}")
+    if depth not in BLOCKS_PER_STAGE:
+        raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not supported; use one of {sorted(BLOCKS_PER_STAGE)}")
     if any(r.DEFORM_ON_PER_STAGE):
         raise ValueError(
             f"MODEL.RESNETS.DEFORM_ON_PER_STAGE={list(r.DEFORM_ON_PER_STAGE)}: deformable "
@@ -206,7 +203,7 @@ def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
     in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
     bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
     stages = []
-    for idx, num_blocks in enumerate(blocks_per_stage[depth]):
+    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[depth]):
         dilation = r.RES5_DILATION if idx == 3 else 1
         first_stride = 1 if idx == 0 or dilation == 2 else 2
         kwargs = dict(num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),

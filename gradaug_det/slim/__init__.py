@@ -17,7 +17,7 @@ from .control import (
     set_width,
     width,
 )
-from .functional import leading_block, norm_to_input, select_channels, slim_conv2d, slim_norm
+from .functional import leading_block, norm_to_input, pad_channels, select_channels, slim_conv2d, slim_norm
 from .linear import SlimLinear
 
 # detectron2 layers, imported when first accessed

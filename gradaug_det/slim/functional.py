@@ -16,7 +16,7 @@ from torch import nn
 
 from .channels import slim_channels
 
-__all__ = ["select_channels", "leading_block", "slim_norm", "norm_to_input", "slim_conv2d"]
+__all__ = ["select_channels", "leading_block", "slim_norm", "norm_to_input", "slim_conv2d", "pad_channels"]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -214,3 +214,9 @@ def slim_conv2d(conv: nn.Conv2d, x: torch.Tensor, width: float, divisor: int = 1
     weight = leading_block(conv.weight, cout, cin)
     bias = None if conv.bias is None else conv.bias[:cout]
     return conv._conv_forward(x, weight, bias)
+
+
+def pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Zero-pad a slimmed feature map ``x`` (N, c, H, W) to ``channels`` channels."""
+    missing = channels - x.shape[1]
+    return x if missing == 0 else F.pad(x, (0, 0, 0, 0, 0, missing))

@@ -67,8 +67,8 @@ def test_slim_channels_bounds(divisor):
         for step in range(1, 101):
             w = step / 100
             kept = slim_channels(channels, w, divisor)
-            assert 1 <= kept <= channels
-            assert kept >= min(divisor, channels)
+            assert kept <= channels, (channels, w, divisor, kept)
+            assert kept >= min(divisor, channels), (channels, w, divisor, kept)  # hence >= 1
             if kept < channels:
                 assert kept % divisor == 0
             assert kept >= previous, "the kept count must not shrink as the width grows"
