@@ -13,6 +13,9 @@ model = dict(
     type='GradAugMaskRCNN',
     # mmdet's ResNet with switchable width and depth; same arguments and weights.
     backbone=dict(type='SlimmableResNet', channel_divisor=1),
+    # mmdet's FPN whose convolutions follow the width too (every layer of a sub-network
+    # is narrowed, as on the detectron2 side); type='FPN' slims the backbone only.
+    neck=dict(type='SlimmableFPN', channel_divisor=1),
     # The GradAug iteration (gradaug_det.mmdet.GRADAUG_DEFAULTS lists every key).
     gradaug=dict(
         num_subnets=3,  # sub-networks per iteration
@@ -20,7 +23,9 @@ model = dict(
         max_width=1.0,  # ... the others uniform in [min_width, max_width]
         smallest_subnet=True,
         sampling='width',  # or 'depth': drop residual blocks instead
+        transform='scale',  # sub-networks' input: 'scale', 'rotate' or 'scale_rotate'
         scales=(1.0, 0.857, 0.714, 0.571),  # each sub-network's random input rescale
+        rotation=(-20.0, 20.0),  # degrees, for 'rotate' / 'scale_rotate'
         subnet_loss='soft',  # KL to the full network's RoI class distributions
         soft_weight=1.0,
         seed=0))

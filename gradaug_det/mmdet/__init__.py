@@ -1,11 +1,12 @@
-"""GradAug for MMDetection 3.x: the slimmable ResNet, GradAug detectors, the DDP wrapper.
+"""GradAug for MMDetection 3.x: slimmable ResNet and FPN, GradAug detectors, the DDP wrapper.
 
 Import it from an mmdet config (``custom_imports = dict(imports=['gradaug_det.mmdet'])``)
-to register ``SlimmableResNet`` and ``GradAugMaskRCNN`` / ``GradAugFasterRCNN`` in
-mmdet's ``MODELS`` and ``GradAugDistributedDataParallel`` in mmengine's
-``MODEL_WRAPPERS`` and ``GradAugSamplerStateHook`` in ``HOOKS``. It shares the width machinery (:mod:`gradaug_det.slim`) and the
-GradAug iteration (:func:`gradaug_det.gradaug.gradaug_step`) with the detectron2 side and
-does not need detectron2. Install the stack with ``make install-mmdet``
+to register ``SlimmableResNet``, ``SlimmableFPN`` and ``GradAugMaskRCNN`` /
+``GradAugFasterRCNN`` in mmdet's ``MODELS``, ``GradAugDistributedDataParallel`` in
+mmengine's ``MODEL_WRAPPERS`` and ``GradAugSamplerStateHook`` in ``HOOKS``. It shares
+the width machinery (:mod:`gradaug_det.slim`) and the GradAug iteration
+(:func:`gradaug_det.gradaug.gradaug_step`) with the detectron2 side and does not need
+detectron2. Install the stack with ``make install-mmdet``
 (``tools/install_mmdet.py``: mmengine 0.10, mmcv 2.1.0 built with ops, mmdet 3.3.0).
 """
 import importlib.util
@@ -17,6 +18,7 @@ if importlib.util.find_spec("mmdet") is None:
     )
 
 from .resnet import SlimBasicBlock, SlimBottleneck, SlimmableResNet  # noqa: E402
+from .fpn import SlimConvModule, SlimmableFPN  # noqa: E402
 from .detector import (  # noqa: E402
     GRADAUG_DEFAULTS,
     GradAugDetectorMixin,
@@ -26,7 +28,7 @@ from .detector import (  # noqa: E402
     gradaug_train_step,
 )
 from .hooks import GradAugSamplerStateHook  # noqa: E402
-from .transforms import rescale_batch, rescale_rois  # noqa: E402
+from .transforms import BatchGeometry, rescale_batch, rescale_rois, rotate_batch, transform_batch  # noqa: E402
 from .wrapper import GradAugDistributedDataParallel  # noqa: E402
 
 __all__ = [k for k in globals() if not k.startswith("_") and k != "importlib"]

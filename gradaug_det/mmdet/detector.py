@@ -6,8 +6,8 @@ iteration through the shared :func:`gradaug_det.gradaug.gradaug_step`:
 
 1. the data preprocessor runs once; the full network takes its standard losses on the
    batch and back-propagates;
-2. each sampled sub-network (width / depth set on the backbone) sees the batch rescaled
-   (:func:`.transforms.rescale_batch`) and learns from the full network's detached RoI
+2. each sampled sub-network (width / depth set on the backbone and neck) sees the batch
+   rescaled and/or rotated (:func:`.transforms.transform_batch`) and learns from the full network's detached RoI
    class distributions ("soft"), the rescaled annotations ("gt") or both;
 3. one optimizer step.
 
@@ -36,7 +36,7 @@ from mmdet.registry import MODELS
 from ..gradaug import SubnetSampler, gradaug_step, soft_label_kl, subnet_metrics, unwrap_model
 from ..gradaug.sampler import SUBNET_LOSSES, validate_sampler_args
 from ..slim import SlimmableModule, residual_blocks
-from .transforms import rescale_batch, rescale_rois
+from .transforms import transform_batch
 
 __all__ = ["GRADAUG_DEFAULTS", "GradAugDetectorMixin", "GradAugMaskRCNN", "GradAugFasterRCNN",
            "MMDetTask", "gradaug_train_step"]
@@ -50,8 +50,9 @@ GRADAUG_DEFAULTS = dict(
     smallest_subnet=True,
     sampling="width",  # "width" or "depth" (drop residual blocks instead)
     depth_min_keep=0.8,  # depth sampling: keep probability of the last block
-    transform="scale",  # the sub-networks' input transform (rescale)
+    transform="scale",  # the sub-networks' input transform: "scale", "rotate" or "scale_rotate"
     scales=(1.0, 0.857, 0.714, 0.571),  # relative input scales, one drawn per sub-network
+    rotation=(-20.0, 20.0),  # (min, max) degrees of the rotation, one angle drawn per sub-network
     subnet_loss="soft",  # "soft" (RoI class KL), "gt" or "gt+soft"
     soft_weight=1.0,
     gt_weight=1.0,
@@ -151,12 +152,12 @@ class MMDetTask:
     def subnet_pass(self, model, batch, teacher, spec):
         net = unwrap_model(model)
         prep = net.data_preprocessor
-        inputs, samples, factors = rescale_batch(
-            batch["inputs"], batch["data_samples"], spec.scale,
+        inputs, samples, geometry = transform_batch(
+            batch["inputs"], batch["data_samples"], spec.scale, spec.angle,
             getattr(prep, "pad_size_divisor", 1), getattr(prep, "pad_value", 0.0))
         state = _Pass("teach", use_gt=self.use_gt)
         if self.use_soft:
-            state.rois, state.logits = rescale_rois(teacher["rois"], factors), teacher["logits"]
+            state.rois, state.logits = geometry.map_rois(teacher["rois"], teacher["logits"])
         with net.gradaug_pass(state):
             losses = model(inputs=inputs, data_samples=samples, mode="loss")
         out = {}
@@ -227,7 +228,7 @@ class GradAugDetectorMixin:
         self.gradaug_sampler = SubnetSampler(
             num_subnets=opts["num_subnets"], min_width=opts["min_width"], max_width=opts["max_width"],
             smallest=opts["smallest_subnet"], sampling=opts["sampling"], min_keep=opts["depth_min_keep"],
-            transform=opts["transform"], scales=opts["scales"], seed=opts["seed"])
+            transform=opts["transform"], scales=opts["scales"], rotation=opts["rotation"], seed=opts["seed"])
         self.gradaug_task = MMDetTask(self, opts["subnet_loss"], opts["soft_weight"], opts["gt_weight"])
         self._gradaug_pass: Optional[_Pass] = None
 
@@ -289,15 +290,10 @@ def _check_options(gradaug: Optional[dict]) -> dict:
     if unknown:
         raise ValueError(f"model.gradaug has unknown keys {unknown}; allowed: {sorted(GRADAUG_DEFAULTS)}")
     opts = dict(GRADAUG_DEFAULTS, **gradaug)
-    if opts["transform"] != "scale":
-        raise ValueError(
-            f"model.gradaug.transform={opts['transform']!r} is not available for MMDetection models; "
-            "allowed: 'scale' (rotation exists for detectron2 models only)"
-        )
     validate_sampler_args(num_subnets=opts["num_subnets"], min_width=opts["min_width"],
                           max_width=opts["max_width"], sampling=opts["sampling"],
                           min_keep=opts["depth_min_keep"], transform=opts["transform"],
-                          scales=opts["scales"], rotation=(0.0, 0.0), prefix="model.gradaug.", lowercase=True)
+                          scales=opts["scales"], rotation=opts["rotation"], prefix="model.gradaug.", lowercase=True)
     if opts["subnet_loss"] not in SUBNET_LOSSES:
         raise ValueError(f"model.gradaug.subnet_loss={opts['subnet_loss']!r} is invalid: allowed "
                          f"{', '.join(SUBNET_LOSSES)}")

@@ -11,14 +11,13 @@ functions (:mod:`gradaug_det.slim`), as the detectron2 backbone. The returned fe
 maps hold the sub-network's channels first and zeros after, at the full channel count,
 so necks and heads run unchanged. Residual blocks can be dropped (depth sub-networks).
 """
-import math
-
 import torch.utils.checkpoint as cp
 from torch import nn
 
 from mmdet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from mmdet.registry import MODELS
 
+from .checks import check_group_norms, check_slimmable_args
 from ..slim import DroppableBlock, SlimmableModule, norm_to_input, pad_channels, slim_conv2d
 
 __all__ = ["SlimmableResNet", "SlimBasicBlock", "SlimBottleneck"]
@@ -100,20 +99,8 @@ class SlimmableResNet(ResNet, SlimmableModule):
     """
 
     def __init__(self, *args, channel_divisor: int = 1, **kwargs):
-        for key in ("conv_cfg", "dcn", "plugins"):
-            if kwargs.get(key) is not None:
-                raise ValueError(
-                    f"SlimmableResNet: model.backbone.{key}={kwargs[key]!r} is not slimmable; set it to "
-                    "None (plain convolutions, no DCN, no plugins)"
-                )
-        if not isinstance(channel_divisor, int) or channel_divisor < 1:
-            raise ValueError(f"SlimmableResNet: model.backbone.channel_divisor={channel_divisor!r} must be an int >= 1")
-        norm_type = (kwargs.get("norm_cfg") or {}).get("type", "BN")
-        if norm_type not in ("BN", "BN2d", "SyncBN", "GN"):
-            raise ValueError(
-                f"SlimmableResNet: model.backbone.norm_cfg.type={norm_type!r} cannot be sliced to a "
-                "sub-network width; use BN, SyncBN or GN"
-            )
+        check_slimmable_args("SlimmableResNet", "model.backbone", kwargs, channel_divisor,
+                             unsupported=("conv_cfg", "dcn", "plugins"))
         super().__init__(*args, **kwargs)
         self.width = 1.0
         self.divisor = channel_divisor
@@ -123,21 +110,8 @@ class SlimmableResNet(ResNet, SlimmableModule):
             if type(m) in _SLIM_BLOCKS:
                 m.__class__ = _SLIM_BLOCKS[type(m)]
                 m.width, m.divisor = 1.0, channel_divisor
-        self._check_group_norms()
+        check_group_norms(self, channel_divisor, "SlimmableResNet", "model.backbone")
         self._full_channels = [self.base_channels * 2**i * self.block.expansion for i in range(self.num_stages)]
-
-    def _check_group_norms(self):
-        group_norms = [(n, m) for n, m in self.named_modules() if isinstance(m, nn.GroupNorm)]
-        required = math.lcm(1, *(m.num_channels // m.num_groups for _, m in group_norms))
-        for name, m in group_norms:
-            per_group = m.num_channels // m.num_groups
-            if self.divisor % per_group != 0:
-                raise ValueError(
-                    f"SlimmableResNet: {name} is GroupNorm({m.num_groups}, {m.num_channels}) with "
-                    f"{per_group} channels per group, which cannot be sliced at every width with "
-                    f"model.backbone.channel_divisor={self.divisor}; set it to a multiple of {required} "
-                    "(the least common multiple of every GN layer's channels per group), or use BN"
-                )
 
     def _stem(self, x):
         if self.deep_stem:

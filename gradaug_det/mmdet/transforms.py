@@ -1,19 +1,28 @@
-"""The sub-networks' input transform for MMDetection batches: random rescale.
+"""The sub-networks' input transforms for MMDetection batches: rescale and rotation.
 
 mmdet models see a preprocessed batch: one normalised, padded tensor (N, C, H, W) and a
 list of ``DetDataSample`` (boxes, masks, image metadata). A sub-network of relative scale
 ``s`` gets the whole tensor resized bilinearly (``align_corners=True``, as the GradAug
 reference resizes its crops) to ``round(H * s) x round(W * s)``, padded again to the data
 preprocessor's size divisor, with boxes, masks, image shapes and the full network's
-RoIs mapped by the same factors. The input batch is never modified.
+RoIs mapped by the same factors. A rotation by ``angle`` degrees (mmdet's convention:
+positive is clockwise) turns each image about the centre of its valid region
+(``img_shape``), keeping its size; boxes become the boxes enclosing their rotated corners
+(clipped to the image; instances left without area are dropped), masks rotate with mmdet's
+own ``rotate``, and the full network's RoIs map like boxes (dropped with their logits
+when nothing is left). Rescale comes first, as on the detectron2 side. The input batch is
+never modified.
 """
 import math
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rescale_batch", "rescale_rois"]
+__all__ = ["rescale_batch", "rescale_rois", "rotate_batch", "transform_batch", "BatchGeometry"]
 
 
 def _scaled_size(h: int, w: int, scale: float) -> Tuple[int, int]:
@@ -93,3 +102,133 @@ def rescale_rois(rois: torch.Tensor, factors: Optional[Tuple[float, float]]) -> 
         return rois
     sx, sy = factors
     return rois * rois.new_tensor([1.0, sx, sy, sx, sy])
+
+
+def _rotation_matrix(img_shape, angle: float) -> np.ndarray:
+    """The 2x3 matrix of mmdet's rotations (``cv2.getRotationMatrix2D(center, -angle, 1)``)
+    about the centre of an image of ``img_shape`` (h, w), in pixel coordinates."""
+    h, w = img_shape[:2]
+    return cv2.getRotationMatrix2D(((w - 1) * 0.5, (h - 1) * 0.5), -angle, 1.0)
+
+
+def _rotate_image(img: torch.Tensor, matrix: np.ndarray, valid: Tuple[int, int], pad_value: float) -> torch.Tensor:
+    """Rotate one (C, H, W) image by ``matrix`` (bilinear); pixels from outside the valid
+    region, and the padding, become ``pad_value``."""
+    c, hp, wp = img.shape
+    h, w = valid
+    inverse = torch.as_tensor(cv2.invertAffineTransform(matrix), dtype=img.dtype, device=img.device)
+    ys, xs = torch.meshgrid(torch.arange(hp, dtype=img.dtype, device=img.device),
+                            torch.arange(wp, dtype=img.dtype, device=img.device), indexing="ij")
+    src = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ inverse.T  # (H, W, 2) source x, y
+    inside = (src[..., 0] >= -0.5) & (src[..., 0] <= w - 0.5) & (src[..., 1] >= -0.5) & (src[..., 1] <= h - 0.5)
+    inside &= (xs < w) & (ys < h)
+    grid = torch.stack([src[..., 0] * 2 / max(wp - 1, 1) - 1, src[..., 1] * 2 / max(hp - 1, 1) - 1], -1)
+    out = F.grid_sample(img[None], grid[None], mode="bilinear", padding_mode="border", align_corners=True)[0]
+    return torch.where(inside, out, out.new_tensor(pad_value))
+
+
+def _rotate_instances(instances, img_shape, angle: float, pad_shape):
+    h, w = img_shape[:2]
+    center = ((w - 1) * 0.5, (h - 1) * 0.5)
+    out = instances.clone()
+    if "bboxes" in out:
+        boxes = out.bboxes
+        if hasattr(boxes, "rotate_"):  # mmdet HorizontalBoxes
+            boxes = boxes.clone()
+            boxes.rotate_(center, angle)
+            boxes.clip_((h, w))
+            sizes = (boxes.widths, boxes.heights)
+        else:
+            boxes = _rotate_boxes(boxes, _rotation_matrix(img_shape, angle), (h, w))
+            sizes = (boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        out.bboxes = boxes
+    if "masks" in out:
+        # rotate within the valid region, then pad as the batch is padded
+        valid = out.masks.crop(np.array([0, 0, w, h]))
+        out.masks = valid.rotate((h, w), angle, center=center).pad(tuple(pad_shape))
+    if "bboxes" in out:
+        keep = (sizes[0] > 1e-5) & (sizes[1] > 1e-5)
+        if not bool(keep.all()):
+            out = out[keep]
+    return out
+
+
+def _rotate_boxes(boxes: torch.Tensor, matrix: np.ndarray, img_shape) -> torch.Tensor:
+    """(R, 4) boxes -> the boxes enclosing their corners moved by ``matrix``, clipped."""
+    m = boxes.new_tensor(matrix)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    corners = torch.stack([torch.stack(c, -1) for c in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))], 1)  # (R, 4, 2)
+    moved = corners @ m[:, :2].T + m[:, 2]
+    h, w = img_shape[:2]
+    lo, hi = moved.min(1).values, moved.max(1).values
+    return torch.stack([lo[:, 0].clamp(0, w), lo[:, 1].clamp(0, h), hi[:, 0].clamp(0, w), hi[:, 1].clamp(0, h)], -1)
+
+
+def rotate_batch(inputs: torch.Tensor, data_samples: List, angle: float, pad_value: float = 0.0):
+    """Rotate every image of a preprocessed mmdet batch about its valid region's centre.
+
+    Args:
+        inputs: (N, C, H, W) batch tensor.
+        data_samples: the batch's ``DetDataSample`` list.
+        angle: degrees, positive clockwise (mmdet's convention); 0 returns the inputs.
+        pad_value: value of the padding and of pixels rotated in from outside the image.
+
+    Returns:
+        ``(inputs, data_samples)``: new tensor and samples.
+    """
+    if angle == 0.0:
+        return inputs, data_samples
+    out, samples = torch.empty_like(inputs), []
+    pad_shape = tuple(inputs.shape[-2:])
+    for i, sample in enumerate(data_samples):
+        img_shape = sample.metainfo["img_shape"][:2]
+        out[i] = _rotate_image(inputs[i], _rotation_matrix(img_shape, angle), img_shape, pad_value)
+        new = sample.clone()
+        for key in ("gt_instances", "ignored_instances"):
+            if key in sample:
+                setattr(new, key, _rotate_instances(getattr(sample, key), img_shape, angle, pad_shape))
+        samples.append(new)
+    return out, samples
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How :func:`transform_batch` moved a batch: maps the full network's RoIs likewise.
+
+    Attributes:
+        factors: (sx, sy) of the rescale.
+        angle: rotation in degrees (mmdet's convention).
+        img_shapes: every image's (h, w) after the rescale (the rotation keeps them).
+    """
+
+    factors: Tuple[float, float]
+    angle: float
+    img_shapes: Sequence[Tuple[int, int]]
+
+    def map_rois(self, rois: torch.Tensor, logits: torch.Tensor):
+        """Move (R, 5) RoIs ``[batch_index, x1, y1, x2, y2]``; RoIs rotated out of their
+        image are dropped together with their rows of ``logits``."""
+        rois = rescale_rois(rois, self.factors)
+        if self.angle == 0.0:
+            return rois, logits
+        out = rois.clone()
+        for i, img_shape in enumerate(self.img_shapes):
+            sel = rois[:, 0] == i
+            if bool(sel.any()):
+                out[sel, 1:] = _rotate_boxes(rois[sel, 1:], _rotation_matrix(img_shape, self.angle), img_shape)
+        keep = ((out[:, 3] - out[:, 1]) > 1e-5) & ((out[:, 4] - out[:, 2]) > 1e-5)
+        return out[keep], logits[keep]
+
+
+def transform_batch(inputs: torch.Tensor, data_samples: List, scale: float = 1.0, angle: float = 0.0,
+                    size_divisor: int = 1, pad_value: float = 0.0):
+    """A sub-network's input: the batch rescaled by ``scale``, then rotated by ``angle``.
+
+    Returns:
+        ``(inputs, data_samples, geometry)``; ``geometry.map_rois`` maps the full
+        network's RoIs the same way.
+    """
+    inputs, data_samples, factors = rescale_batch(inputs, data_samples, scale, size_divisor, pad_value)
+    inputs, data_samples = rotate_batch(inputs, data_samples, angle, pad_value)
+    shapes = [tuple(s.metainfo["img_shape"][:2]) for s in data_samples]
+    return inputs, data_samples, BatchGeometry(factors, angle, shapes)

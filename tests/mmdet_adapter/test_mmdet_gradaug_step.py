@@ -6,7 +6,7 @@ import torch
 from mmengine.optim import OptimWrapper
 
 from gradaug_det.gradaug import SubnetSampler
-from gradaug_det.mmdet import rescale_batch
+from gradaug_det.mmdet import transform_batch
 from gradaug_det.slim import get_width, width
 
 
@@ -83,9 +83,10 @@ def test_train_step_runs_full_network_then_subnetworks(make_batch, mask_rcnn_cfg
     assert any(n.startswith("backbone.") for n in changed) and any(n.startswith("roi_head.bbox_head") for n in changed)
 
 
-def test_gradients_equal_hand_computed_iteration(make_batch, mask_rcnn_cfg, detector):
+@pytest.mark.parametrize("transform", ["scale", "scale_rotate"])
+def test_gradients_equal_hand_computed_iteration(make_batch, mask_rcnn_cfg, detector, transform):
     """gt sub-network loss: the accumulated gradient is the sum of the four passes' gradients."""
-    cfg = mask_rcnn_cfg(gradaug=dict(subnet_loss="gt", seed=5))
+    cfg = mask_rcnn_cfg(gradaug=dict(subnet_loss="gt", seed=5, transform=transform))
     model = detector(cfg)
     model.train()
     ref = copy.deepcopy(model)
@@ -94,10 +95,12 @@ def test_gradients_equal_hand_computed_iteration(make_batch, mask_rcnn_cfg, dete
     got, _, _ = _stepped_gradients(model, batch, 11)
 
     data = _full_pass_backward(ref, batch, 11)
-    specs = SubnetSampler(seed=5).sample()
+    specs = SubnetSampler(seed=5, transform=transform).sample()
+    assert all(s.angle != 0.0 for s in specs) == (transform == "scale_rotate")
     prep = ref.data_preprocessor
     for spec in specs:
-        inputs, samples, _ = rescale_batch(data["inputs"], data["data_samples"], spec.scale, prep.pad_size_divisor)
+        inputs, samples, _ = transform_batch(data["inputs"], data["data_samples"], spec.scale, spec.angle,
+                                             prep.pad_size_divisor)
         with width(ref, spec.width):
             loss, _ = ref.parse_losses(ref.loss(inputs, samples))
         loss.backward()
@@ -176,7 +179,8 @@ def test_inference_and_weights_are_mmdet_mask_rcnn(make_batch, mask_rcnn_cfg, de
 
 @pytest.mark.parametrize("gradaug,match", [
     (dict(num_subnet=3), "unknown keys \\['num_subnet'\\]"),
-    (dict(transform="rotate"), "model.gradaug.transform='rotate'.*allowed: 'scale'"),
+    (dict(transform="flip"), "model.gradaug.transform='flip'.*allowed: scale, rotate, scale_rotate"),
+    (dict(rotation=(20, -20)), "model.gradaug.rotation=\\(20, -20\\)"),
     (dict(min_width=1.5), "model.gradaug.min_width=1.5"),
     (dict(min_width=0.9, max_width=0.8), "model.gradaug.min_width=0.9.*model.gradaug.max_width"),
     (dict(subnet_loss="kl"), "model.gradaug.subnet_loss='kl'"),
@@ -238,3 +242,25 @@ def test_every_pass_goes_through_the_optim_wrapper(make_batch, mask_rcnn_cfg, de
     assert len(want) == len(sw.stepped_grads)
     for g, w in zip(sw.stepped_grads, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_rotated_subnetworks_learn_on_the_teachers_rotated_rois(make_batch, mask_rcnn_cfg, detector):
+    """transform='rotate': each soft-only sub-network classifies the full network's RoIs moved
+    with its input (boxes enclosing the rotated RoIs; RoIs rotated out are dropped)."""
+    model = detector(mask_rcnn_cfg(gradaug=dict(transform="rotate", rotation=(-45.0, 45.0), seed=4)))
+    model.train()
+    seen = []
+    model.roi_head.bbox_roi_extractor.register_forward_hook(lambda m, args, out: seen.append(args[1].detach()))
+    batch = make_batch((0, 1))
+    log_vars = model.train_step(copy.deepcopy(batch), _wrapper(model))
+    assert len(seen) == 4  # the full network's sampled RoIs, then one set per sub-network
+    data = model.data_preprocessor(copy.deepcopy(batch), True)
+    specs = SubnetSampler(transform="rotate", rotation=(-45.0, 45.0), seed=4).sample()
+    for spec, rois in zip(specs, seen[1:]):
+        assert spec.angle != 0.0 and spec.scale == 1.0
+        _, _, geometry = transform_batch(data["inputs"], data["data_samples"], spec.scale, spec.angle, 32)
+        want, _ = geometry.map_rois(seen[0], torch.zeros(len(seen[0]), 1))
+        torch.testing.assert_close(rois, want)
+        assert not torch.equal(rois[:, 1:], seen[0][: len(rois), 1:])
+        assert float(log_vars[f"gradaug/sub{specs.index(spec)}/angle"]) == pytest.approx(spec.angle)
+    assert all(torch.isfinite(log_vars[f"gradaug/sub{i}/loss_soft_cls"]) for i in range(3))

@@ -45,11 +45,12 @@ def test_gradaug_and_baseline_differ_only_in_gradaug():
     b = Config.fromfile(os.path.join(ROOT, "configs/mmdet/mask-rcnn_r50_fpn_1x_coco.py"))
     for key in ("train_dataloader", "val_evaluator", "optim_wrapper", "param_scheduler", "train_cfg"):
         assert a[key] == b[key], key
-    for key in ("neck", "rpn_head", "roi_head", "train_cfg", "test_cfg", "data_preprocessor"):
+    for key in ("rpn_head", "roi_head", "train_cfg", "test_cfg", "data_preprocessor"):
         assert a.model[key] == b.model[key], key
-    backbone = dict(a.model.backbone)
-    assert backbone.pop("type") == "SlimmableResNet" and backbone.pop("channel_divisor") == 1
-    assert backbone == {k: v for k, v in b.model.backbone.items() if k != "type"}
+    for key, slimmable in (("backbone", "SlimmableResNet"), ("neck", "SlimmableFPN")):
+        module = dict(a.model[key])
+        assert module.pop("type") == slimmable and module.pop("channel_divisor") == 1
+        assert module == {k: v for k, v in b.model[key].items() if k != "type"}, key
 
 
 def test_short_training_run_through_the_tool(tmp_path, shapes_root):

@@ -16,7 +16,7 @@ model = dict(
     backbone=dict(type='SlimmableResNet', depth=18, channel_divisor=1, num_stages=4, out_indices=(0, 1, 2, 3),
                   frozen_stages=-1, norm_cfg=dict(type='BN', requires_grad=True), norm_eval=False,
                   style='pytorch', init_cfg=None),
-    neck=dict(type='FPN', in_channels=[64, 128, 256, 512], out_channels=64, num_outs=5),
+    neck=dict(type='SlimmableFPN', channel_divisor=1, in_channels=[64, 128, 256, 512], out_channels=64, num_outs=5),
     rpn_head=dict(
         type='RPNHead', in_channels=64, feat_channels=64,
         anchor_generator=dict(type='AnchorGenerator', scales=[4], ratios=[0.5, 1.0, 2.0],
