@@ -11,7 +11,7 @@ import argparse
 import json
 import os.path as osp
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 
 def parse_args(argv=None):
@@ -30,11 +30,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmdet.utils import register_all_modules
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
 
     from gradaug_det.mmdet.checkpoint import allow_full_checkpoints
+    from gradaug_det.mmdet.config import load_runner_config
     from gradaug_det.slim import check_width, width
 
     for w in args.widths:
@@ -45,14 +45,8 @@ def main(argv=None):
     if not osp.isfile(args.checkpoint):
         raise SystemExit(f"checkpoint not found: {args.checkpoint}")
     allow_full_checkpoints(f"loading {args.checkpoint}")
-    register_all_modules(init_default_scope=False)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.launcher = args.launcher
+    cfg = load_runner_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     cfg.load_from = args.checkpoint
-    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join(
-        "work_dirs", osp.splitext(osp.basename(args.config))[0])
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     results = {}

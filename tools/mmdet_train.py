@@ -12,9 +12,8 @@ GradAug configs import ``gradaug_det.mmdet`` themselves (``custom_imports``).
 """
 import argparse
 import os
-import os.path as osp
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
 
 def parse_args(argv=None):
@@ -37,17 +36,10 @@ def main(argv=None):
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     from mmengine.runner import Runner
-    from mmdet.utils import register_all_modules
 
-    register_all_modules(init_default_scope=False)
-    if not osp.isfile(args.config):
-        raise SystemExit(f"config file not found: {args.config}")
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.launcher = args.launcher
-    cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join(
-        "work_dirs", osp.splitext(osp.basename(args.config))[0])
+    from gradaug_det.mmdet.config import load_runner_config
+
+    cfg = load_runner_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
