@@ -104,6 +104,10 @@ def rescale_rois(rois: torch.Tensor, factors: Optional[Tuple[float, float]]) -> 
     return rois * rois.new_tensor([1.0, sx, sy, sx, sy])
 
 
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def _rotation_matrix(img_shape, angle: float) -> np.ndarray:
     """The 2x3 matrix of mmdet's rotations (``cv2.getRotationMatrix2D(center, -angle, 1)``)
     about the centre of an image of ``img_shape`` (h, w), in pixel coordinates."""
@@ -212,10 +216,11 @@ class BatchGeometry:
         if self.angle == 0.0:
             return rois, logits
         out = rois.clone()
-        for i, img_shape in enumerate(self.img_shapes):
-            sel = rois[:, 0] == i
-            if bool(sel.any()):
-                out[sel, 1:] = _rotate_boxes(rois[sel, 1:], _rotation_matrix(img_shape, self.angle), img_shape)
+        with _no_autocast(rois):
+            for i, img_shape in enumerate(self.img_shapes):
+                sel = rois[:, 0] == i
+                if bool(sel.any()):
+                    out[sel, 1:] = _rotate_boxes(rois[sel, 1:], _rotation_matrix(img_shape, self.angle), img_shape)
         keep = ((out[:, 3] - out[:, 1]) > 1e-5) & ((out[:, 4] - out[:, 2]) > 1e-5)
         return out[keep], logits[keep]
 
@@ -228,7 +233,8 @@ def transform_batch(inputs: torch.Tensor, data_samples: List, scale: float = 1.0
         ``(inputs, data_samples, geometry)``; ``geometry.map_rois`` maps the full
         network's RoIs the same way.
     """
-    inputs, data_samples, factors = rescale_batch(inputs, data_samples, scale, size_divisor, pad_value)
-    inputs, data_samples = rotate_batch(inputs, data_samples, angle, pad_value)
+    with _no_autocast(inputs):  # sub-network passes run under AMP: coordinates stay float32
+        inputs, data_samples, factors = rescale_batch(inputs, data_samples, scale, size_divisor, pad_value)
+        inputs, data_samples = rotate_batch(inputs, data_samples, angle, pad_value)
     shapes = [tuple(s.metainfo["img_shape"][:2]) for s in data_samples]
     return inputs, data_samples, BatchGeometry(factors, angle, shapes)

@@ -116,3 +116,23 @@ def test_rescale_then_rotate_maps_rois_like_boxes():
     moved, _ = geometry.map_rois(rois, torch.zeros(2, 3))
     torch.testing.assert_close(moved[:, 1:], new[0].gt_instances.bboxes.tensor)
     assert (new[0].gt_instances.bboxes.tensor[:, 2:] <= torch.tensor([72.0, 48.0])).all()
+
+
+def test_transforms_keep_float32_coordinates_under_autocast():
+    """Sub-network passes run inside the optimizer wrapper's autocast (AMP): the geometry
+    must not drop to half precision (bf16 on CPU here, fp16 on GPUs)."""
+    inputs = torch.rand(1, 3, 64, 96) * 100
+    boxes = [[10.3, 8.1, 40.7, 30.2], [50.0, 20.5, 90.1, 60.9]]
+    rois = torch.tensor([[0.0, *b] for b in boxes])
+
+    def run():
+        out, new, geometry = transform_batch(inputs, [_sample((64, 96), boxes, (64, 96))],
+                                             scale=0.857, angle=13.0, size_divisor=32)
+        return out, new[0].gt_instances.bboxes.tensor, geometry.map_rois(rois, torch.zeros(2, 3))[0]
+
+    want = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
