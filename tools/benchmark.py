@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import gradaug_det
-from detectron2.data import DatasetCatalog, DatasetFromList, MapDataset
+from detectron2.data import DatasetCatalog
 from detectron2.data.dataset_mapper import DatasetMapper
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis

@@ -15,19 +15,18 @@ import os
 import weakref
 from collections import OrderedDict
 
-import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..gradaug import SubnetSampler, build_task, validate_sampler_args
 from ..gradaug.sampler import SUBNET_LOSSES
-from ..slim import DroppableBlock, SlimmableModule, check_width, linear_keep_probs, residual_blocks
+from ..slim import SlimmableModule, check_width, linear_keep_probs, residual_blocks
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
 __all__ = ["GradAugTrainer", "validate_config", "create_ddp_model", "apply_depth_eval_scale"]

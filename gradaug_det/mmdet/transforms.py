@@ -25,6 +25,15 @@ import torch.nn.functional as F
 __all__ = ["rescale_batch", "rescale_rois", "rotate_batch", "transform_batch", "BatchGeometry"]
 
 
+def _check_fields(data_samples: List) -> None:
+    for sample in data_samples:
+        if "gt_sem_seg" in sample or "gt_panoptic_seg" in sample:
+            raise NotImplementedError(
+                "GradAug's sub-network transforms for mmdet batches cover gt_instances (boxes, masks) "
+                "and ignored_instances; this batch also has semantic/panoptic segmentation maps"
+            )
+
+
 def _scaled_size(h: int, w: int, scale: float) -> Tuple[int, int]:
     return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
@@ -74,13 +83,9 @@ def rescale_batch(inputs: torch.Tensor, data_samples: List, scale: float,
     pw = int(math.ceil(nw / size_divisor)) * size_divisor
     if (ph, pw) != (nh, nw):
         out = F.pad(out, (0, pw - nw, 0, ph - nh), value=pad_value)
+    _check_fields(data_samples)
     samples = []
     for sample in data_samples:
-        if "gt_sem_seg" in sample or "gt_panoptic_seg" in sample:
-            raise NotImplementedError(
-                "GradAug's rescale for mmdet batches covers gt_instances (boxes, masks) and "
-                "ignored_instances; this batch also has semantic/panoptic segmentation maps"
-            )
         new = sample.clone()
         ih, iw = sample.metainfo["img_shape"][:2]
         meta = {"img_shape": (min(nh, int(round(ih * sy))), min(nw, int(round(iw * sx)))),
@@ -108,11 +113,19 @@ def _no_autocast(t: torch.Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def _rotation_matrix(img_shape, angle: float) -> np.ndarray:
-    """The 2x3 matrix of mmdet's rotations (``cv2.getRotationMatrix2D(center, -angle, 1)``)
-    about the centre of an image of ``img_shape`` (h, w), in pixel coordinates."""
+def _center(img_shape) -> Tuple[float, float]:
+    """The centre mmdet rotates an image of ``img_shape`` (h, w) about, in pixels."""
     h, w = img_shape[:2]
-    return cv2.getRotationMatrix2D(((w - 1) * 0.5, (h - 1) * 0.5), -angle, 1.0)
+    return (w - 1) * 0.5, (h - 1) * 0.5
+
+
+def _rotation_matrix(img_shape, angle: float) -> np.ndarray:
+    """The 2x3 matrix of mmdet's rotations (``cv2.getRotationMatrix2D(center, -angle, 1)``)."""
+    return cv2.getRotationMatrix2D(_center(img_shape), -angle, 1.0)
+
+
+def _has_area(boxes: torch.Tensor) -> torch.Tensor:
+    return ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
 
 
 def _rotate_image(img: torch.Tensor, matrix: np.ndarray, valid: Tuple[int, int], pad_value: float) -> torch.Tensor:
@@ -133,25 +146,16 @@ def _rotate_image(img: torch.Tensor, matrix: np.ndarray, valid: Tuple[int, int],
 
 def _rotate_instances(instances, img_shape, angle: float, pad_shape):
     h, w = img_shape[:2]
-    center = ((w - 1) * 0.5, (h - 1) * 0.5)
     out = instances.clone()
-    if "bboxes" in out:
-        boxes = out.bboxes
-        if hasattr(boxes, "rotate_"):  # mmdet HorizontalBoxes
-            boxes = boxes.clone()
-            boxes.rotate_(center, angle)
-            boxes.clip_((h, w))
-            sizes = (boxes.widths, boxes.heights)
-        else:
-            boxes = _rotate_boxes(boxes, _rotation_matrix(img_shape, angle), (h, w))
-            sizes = (boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        out.bboxes = boxes
     if "masks" in out:
         # rotate within the valid region, then pad as the batch is padded
         valid = out.masks.crop(np.array([0, 0, w, h]))
-        out.masks = valid.rotate((h, w), angle, center=center).pad(tuple(pad_shape))
+        out.masks = valid.rotate((h, w), angle, center=_center(img_shape)).pad(tuple(pad_shape))
     if "bboxes" in out:
-        keep = (sizes[0] > 1e-5) & (sizes[1] > 1e-5)
+        boxes = out.bboxes  # mmdet HorizontalBoxes, or a plain (R, 4) tensor
+        moved = _rotate_boxes(getattr(boxes, "tensor", boxes), _rotation_matrix(img_shape, angle), (h, w))
+        out.bboxes = type(boxes)(moved) if hasattr(boxes, "tensor") else moved
+        keep = _has_area(moved)
         if not bool(keep.all()):
             out = out[keep]
     return out
@@ -182,6 +186,7 @@ def rotate_batch(inputs: torch.Tensor, data_samples: List, angle: float, pad_val
     """
     if angle == 0.0:
         return inputs, data_samples
+    _check_fields(data_samples)
     out, samples = torch.empty_like(inputs), []
     pad_shape = tuple(inputs.shape[-2:])
     for i, sample in enumerate(data_samples):
@@ -221,7 +226,7 @@ class BatchGeometry:
                 sel = rois[:, 0] == i
                 if bool(sel.any()):
                     out[sel, 1:] = _rotate_boxes(rois[sel, 1:], _rotation_matrix(img_shape, self.angle), img_shape)
-        keep = ((out[:, 3] - out[:, 1]) > 1e-5) & ((out[:, 4] - out[:, 2]) > 1e-5)
+        keep = _has_area(out[:, 1:])
         return out[keep], logits[keep]
 
 

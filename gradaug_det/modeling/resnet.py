@@ -26,7 +26,6 @@ __all__ = [
     "build_slimmable_resnet_backbone",
     "check_slimmable_norms",
     "make_slimmable_resnet",
-    "pad_channels",
     "BLOCKS_PER_STAGE",
 ]
 

@@ -22,6 +22,7 @@ from .functional import leading_block, select_channels, slim_norm
 
 __all__ = ["SlimConv2d"]
 
+
 class SlimConv2d(Conv2d, SlimmableModule):
     """``detectron2.layers.Conv2d`` with a settable width (see module docstring).
 

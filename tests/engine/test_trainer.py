@@ -16,7 +16,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
 import gradaug_det
-from gradaug_det.engine import GradAugAMPTrainer, GradAugSimpleTrainer, GradAugTrainer, setup
+from gradaug_det.engine import GradAugAMPTrainer, GradAugTrainer, setup
 from gradaug_det.gradaug import ClassificationTask, SubnetSampler, gradaug_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

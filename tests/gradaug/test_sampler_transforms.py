@@ -1,6 +1,5 @@
 """Sub-network draws (reference semantics) and the detection batch transforms."""
 import copy
-import random
 
 import numpy as np
 import pytest

@@ -136,3 +136,13 @@ def test_transforms_keep_float32_coordinates_under_autocast():
     for a, b in zip(got, want):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale,angle", [(0.75, 0.0), (1.0, 15.0)])
+def test_semantic_maps_are_refused_by_every_transform(scale, angle):
+    from mmengine.structures import PixelData
+
+    sample = _sample((64, 96), [[10.0, 8.0, 40.0, 30.0]], (64, 96))
+    sample.gt_sem_seg = PixelData(sem_seg=torch.zeros(1, 64, 96, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="semantic/panoptic"):
+        transform_batch(torch.zeros(1, 3, 64, 96), [sample], scale=scale, angle=angle)
