@@ -1,7 +1,9 @@
 """``add_gradaug_config(cfg)``: every config key gradaug-det adds, with a comment each."""
+import functools
+
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_gradaug_config"]
+__all__ = ["add_gradaug_config", "slimmable_config"]
 
 
 def add_gradaug_config(cfg: CN) -> CN:
@@ -75,6 +77,35 @@ def add_gradaug_config(cfg: CN) -> CN:
 
     add_pruned_config(_c)  # MODEL.PRUNED_RESNET.*: explicit per-stage channels of a pruned model
     return cfg
+
+
+def slimmable_config(cfg: CN) -> CN:
+    """The ``MODEL.SLIMMABLE`` node of ``cfg``, or its documented defaults when absent.
+
+    Lets the slimmable backbones drop into a detectron2 config that never called
+    :func:`add_gradaug_config` (e.g. another project's config with only
+    ``MODEL.BACKBONE.NAME`` changed). The defaults are those of
+    :func:`add_gradaug_config`, the one place they are defined.
+
+    Args:
+        cfg: a detectron2 ``CfgNode``.
+
+    Returns:
+        ``cfg.MODEL.SLIMMABLE`` if present, else a frozen copy of the defaults (read-only:
+        change them in the config after ``add_gradaug_config(cfg)``).
+    """
+    if "SLIMMABLE" in cfg.MODEL:
+        return cfg.MODEL.SLIMMABLE
+    return _default_slimmable()
+
+
+@functools.lru_cache(maxsize=None)
+def _default_slimmable() -> CN:
+    from detectron2.config import get_cfg
+
+    node = add_gradaug_config(get_cfg()).MODEL.SLIMMABLE
+    node.freeze()
+    return node
 
 
 def _add_classification_config(_c: CN) -> None:

@@ -18,6 +18,7 @@ from detectron2.config import configurable
 from detectron2.layers import move_device_like
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 
+from ..config import slimmable_config
 from ..slim import SlimLinear, SlimmableModule
 
 __all__ = ["SlimmableClassifier", "classification_loss"]
@@ -156,7 +157,7 @@ class SlimmableClassifier(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
             "label_smoothing": smoothing,
-            "divisor": cfg.MODEL.SLIMMABLE.CHANNEL_DIVISOR,
+            "divisor": slimmable_config(cfg).CHANNEL_DIVISOR,
         }
 
     @property

@@ -3,6 +3,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
+from ..config import slimmable_config
 from ..slim import SlimConv2d, pad_channels
 from .resnet import check_slimmable_norms, make_slimmable_resnet
 
@@ -54,8 +55,8 @@ def build_slimmable_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> Slimmabl
     """
     backbone = SlimmableFPN(
         bottom_up=make_slimmable_resnet(cfg, input_shape),
-        slim=cfg.MODEL.SLIMMABLE.SLIM_FPN,
-        divisor=cfg.MODEL.SLIMMABLE.CHANNEL_DIVISOR,
+        slim=slimmable_config(cfg).SLIM_FPN,
+        divisor=slimmable_config(cfg).CHANNEL_DIVISOR,
         **fpn_config_kwargs(cfg),
     )
     check_slimmable_norms(backbone, prefix="backbone")

@@ -16,6 +16,7 @@ from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
+from ..config import slimmable_config
 from ..slim import DroppableBlock, SlimConv2d, pad_channels
 
 __all__ = [
@@ -180,7 +181,7 @@ def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
     """
     r = cfg.MODEL.RESNETS
     depth = r.DEPTH
-    divisor = cfg.MODEL.SLIMMABLE.CHANNEL_DIVISOR
+    divisor = slimmable_config(cfg).CHANNEL_DIVISOR
     if divisor < 1:
         raise ValueError(f"MODEL.SLIMMABLE.CHANNEL_DIVISOR must be >= 1, got {divisor}")
     if depth not in BLOCKS_PER_STAGE:
