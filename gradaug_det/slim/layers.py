@@ -33,10 +33,14 @@ class SlimConv2d(Conv2d, SlimmableModule):
         slim_out (bool): whether the output channels follow the width.
         in_layout, out_layout (int): channel groups of the input / output layout.
         divisor (int): channel alignment, ``MODEL.SLIMMABLE.CHANNEL_DIVISOR``.
+        rule (str): ``MODEL.SLIMMABLE.CHANNEL_RULE`` (see :mod:`gradaug_det.slim.channels`).
+        in_ratio, out_ratio (float): channel ratios of the input (its producer's) and of
+            the output, read by the ``"reference"`` rule (0.25 for the stem and the
+            bottleneck's inner layers, else 1).
     """
 
     def __init__(self, *args, slim_in=True, slim_out=True, in_layout=1, out_layout=1, divisor=1,
-                 **kwargs):
+                 rule="round", in_ratio=1.0, out_ratio=1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.width = 1.0
         self.slim_in = slim_in
@@ -44,31 +48,38 @@ class SlimConv2d(Conv2d, SlimmableModule):
         self.in_layout = in_layout
         self.out_layout = out_layout
         self.divisor = divisor
+        self.rule = rule
+        self.in_ratio = in_ratio
+        self.out_ratio = out_ratio
 
     @classmethod
     def convert(cls, conv: Conv2d, **slim_kwargs) -> "SlimConv2d":
-        """Return a SlimConv2d that shares ``conv``'s parameters, norm and activation."""
+        """Return a SlimConv2d that shares ``conv``'s parameters, norm and activation.
+
+        ``conv`` is a detectron2 ``Conv2d`` or a plain ``torch.nn.Conv2d`` (no norm or
+        activation; e.g. RetinaNet's P6/P7), same state-dict names either way."""
         slim = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            bias=conv.bias is not None, padding_mode=conv.padding_mode, norm=conv.norm,
-            activation=conv.activation, device="meta", **slim_kwargs,
+            bias=conv.bias is not None, padding_mode=conv.padding_mode, norm=getattr(conv, "norm", None),
+            activation=getattr(conv, "activation", None), device="meta", **slim_kwargs,
         )
         slim.weight = conv.weight
         slim.bias = conv.bias
         return slim
 
-    def _keep(self, channels: int, layout: int) -> int:
+    def _keep(self, channels: int, layout: int, ratio: float) -> int:
         """Channels kept per layout group at the current width."""
         per_group = channels // layout
         divisor = self.divisor if layout == 1 else 1
-        return slim_channels(per_group, self.width, divisor)
+        return slim_channels(per_group, self.width, divisor, self.rule, ratio)
 
     def active_channels(self):
         """Return ``(in, out)`` channel counts used at the current width."""
-        cin = self.in_layout * self._keep(self.in_channels, self.in_layout) if self.slim_in else self.in_channels
+        cin = (self.in_layout * self._keep(self.in_channels, self.in_layout, self.in_ratio)
+               if self.slim_in else self.in_channels)
         cout = (
-            self.out_layout * self._keep(self.out_channels, self.out_layout)
+            self.out_layout * self._keep(self.out_channels, self.out_layout, self.out_ratio)
             if self.slim_out else self.out_channels
         )
         return cin, cout
@@ -79,7 +90,7 @@ class SlimConv2d(Conv2d, SlimmableModule):
         weight = self.weight
         cin = x.shape[1]
         if self.slim_in:
-            keep_in = self._keep(self.in_channels, self.in_layout)
+            keep_in = self._keep(self.in_channels, self.in_layout, self.in_ratio)
             cin = self.in_layout * keep_in
             if x.shape[1] == self.in_channels and cin < self.in_channels:
                 x = select_channels(x, 1, self.in_layout, keep_in)  # full-size (zero-padded) input
@@ -88,7 +99,8 @@ class SlimConv2d(Conv2d, SlimmableModule):
                     f"SlimConv2d at width {self.width} expects {cin} or {self.in_channels} input "
                     f"channels, got {x.shape[1]}"
                 )
-        keep_out = self._keep(self.out_channels, self.out_layout) if self.slim_out else self.out_channels
+        keep_out = (self._keep(self.out_channels, self.out_layout, self.out_ratio)
+                    if self.slim_out else self.out_channels)
         cout = self.out_layout * keep_out if self.slim_out else self.out_channels
         bias = self.bias
         if self.groups == 1 and (self.out_layout == 1 or not self.slim_out) and (
@@ -117,4 +129,5 @@ class SlimConv2d(Conv2d, SlimmableModule):
         return x
 
     def extra_repr(self):
-        return super().extra_repr() + f", width={self.width}, slim_in={self.slim_in}, slim_out={self.slim_out}"
+        rule = "" if self.rule == "round" else f", rule={self.rule}, ratios=({self.in_ratio:g}, {self.out_ratio:g})"
+        return super().extra_repr() + f", width={self.width}, slim_in={self.slim_in}, slim_out={self.slim_out}{rule}"

@@ -13,7 +13,13 @@ from torch import nn
 
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, build_resnet_fpn_backbone
+from detectron2.modeling.backbone.fpn import (
+    FPN,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+    build_resnet_fpn_backbone,
+    build_retinanet_resnet_fpn_backbone,
+)
 from detectron2.modeling.backbone.resnet import (
     BasicBlock,
     BasicStem,
@@ -23,7 +29,11 @@ from detectron2.modeling.backbone.resnet import (
 )
 
 import gradaug_det
-from gradaug_det.modeling import build_slimmable_resnet_backbone, build_slimmable_resnet_fpn_backbone
+from gradaug_det.modeling import (
+    build_slimmable_resnet_backbone,
+    build_slimmable_resnet_fpn_backbone,
+    build_slimmable_retinanet_resnet_fpn_backbone,
+)
 from gradaug_det.slim import slim_channels
 
 ALL_RES = ["res2", "res3", "res4", "res5"]
@@ -70,12 +80,25 @@ def randomize_(model, seed=0):
     return model
 
 
+#: (stock builder, slimmable twin) by the ``fpn`` argument of the helpers below.
+BUILDERS = {
+    False: (build_resnet_backbone, build_slimmable_resnet_backbone),
+    True: (build_resnet_fpn_backbone, build_slimmable_resnet_fpn_backbone),
+    "retinanet": (build_retinanet_resnet_fpn_backbone, build_slimmable_retinanet_resnet_fpn_backbone),
+}
+
+
 def stock_and_slim(cfg, fpn=False, seed=0):
-    """Build stock detectron2 and the slimmable backbone from ``cfg``; slim loads stock's weights."""
+    """Build stock detectron2 and the slimmable backbone from ``cfg``; slim loads stock's weights.
+
+    Args:
+        fpn: False (ResNet), True (ResNet-FPN) or ``"retinanet"`` (ResNet-FPN with P6/P7 from C5).
+    """
     torch.manual_seed(seed)
     shape = ShapeSpec(channels=3)
-    stock = (build_resnet_fpn_backbone if fpn else build_resnet_backbone)(cfg, shape)
-    slim = (build_slimmable_resnet_fpn_backbone if fpn else build_slimmable_resnet_backbone)(cfg, shape)
+    stock_builder, slim_builder = BUILDERS[fpn]
+    stock = stock_builder(cfg, shape)
+    slim = slim_builder(cfg, shape)
     randomize_(stock, seed)
     slim.load_state_dict(stock.state_dict(), strict=True)
     return stock, slim
@@ -124,6 +147,7 @@ def sliced_reference(cfg, slim_model, w, fpn=False):
     Built by hand from detectron2's ``BasicStem``, ``BasicBlock`` / ``BottleneckBlock``
     (``ResNet.make_stage``), ``ResNet`` and ``FPN``, with ``slim_model``'s weights sliced
     in. GroupNorm layers get the full layer's channels per group (whole groups kept).
+    ``fpn``: as in :func:`stock_and_slim` (``"retinanet"``: P6/P7 from the kept C5).
     """
     r = cfg.MODEL.RESNETS
     d = cfg.MODEL.SLIMMABLE.CHANNEL_DIVISOR
@@ -153,9 +177,13 @@ def sliced_reference(cfg, slim_model, w, fpn=False):
     net = ResNet(stem, stages, out_features=list(r.OUT_FEATURES), freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
     if fpn:
         fpn_channels = cfg.MODEL.FPN.OUT_CHANNELS
-        net = FPN(bottom_up=net, in_features=cfg.MODEL.FPN.IN_FEATURES,
-                  out_channels=keep(fpn_channels) if cfg.MODEL.SLIMMABLE.SLIM_FPN else fpn_channels,
-                  norm=cfg.MODEL.FPN.NORM, top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+        fpn_channels = keep(fpn_channels) if cfg.MODEL.SLIMMABLE.SLIM_FPN else fpn_channels
+        if fpn == "retinanet":
+            top_block = LastLevelP6P7(net.output_shape()["res5"].channels, fpn_channels)
+        else:
+            top_block = LastLevelMaxPool()
+        net = FPN(bottom_up=net, in_features=cfg.MODEL.FPN.IN_FEATURES, out_channels=fpn_channels,
+                  norm=cfg.MODEL.FPN.NORM, top_block=top_block, fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
     for name, m in list(net.named_modules()):
         if isinstance(m, nn.GroupNorm):
             full = slim_model.get_submodule(name)
