@@ -1,57 +1,87 @@
 #!/usr/bin/env python
-"""Baseline iteration vs GradAug iteration: median time, peak memory, FLOP-predicted ratio.
+"""Baseline vs GradAug iteration, priced by a cost model of what each pass runs in training.
 
-For one model and one batch, in one run:
+For one detectron2 config and one batch, three modes, each in its own process (so peak
+memory is its own: CUDA allocator peak, or the CPU process's peak resident set):
 
 * ``baseline``: detectron2's step (forward, backward, optimizer step);
-* ``gradaug d=1``: the GradAug iteration with the reference channel rule;
-* ``gradaug d=D``: the same sub-networks (identical widths and scales) with channel counts
-  aligned to a multiple of D (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``).
+* ``gradaug d=1``: the GradAug iteration with ``MODEL.SLIMMABLE.CHANNEL_DIVISOR 1``;
+* ``gradaug d=D``: the same sub-networks (identical widths and scales, one plan replayed
+  by every mode) with channels aligned to a multiple of ``--divisor``.
 
-The FLOP-predicted ratio is sum over passes of fvcore's FLOP count of the model at that
-pass's width and input size, divided by the full pass's count (inference-mode heads; the
-backbone dominates). Each mode runs in its own process so peak memory (GPU: allocator
-peak; CPU: peak resident set) is its own.
+The cost model (``gradaug_det.benchmark.cost``): every pass's training FLOPs (its forward
+and backward, exactly the modules it runs, at its width and input size, counted by
+``torch.utils.flop_counter.FlopCounterMode`` over the real pass) priced at the
+baseline's measured seconds per FLOP; the GradAug iteration's model is the baseline
+iteration plus its sub-network passes so priced. Reported: seconds per iteration and
+time / model; per pass (full, each sub-network) FLOPs, model and measured time split into
+phases (transform, preprocess, backbone, heads, teacher, backward); the overhead outside
+the model (transforms, padding, teacher bookkeeping, optimizer, outside the passes).
+Writes a Markdown table (stdout, ``--markdown``) and JSON (``--json``).
 
-    python tools/benchmark.py --config-file configs/quickstart/mask_rcnn_gradaug.yaml --iters 10
+    python tools/benchmark.py --config-file configs/quickstart/mask_rcnn_gradaug.yaml --iters 8 --warmup 3 \\
+        --json bench.json --markdown bench.md
 """
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
+import tempfile
 
 import torch
 from tqdm import tqdm
 
-import gradaug_det
-from detectron2.data import DatasetCatalog
-from detectron2.data.dataset_mapper import DatasetMapper
-from detectron2.modeling import build_model
-from detectron2.utils.analysis import FlopCountAnalysis
-from detectron2.utils.events import EventStorage
+import gradaug_det  # noqa: F401  (registers backbones and datasets)
+from gradaug_det.benchmark.iteration import compare, measure_iterations, synthetic_detection_batch
+from gradaug_det.benchmark.report import device_name, markdown_table, write_json
 from gradaug_det.engine.setup import get_gradaug_cfg
-from gradaug_det.gradaug import DetectionTask, SubnetSampler, gradaug_step, transform_detection_batch
+
+MODES = ("baseline", "gradaug", "gradaug_aligned")
+AMP = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: iteration time / cost model goals (aligned channels) and the memory goal, issue 13
+TIME_GOAL = {"cpu": 1.10, "cuda": 1.05}
+MEMORY_GOAL = 1.05
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command-line arguments; bad values exit with a message before any work."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default="configs/quickstart/mask_rcnn_gradaug.yaml")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=2, help="images per iteration")
     p.add_argument("--iters", type=int, default=8, help="timed iterations per mode")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--divisor", type=int, default=8, help="aligned channel divisor to compare")
-    p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--amp", choices=sorted(AMP), default="fp32", help="autocast dtype of every pass")
+    p.add_argument("--synthetic", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="a random batch of this size (pixels) instead of the config's first training images")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", default=None, help="write every number here")
+    p.add_argument("--markdown", default=None, help="also write the tables here")
+    p.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("batch", "iters", "divisor"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.synthetic and min(args.synthetic) < 32:
+        p.error(f"--synthetic H W must be >= 32 pixels each, got {args.synthetic}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no GPU")
+    if args.amp == "fp16" and args.device == "cpu":
+        p.error("--amp fp16 needs --device cuda (CPU autocast runs bf16)")
+    if not os.path.isfile(args.config_file):
+        p.error(f"--config-file {args.config_file!r} does not exist")
+    return args
 
 
 def make_cfg(args, divisor=1):
+    """The config of one mode (GradAug settings from the file, channel divisor set)."""
     cfg = get_gradaug_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
@@ -60,128 +90,134 @@ def make_cfg(args, divisor=1):
     return cfg
 
 
-def load_batch(cfg, n):
-    """``n`` mapped training images of the config's first training set."""
-    data = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:n]
+def load_batch(cfg, args):
+    """``--batch`` mapped training images of the config's first training set, or a random batch."""
+    if args.synthetic:
+        num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        return synthetic_detection_batch(args.batch, *args.synthetic, num_classes=num_classes, seed=0)
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.dataset_mapper import DatasetMapper
+
+    data = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:args.batch]
     mapper = DatasetMapper(cfg, is_train=True)
     torch.manual_seed(0)
     return [mapper(d) for d in data]
 
 
-def plan(cfg, iters):
-    """The sub-networks of every iteration, drawn once so all modes use the same ones."""
+def make_plan(cfg, n):
+    """The sub-networks of ``n`` iterations, drawn once (every mode replays the same)."""
+    from gradaug_det.gradaug import SubnetSampler
+
     sampler = SubnetSampler.from_config(cfg)
-    return [sampler.sample() for _ in range(iters)]
-
-
-class _Fixed:
-    """A sampler replaying a planned sequence of sub-networks."""
-
-    sampling = "width"
-
-    def __init__(self, specs):
-        self.specs = list(specs)
-
-    def sample(self, num_blocks=0):
-        return self.specs.pop(0)
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    return [sampler.sample() for _ in range(n)]
 
 
 def run_mode(args, mode):
-    """Time one mode in this process; return its numbers."""
-    divisor = args.divisor if mode == "gradaug_aligned" else 1
-    cfg = make_cfg(args, divisor)
+    """Measure one mode in this process (``measure_iterations``'s dict)."""
+    from detectron2.modeling import build_model
+    from gradaug_det.gradaug import DetectionTask
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = make_cfg(args, args.divisor if mode == "gradaug_aligned" else 1)
     torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train()
+    model = build_model(cfg).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    batch = load_batch(cfg, args.batch)
+    batch = load_batch(cfg, args)
     total = args.warmup + args.iters
-    specs = plan(cfg, total)
-    task = DetectionTask(model, cfg.GRADAUG.SUBNET_LOSS, cfg.GRADAUG.SOFT_WEIGHT, cfg.GRADAUG.GT_WEIGHT)
-    sampler = _Fixed(specs)
-    times = []
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    with EventStorage(0):
-        for i in tqdm(range(total), desc=mode, leave=False):
-            _sync(args.device)
-            start = time.perf_counter()
-            optimizer.zero_grad()
-            if mode == "baseline":
-                sum(model(batch).values()).backward()
-            else:
-                gradaug_step(model, batch, sampler, task)
-            optimizer.step()
-            _sync(args.device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-    if args.device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"mode": mode, "divisor": divisor, "median_s": statistics.median(times), "peak_mb": peak_mb}
-    if mode != "baseline":
-        out["flop_ratio"] = flop_ratio(model, batch, specs[args.warmup:])
+    plan = None if mode == "baseline" else make_plan(cfg, total)
+    task = None if mode == "baseline" else DetectionTask(
+        model, cfg.GRADAUG.SUBNET_LOSS, cfg.GRADAUG.SOFT_WEIGHT, cfg.GRADAUG.GT_WEIGHT)
+    bar = tqdm(total=args.warmup + 3 * args.iters, desc=mode, file=sys.stderr, leave=False)
+    out = measure_iterations(model, batch, optimizer, plan=plan, task=task, iters=args.iters,
+                             warmup=args.warmup, amp=AMP[args.amp], progress=lambda _: bar.update(1))
+    bar.close()
     return out
 
 
-def flop_ratio(model, batch, iterations):
-    """Mean over iterations of (sum of pass FLOPs) / (full pass FLOPs), by fvcore."""
-    model.eval()
-    cache = {}
-
-    def flops(width, scale):
-        key = (round(width, 6), scale)
-        if key not in cache:
-            sub, _ = transform_detection_batch([{"image": d["image"]} for d in batch], _Spec(scale))
-            with gradaug_det.width(model, width), torch.no_grad():
-                counter = FlopCountAnalysis(model, sub)
-                counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-                cache[key] = counter.total()
-        return cache[key]
-
-    full = flops(1.0, 1.0)
-    ratios = [(full + sum(flops(s.width, s.scale) for s in specs)) / full for specs in iterations]
-    model.train()
-    return statistics.mean(ratios)
-
-
-class _Spec:
-    def __init__(self, scale):
-        self.scale, self.angle = scale, 0.0
+def report(args, results, plan):
+    """The JSON document and the Markdown text of a finished comparison."""
+    device = device_name(args.device)
+    comparisons = {m: compare(results["baseline"], results[m], plan, args.warmup) for m in MODES[1:]}
+    divisor = {"baseline": "-", "gradaug": 1, "gradaug_aligned": args.divisor}
+    base = results["baseline"]
+    rows = [["baseline", "-", f"{base['median_s']:.3f}", "1.00", f"{base['median_s']:.3f}", "1.00",
+             f"{base['peak_mb']:.0f}", "1.000"]]
+    for m, c in comparisons.items():
+        it = c["iteration"]
+        rows.append([m, divisor[m], f"{it['median_s']:.3f}", f"{it['time_over_baseline']:.2f}",
+                     f"{it['model_s']:.3f}", f"{it['time_over_model']:.2f}", f"{it['peak_mb']:.0f}",
+                     f"{it['memory_ratio']:.3f}"])
+    kind = base["memory_kind"]
+    text = [f"{args.config_file}, batch {args.batch} ({'random ' + 'x'.join(map(str, args.synthetic)) if args.synthetic else 'dataset images'}), "
+            f"{args.amp}, {args.iters} timed iterations after {args.warmup} warm-up, {device}",
+            "", markdown_table(["mode", "divisor", "median s/iter", "time / baseline", "cost model s",
+                                "time / model", f"{kind} MiB", "memory / baseline"], rows)]
+    for m, c in comparisons.items():
+        text += ["", f"Per pass, {m} (divisor {divisor[m]}; mean over the timed iterations; model = training "
+                     f"GFLOPs x baseline's {c['rate_s_per_gflop'] * 1e3:.1f} ms/GFLOP):", ""]
+        prow = []
+        for r in [c["baseline"]["pass"]] + c["passes"]:
+            ph = r["phases_s"]
+            prow.append([r["pass"], f"{r['width_mean']:.3f}", f"{r['scale_mean']:.3f}",
+                         "x".join(f"{v:.0f}" for v in r["input_hw_mean"]),
+                         f"{r['fwd_gflops']:.2f}", f"{r['bwd_gflops']:.2f}", f"{r['model_s'] * 1e3:.0f}",
+                         f"{r['measured_s'] * 1e3:.0f}", f"{r['time_over_model']:.2f}",
+                         *(f"{ph.get(p, 0.0) * 1e3:.1f}" for p in ("backbone", "heads", "backward", "transform",
+                                                                    "preprocess", "teacher"))])
+        text.append(markdown_table(["pass", "width", "scale", "input HxW", "fwd GFLOP", "bwd GFLOP", "model ms",
+                                    "measured ms", "time / model", "backbone ms", "heads ms", "backward ms",
+                                    "transform ms", "preprocess ms", "teacher ms"], prow))
+        ov = c["overhead_s"]
+        text += ["", "Overhead per iteration outside the model's own compute (ms): " + ", ".join(
+            f"{k} {v * 1e3:.1f}" for k, v in ov.items()) + f" (baseline: optimizer "
+            f"{c['baseline']['optimizer_s'] * 1e3:.1f}, outside {c['baseline']['outside_s'] * 1e3:.1f})"]
+    goal = TIME_GOAL["cuda" if args.device == "cuda" else "cpu"]
+    aligned = comparisons["gradaug_aligned"]["iteration"]
+    text += ["", f"- aligned (divisor {args.divisor}) time / cost model: {aligned['time_over_model']:.2f} "
+                 f"(goal <= {goal:.2f}) -> {'met' if aligned['time_over_model'] <= goal else 'NOT met'}"]
+    for m, c in comparisons.items():
+        r = c["iteration"]["memory_ratio"]
+        text.append(f"- {m} {kind} / baseline: {r:.3f} (goal <= {MEMORY_GOAL:.2f}) -> "
+                    f"{'met' if r <= MEMORY_GOAL else 'NOT met'}")
+    doc = {"config": args.config_file, "device": device, "batch": args.batch, "amp": args.amp,
+           "iters": args.iters, "warmup": args.warmup, "divisor": args.divisor,
+           "synthetic": args.synthetic, "opts": args.opts,
+           "plan": [[s.describe() for s in specs] for specs in plan],
+           "modes": results, "comparisons": comparisons}
+    return doc, "\n".join(text)
 
 
 def main(argv=None):
+    """Entry point: each mode in its own process, then the comparison."""
     args = parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(run_mode(args, args.worker)))
-        return
-    rows = []
-    for mode in ("baseline", "gradaug", "gradaug_aligned"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode] + [
-            a for a in (argv or sys.argv[1:]) if a != "--worker"]
-        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
-        rows.append(json.loads(line[len("RESULT "):]))
-        print(f"done: {mode}", file=sys.stderr)
-    base = rows[0]
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    print(f"\n{args.config_file}, batch {args.batch}, {args.iters} timed iterations, {device}, torch {torch.__version__}")
-    print("| mode | divisor | median s/iter | time ratio | FLOP-predicted ratio | peak MB | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        ratio = r["median_s"] / base["median_s"]
-        flop = f"{r['flop_ratio']:.2f}" if "flop_ratio" in r else "1.00"
-        print(f"| {r['mode']} | {r['divisor']} | {r['median_s']:.3f} | {ratio:.2f} | {flop} | "
-              f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.3f} |")
+        write_json(args.result, run_mode(args, args.worker))
+        return None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in MODES:
+            path = os.path.join(tmp, f"{mode}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--result", path] + argv
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0:
+                sys.exit(f"benchmark: the {mode} worker failed (exit code {proc.returncode}); see its output above")
+            with open(path) as f:
+                results[mode] = json.load(f)
+            print(f"done: {mode}", file=sys.stderr)
+    cfg = make_cfg(args)
+    plan = make_plan(cfg, args.warmup + args.iters)
+    doc, text = report(args, results, plan)
+    print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, doc)
+    if args.markdown:
+        from gradaug_det.checkpoint.io import atomic_write
+
+        with atomic_write(args.markdown, "w") as f:
+            f.write(text + "\n")
+    return doc
 
 
 if __name__ == "__main__":

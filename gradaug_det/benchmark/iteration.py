@@ -1,0 +1,317 @@
+"""Measure baseline and GradAug iterations of a detectron2 model: time, memory, FLOPs, per pass.
+
+Shared by ``tools/benchmark.py`` and ``tools/gpu_check.py``. One call measures one mode
+(baseline, or GradAug with a fixed plan of sub-networks) on one batch:
+
+1. ``warmup`` untimed iterations, then ``iters`` timed iterations exactly as a trainer runs
+   them (no probes): seconds per iteration and the peak memory (CUDA: allocator peak
+   over the timed iterations; CPU: the process's peak resident set);
+2. the same iterations again under a ``"time"`` :class:`~.cost.PassProbe`: seconds per
+   phase of every pass, the optimizer step, and what is left outside the passes;
+3. the same iterations' passes under a ``"flops"`` probe: training FLOPs per pass.
+
+:func:`compare` then prices every GradAug iteration with :func:`~.cost.cost_model`,
+calibrated on the baseline, and returns the per-pass and per-iteration table rows.
+"""
+import contextlib
+import math
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from ..gradaug import SubnetSpec, gradaug_step
+from .cost import PHASES, PassProbe, PassRecord, cost_model, peak_rss_mb
+
+__all__ = ["FixedSampler", "synthetic_detection_batch", "measure_iterations", "compare", "sync"]
+
+
+class FixedSampler:
+    """A sampler replaying a planned list of iterations (lists of :class:`SubnetSpec`).
+
+    Every mode of a comparison replays the same plan, so they run identical sub-networks.
+
+    Args:
+        plan: one list of specs per iteration, in the order they will be drawn.
+        sampling: "width" or "depth" (what :func:`gradaug_step` asks the sampler).
+    """
+
+    def __init__(self, plan: Sequence[Sequence[SubnetSpec]], sampling: str = "width"):
+        self.plan = [list(p) for p in plan]
+        self.sampling = sampling
+        self.i = 0
+
+    def sample(self, num_blocks: int = 0) -> List[SubnetSpec]:
+        if self.i >= len(self.plan):
+            raise RuntimeError(f"FixedSampler: the plan has {len(self.plan)} iterations, a further one was asked")
+        self.i += 1
+        return self.plan[self.i - 1]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_detection_batch(num_images: int, height: int, width: int, *, num_classes: int = 80,
+                              instances: int = 8, seed: int = 0) -> List[Dict]:
+    """A detectron2 training batch of random images with box, class and polygon-mask annotations.
+
+    For benchmarks at sizes no dataset at hand has (e.g. COCO's 800 x 1333 pixels); the
+    content is random, the work per pass is what a real batch of that size costs.
+
+    Args:
+        num_images: images in the batch.
+        height, width: image size in pixels.
+        num_classes: classes to draw ``gt_classes`` from.
+        instances: objects per image (axis-aligned boxes, 5-60% of the image side, with
+            an octagon polygon mask inside each).
+        seed: RNG seed.
+
+    Returns:
+        list of dicts with "image" ((3, H, W) uint8 tensor, BGR), "height", "width" and
+        "instances" (``gt_boxes``, ``gt_classes``, ``gt_masks`` as ``PolygonMasks``).
+
+    Raises:
+        ValueError: on non-positive sizes or counts.
+    """
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    if min(num_images, height, width, num_classes, instances) < 1:
+        raise ValueError(f"synthetic_detection_batch needs positive sizes and counts, got num_images={num_images}, "
+                         f"height={height}, width={width}, num_classes={num_classes}, instances={instances}")
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(num_images):
+        image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
+        side = torch.empty(instances, 2).uniform_(0.05, 0.6, generator=g) * torch.tensor([width, height])
+        x0 = torch.rand(instances, generator=g) * (width - side[:, 0])
+        y0 = torch.rand(instances, generator=g) * (height - side[:, 1])
+        boxes = torch.stack([x0, y0, x0 + side[:, 0], y0 + side[:, 1]], dim=1)
+        angles = torch.arange(8) * (2 * math.pi / 8)
+        polygons = []
+        for b in boxes:
+            cx, cy, rx, ry = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, (b[2] - b[0]) / 2, (b[3] - b[1]) / 2
+            pts = torch.stack([cx + rx * torch.cos(angles), cy + ry * torch.sin(angles)], dim=1)
+            polygons.append([pts.reshape(-1).numpy().astype("float64")])
+        inst = Instances((height, width))
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.randint(0, num_classes, (instances,), generator=g)
+        inst.gt_masks = PolygonMasks(polygons)
+        batch.append({"image": image, "height": height, "width": width, "instances": inst})
+    return batch
+
+
+def _loss(losses) -> torch.Tensor:
+    return sum(losses.values())
+
+
+def measure_iterations(model, batch, optimizer, *, plan: Optional[Sequence[Sequence[SubnetSpec]]], task=None,
+                       iters: int = 8, warmup: int = 2, amp: Optional[torch.dtype] = None,
+                       progress: Optional[Callable[[str], None]] = None) -> Dict:
+    """Measure one mode: the baseline (``plan=None``) or GradAug replaying ``plan``.
+
+    Args:
+        model: the detector, in training mode, on its device.
+        batch: the batch every iteration uses (detectron2 list of dicts).
+        optimizer: steps once per iteration.
+        plan: ``warmup + iters`` lists of sub-network specs (GradAug), or None (baseline).
+        task: the GradAug task (``DetectionTask``); needed with a plan.
+        iters, warmup: timed and untimed iterations (>= 1, >= 0).
+        amp: None (fp32) or the autocast dtype (torch.float16 / torch.bfloat16); fp16
+            back-propagates through a ``torch.amp.GradScaler``, as detectron2's AMPTrainer.
+        progress: called with a short label after every iteration (progress bars).
+
+    Returns:
+        dict with ``times`` (s per timed iteration), ``median_s``, ``peak_mb`` (CUDA
+        allocator peak or CPU peak RSS, MiB), ``memory_kind``, ``probed`` (per timed
+        iteration: its passes' :class:`PassRecord` dicts, ``optimizer_s``, ``outside_s``,
+        ``iteration_s``) and ``flops`` (per timed iteration: its passes' FLOP records).
+
+    Raises:
+        ValueError: on a plan of the wrong length, a plan without task, or bad counts.
+    """
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    if plan is not None:
+        if task is None:
+            raise ValueError("a GradAug plan needs its task (e.g. DetectionTask(model))")
+        if len(plan) < warmup + iters:
+            raise ValueError(f"the plan has {len(plan)} iterations, warmup + iters = {warmup + iters} are needed")
+    device = next(model.parameters()).device
+    scaler = None
+    if amp is not None:
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+    def backward(loss):
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def step_optimizer():
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+
+    def one(specs, probe: Optional[PassProbe] = None, step: bool = True):
+        a = probe.autocast if probe is not None else autocast
+        b = probe.backward if probe is not None else backward
+        optimizer.zero_grad(set_to_none=True)
+        if specs is None:
+            with a():
+                loss = _loss(model(batch))
+            b(loss)
+            del loss
+        else:
+            gradaug_step(model, batch, FixedSampler([specs]), task, backward=b, autocast=a)
+        if step:
+            step_optimizer()
+
+    plan_of = (lambda i: None) if plan is None else (lambda i: plan[i])
+    tick = progress or (lambda label: None)
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0):  # detectron2's losses log into the current storage
+        return _measure(model, optimizer, device, one, plan_of, warmup, iters, autocast, backward, step_optimizer,
+                        tick)
+
+
+def _measure(model, optimizer, device, one, plan_of, warmup, iters, autocast, backward, step_optimizer, tick):
+    for i in range(warmup):
+        one(plan_of(i))
+        tick("warm-up")
+
+    # 1. plain timed iterations
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup, warmup + iters):
+        sync(device)
+        start = time.perf_counter()
+        one(plan_of(i))
+        sync(device)
+        times.append(time.perf_counter() - start)
+        tick("timed")
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "CUDA allocator peak"
+    else:
+        peak, kind = peak_rss_mb(), "peak RSS"
+
+    # 2. the same iterations, every phase timed
+    probed = []
+    for i in range(warmup, warmup + iters):
+        with PassProbe(model, "time", autocast=autocast, backward=backward) as probe:
+            sync(device)
+            start = time.perf_counter()
+            one(plan_of(i), probe, step=False)
+            t_opt = time.perf_counter()
+            step_optimizer()
+            sync(device)
+            end = time.perf_counter()
+        passes = [p.to_dict() for p in probe.passes]
+        total = end - start
+        optimizer_s = end - t_opt
+        probed.append({"passes": passes, "iteration_s": total, "optimizer_s": optimizer_s,
+                       "outside_s": total - optimizer_s - sum(p["total_seconds"] for p in passes)})
+        tick("phases")
+
+    # 3. the same passes, FLOPs counted (no optimizer step: the counted passes are the same)
+    flops = []
+    for i in range(warmup, warmup + iters):
+        with PassProbe(model, "flops", autocast=autocast, backward=backward) as probe:
+            one(plan_of(i), probe, step=False)
+        flops.append([p.to_dict() for p in probe.passes])
+        tick("FLOPs")
+    optimizer.zero_grad(set_to_none=True)
+    return {"times": times, "median_s": statistics.median(times), "peak_mb": peak, "memory_kind": kind,
+            "probed": probed, "flops": flops}
+
+
+def _record(flop_dict: Dict, time_dicts: List[Dict]) -> PassRecord:
+    """A PassRecord with one pass's FLOPs and its phase seconds averaged over ``time_dicts``."""
+    rec = PassRecord(flop_dict["name"], tuple(flop_dict["input_hw"]), flop_dict["num_images"],
+                     flop_dict["fwd_flops"], flop_dict["bwd_flops"], flop_dict["backbone_fwd_flops"])
+    rec.seconds = {p: statistics.mean(t["seconds"].get(p, 0.0) for t in time_dicts) for p in PHASES}
+    return rec
+
+
+def compare(baseline: Dict, gradaug: Dict, plan: Sequence[Sequence[SubnetSpec]], warmup: int) -> Dict:
+    """Price GradAug's iterations with the cost model calibrated on the baseline.
+
+    Args:
+        baseline, gradaug: :func:`measure_iterations` results of the two modes.
+        plan: the plan the GradAug mode replayed (for the widths and scales of each pass).
+        warmup: the warm-up iterations at the head of ``plan``.
+
+    Returns:
+        dict with ``rate_s_per_gflop``; ``iteration`` (measured median s, model median s,
+        median of per-iteration time / model, memory ratio); ``passes``: one row per pass
+        slot (full, sub1, ...) averaged over the timed iterations: width, scale, input
+        size, forward / backward GFLOPs, model s, measured s per phase, time / model;
+        ``overhead``: mean seconds per iteration by phase outside the model's own compute
+        (transform, preprocess, teacher, optimizer, outside passes).
+    """
+    base_time = [p["passes"][0] for p in baseline["probed"]]
+    base = _record(baseline["flops"][0][0], base_time)
+    probed_iters = baseline["probed"]
+    base_opt = statistics.mean(p["optimizer_s"] for p in probed_iters)
+    iteration_models, ratios = [], []
+    slots: Dict[int, Dict[str, list]] = {}
+    for j, (t_iter, flop_passes, probed) in enumerate(zip(gradaug["times"], gradaug["flops"], gradaug["probed"])):
+        recs = [_record(f, [t]) for f, t in zip(flop_passes, probed["passes"])]
+        model = cost_model(base, baseline["median_s"], recs)
+        iteration_models.append(model["iteration_model_s"])
+        ratios.append(t_iter / model["iteration_model_s"])
+        specs = [None] + list(plan[warmup + j])
+        for k, (rec, spec, m) in enumerate(zip(recs, specs, model["pass_model_s"])):
+            s = slots.setdefault(k, {"name": rec.name, "width": [], "scale": [], "hw": [], "fwd": [], "bwd": [],
+                                     "backbone": [], "model": [], "seconds": [], "phases": []})
+            s["width"].append(1.0 if spec is None else spec.width)
+            s["scale"].append(1.0 if spec is None else spec.scale)
+            s["hw"].append(rec.input_hw)
+            s["fwd"].append(rec.fwd_flops)
+            s["bwd"].append(rec.bwd_flops)
+            s["backbone"].append(rec.backbone_fwd_flops)
+            s["model"].append(m)
+            s["seconds"].append(rec.total_seconds)
+            s["phases"].append(rec.seconds)
+    mean = statistics.mean
+    rows = []
+    for k in sorted(slots):
+        s = slots[k]
+        rows.append({
+            "pass": s["name"], "width_mean": mean(s["width"]), "scale_mean": mean(s["scale"]),
+            "input_hw_mean": [mean(h[0] for h in s["hw"]), mean(h[1] for h in s["hw"])],
+            "fwd_gflops": mean(s["fwd"]) / 1e9, "bwd_gflops": mean(s["bwd"]) / 1e9,
+            "backbone_fwd_gflops": mean(s["backbone"]) / 1e9,
+            "model_s": mean(s["model"]), "measured_s": mean(s["seconds"]),
+            "phases_s": {p: mean(ph[p] for ph in s["phases"]) for p in PHASES},
+            "time_over_model": mean(s["seconds"]) / mean(s["model"]) if mean(s["model"]) else float("nan"),
+        })
+    overhead = {p: sum(r["phases_s"][p] for r in rows) for p in ("transform", "preprocess", "teacher")}
+    overhead["optimizer"] = mean(p["optimizer_s"] for p in gradaug["probed"])
+    overhead["outside passes"] = mean(p["outside_s"] for p in gradaug["probed"])
+    baseline_row = {
+        "pass": "baseline", "width_mean": 1.0, "scale_mean": 1.0, "input_hw_mean": list(base.input_hw),
+        "fwd_gflops": base.fwd_flops / 1e9, "bwd_gflops": base.bwd_flops / 1e9,
+        "backbone_fwd_gflops": base.backbone_fwd_flops / 1e9, "model_s": base.total_seconds,
+        "measured_s": base.total_seconds, "phases_s": dict(base.seconds), "time_over_model": 1.0,
+    }
+    return {
+        "rate_s_per_gflop": base.total_seconds / base.flops * 1e9,
+        "baseline": {"median_s": baseline["median_s"], "peak_mb": baseline["peak_mb"], "pass": baseline_row,
+                     "optimizer_s": base_opt,
+                     "outside_s": mean(p["outside_s"] for p in probed_iters)},
+        "iteration": {"median_s": gradaug["median_s"], "model_s": statistics.median(iteration_models),
+                      "time_over_model": statistics.median(ratios), "time_over_baseline":
+                      gradaug["median_s"] / baseline["median_s"],
+                      "memory_ratio": gradaug["peak_mb"] / baseline["peak_mb"], "peak_mb": gradaug["peak_mb"]},
+        "passes": rows,
+        "overhead_s": overhead,
+    }
