@@ -29,6 +29,12 @@ def add_gradaug_config(cfg: CN) -> CN:
     # Slim the FPN's lateral and output convolutions with the bottom-up ResNet.
     _c.MODEL.SLIMMABLE.SLIM_FPN = True
 
+    # ---- Weights loading -----------------------------------------------------------------
+    # Load MODEL.WEIGHTS although some backbone tensors differ in shape from the model's
+    # (they keep their initialisation). False: such a file is refused, naming the
+    # MODEL.RESNETS keys that would match it (e.g. R50 weights into an R18 model).
+    _c.MODEL.BACKBONE.ALLOW_SHAPE_MISMATCH = False
+
     # ---- GradAug training ----------------------------------------------------------------
     _c.GRADAUG = CN()
     # Run GradAug's sub-network passes in every iteration (False = stock detectron2 step).

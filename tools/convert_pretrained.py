@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--emit-config", default=None, metavar="YAML",
                    help="also write the matching MODEL.WEIGHTS / PIXEL_MEAN / PIXEL_STD / INPUT.FORMAT / "
                         "RESNETS overrides to this YAML file (merge it after your detection config)")
+    from gradaug_det.checkpoint.io import add_trust_pickle_argument
+
+    add_trust_pickle_argument(p)
     return p.parse_args(argv)
 
 
@@ -79,6 +82,18 @@ def _nested(opts):
 
 def main(argv=None):
     args = parse_args(argv)
+    from gradaug_det.checkpoint.io import atomic_write, check_output_path, set_trust_pickle
+
+    set_trust_pickle(args.trust_pickle)
+    try:  # every output is checked before the input is read
+        if args.target != "torchvision" and not args.output.endswith(".pkl"):
+            raise ValueError(f"output {args.output!r} must end in .pkl (detectron2 reads .pkl files as "
+                             "converted weights); --target torchvision writes a .pth")
+        check_output_path(args.output, "output")
+        if args.emit_config:
+            check_output_path(args.emit_config, "--emit-config")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     from detectron2.utils.logger import setup_logger
 
     setup_logger(name="gradaug_det")
@@ -105,7 +120,7 @@ def main(argv=None):
     print("Use these config overrides with the converted weights:")
     print("  " + " ".join(f'"{o}"' if " " in o else o for o in opts))
     if args.emit_config:
-        with open(args.emit_config, "w") as f:
+        with atomic_write(args.emit_config, "w") as f:
             yaml.safe_dump(_nested(opts), f, sort_keys=False)
         print(f"Wrote them to {args.emit_config}")
 

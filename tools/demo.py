@@ -25,6 +25,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import gradaug_det  # noqa: F401  (registers backbones and the quickstart datasets' metadata)
 from gradaug_det import add_gradaug_config, width
+from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
+from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.checkpoint.prune import add_pruned_config
 from gradaug_det.slim import SlimmableModule
 
@@ -39,6 +41,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=float, default=1.0, help="network width in (0, 1] (default 1.0)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the drawn instances (default 0.5)")
+    add_trust_pickle_argument(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth")
     return parser
@@ -90,9 +93,15 @@ def main(args) -> list:
     w = args.width
     if not 0.0 < w <= 1.0:
         raise SystemExit(f"--width must be in (0, 1], got {w}")
+    set_trust_pickle(args.trust_pickle)
     cfg = setup_cfg(args)
     files = expand_inputs(args.input)
-    predictor = DefaultPredictor(cfg)
+    bare = cfg.clone()  # DefaultPredictor would load MODEL.WEIGHTS with detectron2's unrestricted loader
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""
+    bare.freeze()
+    predictor = DefaultPredictor(bare)
+    GradAugCheckpointer.from_config(cfg, predictor.model).load(cfg.MODEL.WEIGHTS)
     if w < 1.0 and not any(isinstance(m, SlimmableModule) for m in predictor.model.modules()):
         raise SystemExit(f"--width {w:g} needs a slimmable model, but MODEL.BACKBONE.NAME="
                          f"{cfg.MODEL.BACKBONE.NAME!r} has no slimmable layer; use --width 1.0")

@@ -7,12 +7,13 @@
 Standard detectron2 flags: --num-gpus, --num-machines, --machine-rank, --dist-url, --resume,
 --eval-only, and config overrides as trailing KEY VALUE pairs.
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import gradaug_det  # noqa: F401  (registers backbones, meta-architectures, datasets)
+from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
+from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.engine import GradAugTrainer, setup
 
 
@@ -20,7 +21,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = GradAugTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        GradAugCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         res = GradAugTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -31,6 +33,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    add_trust_pickle_argument(parser)
+    args = parser.parse_args()
+    set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -37,7 +37,6 @@ with the reason, unknown names are an error, and :func:`load_pretrained` reports
 did not load into a model.
 """
 import logging
-import pickle
 import re
 from collections import OrderedDict
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -46,8 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.utils.file_io import PathManager
+from .checkpointer import GradAugCheckpointer
+from .io import atomic_pickle_dump, atomic_torch_save, load_weights_file
 
 __all__ = [
     "TARGETS",
@@ -103,16 +102,8 @@ def _unwrap_state_dict(obj: Any, source: str) -> StateDict:
 
 
 def _load(path: str) -> Any:
-    with PathManager.open(path, "rb") as f:
-        if path.endswith(".pkl"):
-            return pickle.load(f, encoding="latin1")
-        try:
-            return torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            logger.warning("%s holds objects other than tensors (%s); unpickling it fully. Only convert "
-                           "checkpoints you trust.", path, str(e).splitlines()[0])
-    with PathManager.open(path, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=False)
+    # never falls back to full unpickling: --trust-pickle / GRADAUG_DET_TRUST_PICKLE=1 only
+    return load_weights_file(path)
 
 
 def _log_dropped(dropped: Dict[str, str]) -> None:
@@ -355,8 +346,7 @@ def save_d2_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
     """Write a checkpoint from :func:`make_d2_checkpoint` as a detectron2 ``.pkl``."""
     if not path.endswith(".pkl"):
         raise ValueError(f"output {path!r} must end in .pkl (detectron2 reads .pkl files as converted weights)")
-    with PathManager.open(path, "wb") as f:
-        pickle.dump(checkpoint, f)
+    atomic_pickle_dump(checkpoint, path)
     meta = checkpoint.get("gradaug_det", {})
     logger.info("Saved %d tensors (%s layout) to %s", len(checkpoint["model"]), meta.get("target"), path)
 
@@ -472,21 +462,25 @@ def convert_classifier_to_torchvision(source: Union[str, StateDict], output: Opt
     _log_dropped(dropped)
     out = d2_to_torchvision(backbone, head)
     if output:
-        with PathManager.open(output, "wb") as f:
-            torch.save(out, f)
+        atomic_torch_save(out, output)
         logger.info("Wrote %d torchvision-named tensors to %s", len(out), output)
     return out
 
 
 def read_pretrained_meta(path: str) -> Optional[Dict[str, Any]]:
-    """The ``"gradaug_det"`` metadata of a converted ``.pkl``, or None for other files."""
+    """The ``"gradaug_det"`` metadata of a converted ``.pkl``, or None for other files.
+
+    Read with the restricted unpickler (:func:`~gradaug_det.checkpoint.io.load_weights_file`).
+
+    Raises:
+        UntrustedPickleError, CheckpointFileError: the file is refused or unreadable (before
+            any model is built).
+    """
     if not path or not path.endswith(".pkl"):
         return None
     try:
-        local = PathManager.get_local_path(path)
-        with open(local, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        data = load_weights_file(path)
+    except FileNotFoundError as e:
         logger.warning("Could not read %s to check its conventions: %s", path, e)
         return None
     return data.get("gradaug_det") if isinstance(data, dict) else None
@@ -582,7 +576,7 @@ class LoadReport(NamedTuple):
     incorrect_shapes: List[Tuple[str, tuple, tuple]]
 
 
-class _RecordingCheckpointer(DetectionCheckpointer):
+class _RecordingCheckpointer(GradAugCheckpointer):
     """DetectionCheckpointer that keeps the incompatible keys of its last load."""
 
     incompatible = None
@@ -609,7 +603,7 @@ def load_pretrained(model: nn.Module, path: str, cfg=None) -> LoadReport:
     """
     if cfg is not None:
         check_pretrained_config(cfg, path)
-    ckpt = _RecordingCheckpointer(model)
+    ckpt = _RecordingCheckpointer(model) if cfg is None else _RecordingCheckpointer.from_config(cfg, model)
     ckpt.load(path)
     inc = ckpt.incompatible
     shapes = [(k, tuple(a), tuple(b)) for k, a, b in inc.incorrect_shapes]

@@ -489,26 +489,28 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
         ``flops_slim`` (full network at width ``w``) and ``flops_pruned``, and
         ``feature_diff`` (:func:`feature_difference` on a ``flops_size`` or 256 px image).
     """
-    from detectron2.checkpoint import DetectionCheckpointer
+    from .checkpointer import GradAugCheckpointer
+    from .io import atomic_torch_save, atomic_write, check_output_path
 
     w = check_width(w)
     weights = cfg.MODEL.WEIGHTS if weights is None else weights
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
-    model.eval()
-    os.makedirs(output_dir, exist_ok=True)
     ckpt_path = os.path.abspath(os.path.join(output_dir, f"model_pruned_w{w:g}.pth"))
     cfg_path = os.path.join(output_dir, f"config_pruned_w{w:g}.yaml")
+    check_output_path(ckpt_path, "--output", make_dirs=True)  # before any work
+    model = build_model(cfg)
+    GradAugCheckpointer.from_config(cfg, model).load(weights)
+    model.eval()
+    os.makedirs(output_dir, exist_ok=True)
     pruned_cfg, pruned_model = prune_model(model, cfg, w, weights=ckpt_path)
     info = {"width": w, "source": str(weights), "backbone": pruned_cfg.MODEL.BACKBONE.NAME}
-    torch.save({"model": pruned_model.state_dict(), "gradaug_prune": info}, ckpt_path)
+    atomic_torch_save({"model": pruned_model.state_dict(), "gradaug_prune": info}, ckpt_path)
     custom = pruned_cfg.MODEL.BACKBONE.NAME == "build_pruned_resnet_fpn_backbone"
     extra = (
         "# Load with: cfg = get_cfg(); gradaug_det.checkpoint.prune.add_pruned_config(cfg);\n"
         "#            cfg.merge_from_file(<this file>)  (importing that module registers the backbone)\n"
         if custom else "# Stock keys only: detectron2's get_cfg().merge_from_file(<this file>) reads it.\n"
     )
-    with open(cfg_path, "w") as f:
+    with atomic_write(cfg_path, "w") as f:
         f.write(_CFG_HEADER.format(width=w, source=weights or "(random init)",
                                    backbone=pruned_cfg.MODEL.BACKBONE.NAME, extra=extra))
         f.write(pruned_cfg.dump())

@@ -17,13 +17,13 @@ from collections import OrderedDict
 
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint.checkpointer import GradAugCheckpointer
 from ..gradaug import SubnetSampler, build_task, validate_sampler_args
 from ..gradaug.sampler import SUBNET_LOSSES
 from ..slim import SlimmableModule, check_width, linear_keep_probs, residual_blocks
@@ -133,7 +133,8 @@ class GradAugTrainer(DefaultTrainer):
         self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # safe loading, atomic saving, resume fallback, backbone-shape refusal (gradaug_det.checkpoint)
+        self.checkpointer = GradAugCheckpointer.from_config(cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -1,0 +1,318 @@
+"""Reading weights without running code, and writing files without leaving them half-written.
+
+Loading
+    ``.pth`` (and every other non-``.pkl`` file) loads with ``torch.load(weights_only=True)``
+    only: tensors, plain containers, numbers, strings and numpy arrays. ``.pkl`` files
+    (detectron2's model-zoo format and this project's converted weights) load through
+    :class:`RestrictedUnpickler`, which admits exactly what those files hold: ``dict`` /
+    ``list`` / ``tuple`` / ``OrderedDict``, strings, bytes, numbers and numpy arrays,
+    dtypes and scalars. Any other object in a file is refused with
+    :class:`UntrustedPickleError`, naming the file, the refused object and the explicit
+    opt-in for a file you trust: ``--trust-pickle`` on the tools, or the environment
+    variable ``GRADAUG_DET_TRUST_PICKLE=1``.
+
+Writing
+    :func:`atomic_write` writes to a temporary file in the destination's directory and
+    renames it over the destination (``os.replace``, atomic on POSIX), so a killed
+    process leaves either the old file or the complete new one, never a partial file.
+    :func:`check_output_path` checks an output path before any work starts.
+"""
+import contextlib
+import io
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from typing import Any, Iterator, Optional
+
+import torch
+
+__all__ = [
+    "TRUST_PICKLE_ENV",
+    "TRUST_PICKLE_FLAG",
+    "CheckpointFileError",
+    "UntrustedPickleError",
+    "RestrictedUnpickler",
+    "trust_pickle",
+    "set_trust_pickle",
+    "add_trust_pickle_argument",
+    "load_weights_file",
+    "restricted_pickle_load",
+    "atomic_write",
+    "atomic_torch_save",
+    "atomic_pickle_dump",
+    "check_output_path",
+    "is_complete_torch_file",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The environment variable that lets every entry point fully unpickle weight files.
+TRUST_PICKLE_ENV = "GRADAUG_DET_TRUST_PICKLE"
+#: The command-line flag of the tools (sets :data:`TRUST_PICKLE_ENV` for the run).
+TRUST_PICKLE_FLAG = "--trust-pickle"
+
+# (module, name) pairs a detectron2 / gradaug-det .pkl may reference. numpy 1.x pickles
+# name numpy.core.*, numpy 2.x numpy._core.*; protocol 2 files (the model zoo, written by
+# Python 2) encode bytes through _codecs.encode.
+_SAFE_PICKLE_GLOBALS = frozenset(
+    [("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+     ("builtins", "complex"), ("builtins", "bytearray"), ("_codecs", "encode"),
+     ("numpy", "ndarray"), ("numpy", "dtype")]
+    + [(f"numpy.{core}.multiarray", n) for core in ("core", "_core") for n in ("_reconstruct", "scalar")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+)
+
+
+class CheckpointFileError(ValueError):
+    """A weights file that cannot be read: empty, truncated, or not a checkpoint at all."""
+
+
+class UntrustedPickleError(pickle.UnpicklingError):
+    """A weights file holds an object whose loading could run code; it was not loaded."""
+
+
+def trust_pickle(trusted: Optional[bool] = None) -> bool:
+    """Whether weight files may be fully unpickled.
+
+    Args:
+        trusted: an explicit choice; None reads ``GRADAUG_DET_TRUST_PICKLE`` (``1`` /
+            ``true`` / ``yes`` = trust).
+    """
+    if trusted is not None:
+        return bool(trusted)
+    return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def set_trust_pickle(trusted: bool) -> None:
+    """Trust weight files for the rest of this process and its children (``--trust-pickle``)."""
+    if trusted:
+        os.environ[TRUST_PICKLE_ENV] = "1"
+        logger.warning("%s: weight files are fully unpickled; only load files you trust", TRUST_PICKLE_FLAG)
+
+
+def add_trust_pickle_argument(parser) -> None:
+    """Add ``--trust-pickle`` to an ``argparse`` parser (one wording for every tool)."""
+    parser.add_argument(TRUST_PICKLE_FLAG, action="store_true",
+                        help="fully unpickle weight files (.pkl/.pth holding arbitrary Python objects); "
+                             "loading such a file can run code, so only for files you trust "
+                             f"(same as {TRUST_PICKLE_ENV}=1)")
+
+
+def _refusal(path: str, what: str) -> str:
+    return (f"{path}: refused to load {what}: loading it could run code. Weight files hold tensors, numpy "
+            f"arrays, numbers, strings and containers. If you trust this file, pass {TRUST_PICKLE_FLAG} "
+            f"or set {TRUST_PICKLE_ENV}=1")
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds only containers, numbers, strings and numpy arrays.
+
+    Args:
+        file: a binary file object.
+        name: the file's name, for error messages.
+
+    Raises:
+        UntrustedPickleError: on any other global (class or function) in the stream, or
+            a persistent id.
+    """
+
+    def __init__(self, file, name: str = "<pickle>"):
+        super().__init__(file, encoding="latin1")
+        self._name = name
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise UntrustedPickleError(_refusal(self._name, f"the object {module}.{name}"))
+
+    def persistent_load(self, pid):
+        raise UntrustedPickleError(_refusal(self._name, f"a persistent object ({pid!r})"))
+
+
+def restricted_pickle_load(path: str) -> Any:
+    """Unpickle ``path`` with :class:`RestrictedUnpickler` (see :func:`load_weights_file`)."""
+    with _open(path) as f:
+        return RestrictedUnpickler(f, name=path).load()
+
+
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[io.BufferedReader]:
+    from detectron2.utils.file_io import PathManager
+
+    try:
+        f = PathManager.open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such weights file") from None
+    with f:
+        yield f
+
+
+def _numpy_safe_globals():
+    import numpy as np
+
+    found = []
+    for core in ("core", "_core"):
+        try:
+            mod = __import__(f"numpy.{core}.multiarray", fromlist=["_reconstruct"])
+            found.append(mod._reconstruct)
+        except (ImportError, AttributeError):
+            pass
+    return found + [np.ndarray, np.dtype] + [type(np.dtype(t)) for t in "?bBhHiIlLqQefdgFDG"]
+
+
+def _expected(path: str) -> str:
+    if path.endswith(".pkl"):
+        return ("a detectron2 .pkl weights file (a pickled dict: {'model': {name: array}, ...}, as in "
+                "detectron2's model zoo or written by tools/convert_pretrained.py)")
+    return "a PyTorch checkpoint written by torch.save (e.g. model_final.pth) or a state dict"
+
+
+def load_weights_file(path: str, *, trusted: Optional[bool] = None) -> Any:
+    """Load a weights file without running code from it.
+
+    ``.pkl``: :class:`RestrictedUnpickler` (detectron2 model-zoo and converted weights);
+    anything else: ``torch.load(weights_only=True)`` onto the CPU (numpy arrays admitted).
+    With ``trusted`` (or ``GRADAUG_DET_TRUST_PICKLE=1``) the file is fully unpickled.
+
+    Args:
+        path: a local path or a detectron2 ``PathManager`` URL.
+        trusted: fully unpickle; None reads ``GRADAUG_DET_TRUST_PICKLE``.
+
+    Returns:
+        What the file holds (usually a dict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UntrustedPickleError: the file holds other objects (names the file and the opt-in).
+        CheckpointFileError: the file is empty, truncated or not a weights file (names the
+            file and what was expected).
+    """
+    trusted = trust_pickle(trusted)
+    try:
+        if path.endswith(".pkl"):
+            if trusted:
+                with _open(path) as f:
+                    return pickle.load(f, encoding="latin1")
+            return restricted_pickle_load(path)
+        with _open(path) as f:
+            if trusted:
+                return torch.load(f, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(_numpy_safe_globals()):
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, UntrustedPickleError):
+        raise
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        lines = [line.strip() for line in msg.splitlines() if line.strip()]
+        glob = next((line for line in lines if "GLOBAL" in line), None)
+        if glob is not None:
+            glob = glob.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+            raise UntrustedPickleError(_refusal(path, f"an object that is not a tensor ({glob})")) from None
+        detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+        raise CheckpointFileError(f"{path}: not readable as {_expected(path)} ({detail}); the file is not a "
+                                  "checkpoint or is damaged") from None
+    except EOFError:
+        raise CheckpointFileError(f"{path}: the file is empty or truncated; expected {_expected(path)}. "
+                                  "If a run was killed while writing it, delete it") from None
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            UnicodeDecodeError, zipfile.BadZipFile, OverflowError, MemoryError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointFileError(f"{path}: not readable as {_expected(path)} ({first})") from None
+
+
+def is_complete_torch_file(path: str) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` zip file (its central directory is intact).
+
+    A file cut off while being written lacks the zip's end record and fails this check;
+    the tensors are not read.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return False
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_output_path(path: str, what: str = "output", *, make_dirs: bool = False) -> str:
+    """Check before any work that ``path`` can be written.
+
+    Args:
+        path: the file to be written.
+        what: how to name it in errors (e.g. ``"--emit-config"``).
+        make_dirs: the writer creates missing directories; else the directory must exist.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: naming ``what``, the path and the problem (a directory, a missing or
+            unwritable directory).
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a directory; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) and not make_dirs:
+        raise ValueError(f"{what} {path!r}: directory {directory!r} does not exist; create it or choose "
+                         "another path")
+    parent = directory
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{what} {path!r}: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path!r}: directory {parent!r} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb", *, make_dirs: bool = True) -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success rename it to ``path``.
+
+    The temporary file (``.<name>.tmp-XXXX`` in the same directory) is flushed and
+    fsync'ed, then renamed with ``os.replace``; on an exception it is removed and
+    ``path`` is untouched. A killed process may leave a hidden ``.tmp-`` file, never a
+    partial ``path``.
+
+    Args:
+        path: the destination (a local path).
+        mode: ``"wb"`` or ``"w"``.
+        make_dirs: create the destination's directory if missing.
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if make_dirs:
+        os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def atomic_pickle_dump(obj: Any, path: str) -> None:
+    """``pickle.dump(obj, path)`` through :func:`atomic_write`."""
+    with atomic_write(path, "wb") as f:
+        pickle.dump(obj, f)
