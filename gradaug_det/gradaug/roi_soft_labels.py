@@ -1,20 +1,43 @@
 """Soft labels for the RoI box classifier of a detectron2 R-CNN.
 
 The full network's class distributions on its own sampled RoIs are recorded during its
-pass; the RoIs are mapped through the sub-network's input transform, and the
-sub-network's box classifier on those RoIs learns them with :func:`.losses.soft_label_kl`.
+pass; the RoIs are mapped through the sub-network's input transform (on the device, see
+:mod:`.transforms`), and the sub-network's box classifier on those RoIs learns them with
+:func:`.losses.soft_label_kl`. RoIs a rotation leaves without area keep a weight of 0
+rather than being dropped (dropping needs boolean indexing: a host sync on CUDA).
 """
 import contextlib
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detectron2.structures import Boxes
 
 from .losses import soft_label_kl, unwrap_model
 
-__all__ = ["RoIClassifierSoftLabels"]
+__all__ = ["RoIClassifierSoftLabels", "weighted_soft_label_kl"]
+
+
+def weighted_soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """:func:`.losses.soft_label_kl` over the RoIs of weight 1 only, without indexing.
+
+    Args:
+        student_logits, teacher_logits: (R, K) logits.
+        weights: (R,) 1 for RoIs that take part, 0 for RoIs to leave out.
+
+    Returns:
+        ``sum_r w_r KL_r / max(sum_r w_r, 1)``: with all weights 1 the reference's
+        ``reduction="batchmean"``; with 0/1 weights, exactly that loss on the kept rows.
+    """
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    w = weights.float()
+    target = F.softmax(teacher_logits.detach().float(), dim=1)
+    per_roi = F.kl_div(F.log_softmax(student_logits.float(), dim=1), target, reduction="none").sum(1)
+    return (per_roi * w).sum() / w.sum().clamp(min=1.0)
 
 
 class RoIClassifierSoftLabels:
@@ -97,7 +120,13 @@ class RoIClassifierSoftLabels:
             device = next(iter(features.values())).device
             student = self.student_logits(features, [t["boxes"].to(device) for t in teacher])
             target = torch.cat([t["logits"] for t in teacher]).to(device)
-            output[1][name] = soft_label_kl(student, target)
+            weights = [t.get("weights") for t in teacher]
+            if any(w is not None for w in weights):
+                weights = torch.cat([torch.ones(len(t["logits"]), device=device) if w is None else w.to(device)
+                                     for t, w in zip(teacher, weights)])
+                output[1][name] = weighted_soft_label_kl(student, target, weights)
+            else:
+                output[1][name] = soft_label_kl(student, target)
             return output
 
         handle = self.roi_heads.register_forward_hook(on_roi_heads, with_kwargs=True)

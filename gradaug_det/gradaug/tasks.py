@@ -13,9 +13,12 @@ import torch.nn.functional as F
 from .losses import OutputRecorder, unwrap_model
 from .roi_soft_labels import RoIClassifierSoftLabels
 from .sampler import SUBNET_LOSSES, SubnetSpec
-from .transforms import transform_classification_batch, transform_detection_batch
+from .transforms import (
+    batch_to_device, check_batch_fields, check_transformable_fields, transform_classification_batch,
+    transform_detection_batch,
+)
 
-__all__ = ["DetectionTask", "ClassificationTask", "build_task"]
+__all__ = ["DetectionTask", "ClassificationTask", "build_task", "check_subnet_loss_support"]
 
 LossDict = Dict[str, torch.Tensor]
 
@@ -29,12 +32,57 @@ def _no_losses(*args, **kwargs):
     return None, {}
 
 
+#: Meta-architectures whose sub-network passes can learn soft labels (the full network's RoI
+#: box-classifier distributions), and the RoI heads that provide them.
+SOFT_LABEL_META_ARCHITECTURES = ("GeneralizedRCNN", "PanopticFPN")
+SOFT_LABEL_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads")
+
+
+def check_subnet_loss_support(cfg) -> None:
+    """Refuse, before the model is built, a ``GRADAUG.SUBNET_LOSS`` the model cannot learn,
+    and a training-dict field the sub-network transforms cannot move
+    (:func:`.transforms.check_transformable_fields`).
+
+    "soft" / "gt+soft" need an R-CNN box classifier to take soft labels from:
+    ``MODEL.META_ARCHITECTURE`` in :data:`SOFT_LABEL_META_ARCHITECTURES` with
+    ``MODEL.ROI_HEADS.NAME`` a (subclass of) ``StandardROIHeads`` / ``Res5ROIHeads`` with one
+    box predictor (not ``CascadeROIHeads``). "gt" works with every detectron2 model.
+
+    Raises:
+        ValueError: naming the key, its value and what to set.
+    """
+    if not cfg.GRADAUG.ENABLED or cfg.MODEL.META_ARCHITECTURE == "SlimmableClassifier":
+        return
+    check_transformable_fields(cfg)
+    if "soft" not in cfg.GRADAUG.SUBNET_LOSS:
+        return
+    arch = cfg.MODEL.META_ARCHITECTURE
+    fix = "set GRADAUG.SUBNET_LOSS='gt' (the standard losses on the transformed annotations)"
+    if arch not in SOFT_LABEL_META_ARCHITECTURES:
+        raise ValueError(
+            f"GRADAUG.SUBNET_LOSS={cfg.GRADAUG.SUBNET_LOSS!r} needs an R-CNN box classifier for its soft labels, "
+            f"but MODEL.META_ARCHITECTURE={arch!r} has none (soft labels support "
+            f"{', '.join(SOFT_LABEL_META_ARCHITECTURES)}); {fix}"
+        )
+    from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, Res5ROIHeads, StandardROIHeads
+
+    name = cfg.MODEL.ROI_HEADS.NAME
+    heads = ROI_HEADS_REGISTRY.get(name)
+    if not issubclass(heads, (StandardROIHeads, Res5ROIHeads)) or issubclass(heads, CascadeROIHeads):
+        raise ValueError(
+            f"GRADAUG.SUBNET_LOSS={cfg.GRADAUG.SUBNET_LOSS!r} takes soft labels from one RoI box classifier "
+            f"({', '.join(SOFT_LABEL_ROI_HEADS)}), but MODEL.ROI_HEADS.NAME={name!r} is not one; {fix}"
+        )
+
+
 @contextlib.contextmanager
 def _features_only(model):
-    """The R-CNN's forward computes its features and nothing else: the proposal generator and
-    the RoI heads return no proposals and no losses (the soft-label hook on the RoI heads then
-    adds the only loss). Restored on exit, also when the body raises."""
-    modules = [m for m in (getattr(model, "proposal_generator", None), model.roi_heads) if m is not None]
+    """The R-CNN's forward computes its features and nothing else: the proposal generator,
+    the RoI heads (and PanopticFPN's semantic head) return no proposals and no losses (the
+    soft-label hook on the RoI heads then adds the only loss). Restored on exit, also when
+    the body raises."""
+    modules = [m for m in (getattr(model, "proposal_generator", None), model.roi_heads,
+                           getattr(model, "sem_seg_head", None)) if m is not None]
     vis_period = getattr(model, "vis_period", 0)
     try:
         model.vis_period = 0  # training visualisation would need proposals
@@ -47,39 +95,64 @@ def _features_only(model):
             del m.forward
 
 
+def _model_device(model) -> torch.device:
+    net = unwrap_model(model)
+    device = getattr(net, "device", None)
+    return torch.device(device) if device is not None else next(net.parameters()).device
+
+
 class DetectionTask:
-    """GradAug for detectron2 R-CNN models (Faster / Mask R-CNN, FPN or C4).
+    """GradAug for detectron2 models (Faster / Mask / Keypoint R-CNN, FPN or C4, PanopticFPN;
+    with "gt" any detectron2 meta-architecture, e.g. RetinaNet or SemanticSegmentor).
 
     Sub-network loss: "gt" = the standard losses on the transformed annotations;
     "soft" = KL to the full network's box-classifier distributions on its RoIs;
     "gt+soft" = both.
 
+    The full pass puts the batch's dense fields on the model's device once
+    (:func:`.transforms.batch_to_device`); every sub-network's batch is formed there.
+
     Args:
         model: the (possibly DDP-wrapped) detector.
         subnet_loss: "soft", "gt" or "gt+soft".
         soft_weight, gt_weight: weights of the two kinds of sub-network loss.
+        ignore_value: ``sem_seg`` label of pixels rotated in from outside the image
+            (``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``).
     """
 
-    def __init__(self, model, subnet_loss: str = "soft", soft_weight: float = 1.0, gt_weight: float = 1.0):
+    def __init__(self, model, subnet_loss: str = "soft", soft_weight: float = 1.0, gt_weight: float = 1.0,
+                 ignore_value: int = 255):
         _check_loss_mode(subnet_loss)
         self.use_gt = "gt" in subnet_loss
         self.use_soft = "soft" in subnet_loss
         self.soft_weight, self.gt_weight = soft_weight, gt_weight
+        self.ignore_value = ignore_value
         self.soft = RoIClassifierSoftLabels(model) if self.use_soft else None
+        # PanopticFPN's forward reads "instances" even when its heads are switched off
+        self.needs_instances = hasattr(unwrap_model(model), "sem_seg_head") and hasattr(unwrap_model(model), "roi_heads")
 
     def full_pass(self, model, batch: List[Dict]) -> Tuple[LossDict, object]:
-        """Full network on the original batch: its standard losses and its RoI soft labels."""
+        """Full network on the original batch: its standard losses; the teacher holds the
+        batch with its dense fields on the model's device, and the RoI soft labels."""
+        check_batch_fields(batch)  # a field the sub-networks cannot get: refused before any pass
+        batch = batch_to_device(batch, _model_device(model))
         if not self.use_soft:
-            return model(batch), None
-        with self.soft.record() as teacher:
+            return model(batch), {"batch": batch, "rois": None}
+        with self.soft.record() as rois:
             losses = model(batch)
-        return losses, teacher
+        return losses, {"batch": batch, "rois": rois}
 
     def subnet_pass(self, model, batch: List[Dict], teacher, spec: SubnetSpec) -> LossDict:
         """One sub-network (already set on the model) on its transformed batch."""
+        batch = teacher["batch"]
         if not self.use_gt:  # soft labels only: the annotations are not used
-            batch = [{k: v for k, v in d.items() if k != "instances"} for d in batch]
-        batch_t, teacher_t = transform_detection_batch(batch, spec, teacher)
+            batch = [{k: v for k, v in d.items() if k not in ("instances", "proposals")} for d in batch]
+        batch_t, teacher_t = transform_detection_batch(batch, spec, teacher["rois"], device=_model_device(model),
+                                                       ignore_value=self.ignore_value)
+        if not self.use_gt and self.needs_instances:
+            from detectron2.structures import Instances
+
+            batch_t = [dict(d, instances=Instances(tuple(d["image"].shape[-2:]))) for d in batch_t]
         if not self.use_soft:
             losses = model(batch_t)
         elif self.use_gt:
@@ -143,6 +216,7 @@ class ClassificationTask:
 def build_task(cfg, model):
     """The task for ``cfg.MODEL.META_ARCHITECTURE`` (classifier or R-CNN detector)."""
     g = cfg.GRADAUG
+    check_subnet_loss_support(cfg)
     if cfg.MODEL.META_ARCHITECTURE == "SlimmableClassifier":
         batch_fn = None
         if cfg.INPUT.CUTMIX.ENABLED:
@@ -150,4 +224,5 @@ def build_task(cfg, model):
 
             batch_fn = CutMix(cfg)
         return ClassificationTask(model, g.SUBNET_LOSS, g.SOFT_WEIGHT, g.GT_WEIGHT, batch_fn)
-    return DetectionTask(model, g.SUBNET_LOSS, g.SOFT_WEIGHT, g.GT_WEIGHT)
+    return DetectionTask(model, g.SUBNET_LOSS, g.SOFT_WEIGHT, g.GT_WEIGHT,
+                         ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
