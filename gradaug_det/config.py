@@ -23,9 +23,15 @@ def add_gradaug_config(cfg: CN) -> CN:
 
     # ---- Slimmable backbone --------------------------------------------------------------
     _c.MODEL.SLIMMABLE = CN()
-    # Align every sliced channel count to a multiple of this (1 = GradAug reference rule
-    # max(1, int(c * w + 0.5))). 8 suits GPU tensor cores; see README "Channel divisor".
+    # Align every sliced channel count to a multiple of this (1 = no alignment; > 1 needs
+    # CHANNEL_RULE "round"). 8 suits GPU tensor cores; see README "Channel divisor".
     _c.MODEL.SLIMMABLE.CHANNEL_DIVISOR = 1
+    # How a layer of c channels keeps channels at width w (gradaug_det.slim.channels):
+    # "round": max(1, int(c * w + 0.5)) in every layer, aligned by CHANNEL_DIVISOR;
+    # "reference": the GradAug code's int(make_divisible(c * w / r) * r), r = 0.25 for the
+    # stem and bottleneck inner layers, 1 elsewhere (needs CHANNEL_DIVISOR 1). The shipped
+    # ImageNet reproduction configs use "reference". See README "Width semantics".
+    _c.MODEL.SLIMMABLE.CHANNEL_RULE = "round"
     # Slim the FPN's lateral and output convolutions with the bottom-up ResNet.
     _c.MODEL.SLIMMABLE.SLIM_FPN = True
 

@@ -3,12 +3,15 @@ import math
 
 from torch import nn
 
+from ..slim import check_channel_rule
+
 __all__ = ["check_slimmable_args", "check_group_norms"]
 
 _SLICEABLE_NORMS = ("BN", "BN2d", "SyncBN", "GN")
 
 
-def check_slimmable_args(owner: str, key: str, kwargs: dict, channel_divisor, unsupported=("conv_cfg",)) -> None:
+def check_slimmable_args(owner: str, key: str, kwargs: dict, channel_divisor, unsupported=("conv_cfg",),
+                         channel_rule: str = "round") -> None:
     """Refuse constructor arguments whose layers cannot run at a sub-network width.
 
     Args:
@@ -16,6 +19,7 @@ def check_slimmable_args(owner: str, key: str, kwargs: dict, channel_divisor, un
         key: the config path of the module (``"model.backbone"``).
         kwargs: the constructor's keyword arguments.
         channel_divisor: the ``channel_divisor`` argument (an int >= 1).
+        channel_rule: the ``channel_rule`` argument (:data:`gradaug_det.slim.CHANNEL_RULES`).
         unsupported: arguments that must be None.
 
     Raises:
@@ -24,8 +28,11 @@ def check_slimmable_args(owner: str, key: str, kwargs: dict, channel_divisor, un
     for arg in unsupported:
         if kwargs.get(arg) is not None:
             raise ValueError(f"{owner}: {key}.{arg}={kwargs[arg]!r} is not slimmable; set it to None")
-    if not isinstance(channel_divisor, int) or isinstance(channel_divisor, bool) or channel_divisor < 1:
-        raise ValueError(f"{owner}: {key}.channel_divisor={channel_divisor!r} must be an int >= 1")
+    try:
+        check_channel_rule(channel_rule, channel_divisor, rule_key=f"{key}.channel_rule",
+                           divisor_key=f"{key}.channel_divisor")
+    except ValueError as e:
+        raise ValueError(f"{owner}: {e}") from None
     norm_type = (kwargs.get("norm_cfg") or {}).get("type", "BN")
     if norm_type not in _SLICEABLE_NORMS:
         raise ValueError(

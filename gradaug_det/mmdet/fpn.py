@@ -22,6 +22,7 @@ class SlimConvModule(ConvModule, SlimmableModule):
     """mmcv's ``ConvModule`` (conv / norm / activation in ``order``) with a width."""
 
     divisor: int = 1
+    rule: str = "round"
 
     def forward(self, x, activate: bool = True, norm: bool = True):
         if self.width == 1.0:
@@ -30,7 +31,7 @@ class SlimConvModule(ConvModule, SlimmableModule):
             if layer == "conv":
                 if self.with_explicit_padding:
                     x = self.padding_layer(x)
-                x = slim_conv2d(self.conv, x, self.width, self.divisor)
+                x = slim_conv2d(self.conv, x, self.width, self.divisor, rule=self.rule)
             elif layer == "norm" and norm and self.with_norm:
                 x = norm_to_input(self.norm, x)
             elif layer == "act" and activate and self.with_activation:
@@ -45,6 +46,7 @@ class SlimmableFPN(FPN):
     Args:
         channel_divisor (int): align every sliced channel count to a multiple of it; use the
             backbone's ``channel_divisor``.
+        channel_rule (str): the backbone's ``channel_rule`` (the FPN's ratio is 1).
         **kwargs: every argument of mmdet's ``FPN``. ``conv_cfg`` must be None (plain
             convolutions); ``norm_cfg`` may be BN, SyncBN or GN.
 
@@ -52,16 +54,17 @@ class SlimmableFPN(FPN):
         ValueError: naming the argument of ``model.neck`` to change.
     """
 
-    def __init__(self, *args, channel_divisor: int = 1, **kwargs):
-        check_slimmable_args("SlimmableFPN", "model.neck", kwargs, channel_divisor)
+    def __init__(self, *args, channel_divisor: int = 1, channel_rule: str = "round", **kwargs):
+        check_slimmable_args("SlimmableFPN", "model.neck", kwargs, channel_divisor, channel_rule=channel_rule)
         super().__init__(*args, **kwargs)
         self.divisor = channel_divisor
+        self.rule = channel_rule
         # mmdet's constructor built (and will initialise) the ConvModules; they become
         # slimmable in place, keeping their parameters and names.
         for m in self.modules():
             if type(m) is ConvModule:
                 m.__class__ = SlimConvModule
-                m.width, m.divisor = 1.0, channel_divisor
+                m.width, m.divisor, m.rule = 1.0, channel_divisor, channel_rule
         check_group_norms(self, channel_divisor, "SlimmableFPN", "model.neck")
 
     def forward(self, inputs):

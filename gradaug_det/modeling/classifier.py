@@ -94,6 +94,7 @@ class SlimmableClassifier(nn.Module):
         input_format: Optional[str] = None,
         label_smoothing: float = 0.0,
         divisor: int = 1,
+        rule: str = "round",
     ):
         """
         Args:
@@ -106,6 +107,7 @@ class SlimmableClassifier(nn.Module):
             label_smoothing: label smoothing of the hard-label cross-entropy.
             divisor: ``MODEL.SLIMMABLE.CHANNEL_DIVISOR``; the head keeps the same leading
                 features as the backbone's last layer.
+            rule: ``MODEL.SLIMMABLE.CHANNEL_RULE``, likewise.
         """
         super().__init__()
         self.backbone = backbone
@@ -116,7 +118,7 @@ class SlimmableClassifier(nn.Module):
         self.num_classes = num_classes
         self.input_format = input_format
         self.label_smoothing = label_smoothing
-        self.head = SlimLinear(shapes[in_feature].channels, num_classes, divisor=divisor)
+        self.head = SlimLinear(shapes[in_feature].channels, num_classes, divisor=divisor, rule=rule)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1),
@@ -158,6 +160,7 @@ class SlimmableClassifier(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "label_smoothing": smoothing,
             "divisor": slimmable_config(cfg).CHANNEL_DIVISOR,
+            "rule": slimmable_config(cfg).get("CHANNEL_RULE", "round"),
         }
 
     @property

@@ -17,7 +17,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
 from ..config import slimmable_config
-from ..slim import DroppableBlock, SlimConv2d, pad_channels
+from ..slim import DroppableBlock, SlimConv2d, check_channel_rule, pad_channels, resnet_channel_ratios
 
 __all__ = [
     "SlimBasicStem",
@@ -26,6 +26,8 @@ __all__ = [
     "SlimmableResNet",
     "build_slimmable_resnet_backbone",
     "check_slimmable_norms",
+    "channel_rule_config",
+    "set_resnet_channel_ratios",
     "make_slimmable_resnet",
     "BLOCKS_PER_STAGE",
 ]
@@ -38,9 +40,9 @@ BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [
 class SlimBasicStem(BasicStem):
     """detectron2's ``BasicStem``; its conv slims its output but never the image input."""
 
-    def __init__(self, in_channels=3, out_channels=64, norm="BN", divisor=1):
+    def __init__(self, in_channels=3, out_channels=64, norm="BN", divisor=1, rule="round"):
         super().__init__(in_channels, out_channels, norm)
-        self.conv1 = SlimConv2d.convert(self.conv1, slim_in=False, divisor=divisor)
+        self.conv1 = SlimConv2d.convert(self.conv1, slim_in=False, divisor=divisor, rule=rule)
 
 
 class _ResidualForward(DroppableBlock):
@@ -63,12 +65,12 @@ class _ResidualForward(DroppableBlock):
 class SlimBasicBlock(_ResidualForward, BasicBlock):
     """detectron2's ``BasicBlock`` (R18/R34) with slimmable convolutions."""
 
-    def __init__(self, in_channels, out_channels, *, stride=1, norm="BN", divisor=1):
+    def __init__(self, in_channels, out_channels, *, stride=1, norm="BN", divisor=1, rule="round"):
         super().__init__(in_channels, out_channels, stride=stride, norm=norm)
         for name in ("shortcut", "conv1", "conv2"):
             conv = getattr(self, name)
             if conv is not None:
-                setattr(self, name, SlimConv2d.convert(conv, divisor=divisor))
+                setattr(self, name, SlimConv2d.convert(conv, divisor=divisor, rule=rule))
 
     def residual(self, x):
         return self.conv2(F.relu_(self.conv1(x)))
@@ -82,7 +84,7 @@ class SlimBottleneckBlock(_ResidualForward, BottleneckBlock):
     """
 
     def __init__(self, in_channels, out_channels, *, bottleneck_channels, stride=1, num_groups=1,
-                 norm="BN", stride_in_1x1=False, dilation=1, divisor=1):
+                 norm="BN", stride_in_1x1=False, dilation=1, divisor=1, rule="round"):
         super().__init__(
             in_channels, out_channels, bottleneck_channels=bottleneck_channels, stride=stride,
             num_groups=num_groups, norm=norm, stride_in_1x1=stride_in_1x1, dilation=dilation,
@@ -93,7 +95,7 @@ class SlimBottleneckBlock(_ResidualForward, BottleneckBlock):
             conv = getattr(self, name)
             if conv is not None:
                 setattr(self, name, SlimConv2d.convert(
-                    conv, in_layout=in_layout, out_layout=out_layout, divisor=divisor))
+                    conv, in_layout=in_layout, out_layout=out_layout, divisor=divisor, rule=rule))
 
     def residual(self, x):
         out = F.relu_(self.conv1(x))
@@ -102,12 +104,51 @@ class SlimBottleneckBlock(_ResidualForward, BottleneckBlock):
 
 
 class SlimmableResNet(ResNet):
-    """detectron2's ``ResNet`` whose outputs keep their full channel count at any width."""
+    """detectron2's ``ResNet`` whose outputs keep their full channel count at any width.
+
+    Its constructor also gives every convolution its channel ratio for the ``"reference"``
+    channel rule (:func:`gradaug_det.slim.resnet_channel_ratios`): the stem's output and
+    the bottleneck's inner layers 0.25, everything else 1. The ratios are structural, so
+    a ResNet built by a LazyConfig gets them too; the ``"round"`` rule ignores them.
+    """
+
+    def __init__(self, stem, stages, *args, **kwargs):
+        super().__init__(stem, stages, *args, **kwargs)
+        set_resnet_channel_ratios(self)
 
     def forward(self, x):
         outputs = super().forward(x)
         shapes = self._out_feature_channels
         return {k: pad_channels(v, shapes[k]) if k in shapes else v for k, v in outputs.items()}
+
+
+def set_resnet_channel_ratios(resnet: ResNet) -> None:
+    """Set the ``in_ratio`` / ``out_ratio`` of every :class:`SlimConv2d` of ``resnet``.
+
+    Bottleneck nets: stem output 0.25 (1 if res2's first block adds the stem's output
+    through an identity shortcut), conv1 / conv2 outputs 0.25, block outputs and shortcuts
+    1; every input ratio is its producer's output ratio. Basic-block nets: 1 everywhere.
+    See :func:`gradaug_det.slim.resnet_channel_ratios` for why.
+    """
+    blocks = [block for stage in resnet.stages for block in stage]
+    if not blocks or not isinstance(getattr(resnet.stem, "conv1", None), SlimConv2d):
+        return
+    first = blocks[0]
+    bottleneck = isinstance(first, BottleneckBlock)
+    ratios = resnet_channel_ratios(bottleneck, bottleneck and first.shortcut is None)
+    def put(conv, in_ratio, out_ratio):
+        if isinstance(conv, SlimConv2d):
+            conv.in_ratio, conv.out_ratio = in_ratio, out_ratio
+
+    put(resnet.stem.conv1, 1.0, ratios["stem"])
+    previous = ratios["stem"]
+    inner = ("conv1", "conv2") if bottleneck else ("conv1",)
+    for block in blocks:
+        put(block.shortcut, previous, ratios["out"])
+        for name in inner + (("conv3",) if bottleneck else ("conv2",)):
+            out_ratio = ratios["inner"] if name in inner else ratios["out"]
+            put(getattr(block, name), previous, out_ratio)
+            previous = out_ratio
 
 
 def check_slimmable_norms(model: nn.Module, prefix: str = "") -> None:
@@ -149,6 +190,12 @@ def check_slimmable_norms(model: nn.Module, prefix: str = "") -> None:
                 "Use a BN-type norm (MODEL.RESNETS.NORM: FrozenBN, BN, SyncBN) or "
                 "MODEL.RESNETS.NUM_GROUPS=1."
             )
+        if m.divisor % per_group != 0 and getattr(m, "rule", "round") == "reference":
+            raise ValueError(
+                f"{desc}: MODEL.SLIMMABLE.CHANNEL_RULE='reference' keeps channel counts that are not "
+                "whole GN groups. Use CHANNEL_RULE 'round' with MODEL.SLIMMABLE.CHANNEL_DIVISOR a "
+                f"multiple of {required}, or a BN-type norm (FrozenBN, BN, SyncBN)."
+            )
         if m.divisor % per_group != 0:
             raise ValueError(
                 f"{desc}, which cannot be sliced at every width with "
@@ -173,6 +220,18 @@ def build_slimmable_resnet_backbone(cfg, input_shape: ShapeSpec) -> SlimmableRes
     return model
 
 
+def channel_rule_config(cfg):
+    """``(CHANNEL_DIVISOR, CHANNEL_RULE)`` of ``MODEL.SLIMMABLE`` (or its defaults), validated.
+
+    Raises:
+        ValueError: naming the key and what is allowed (:func:`gradaug_det.slim.check_channel_rule`).
+    """
+    s = slimmable_config(cfg)
+    divisor, rule = s.CHANNEL_DIVISOR, s.get("CHANNEL_RULE", "round")
+    check_channel_rule(rule, divisor)
+    return divisor, rule
+
+
 def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
     """The body of :func:`build_slimmable_resnet_backbone`, without the norm check.
 
@@ -181,9 +240,7 @@ def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
     """
     r = cfg.MODEL.RESNETS
     depth = r.DEPTH
-    divisor = slimmable_config(cfg).CHANNEL_DIVISOR
-    if divisor < 1:
-        raise ValueError(f"MODEL.SLIMMABLE.CHANNEL_DIVISOR must be >= 1, got {divisor}")
+    divisor, rule = channel_rule_config(cfg)
     if depth not in BLOCKS_PER_STAGE:
         raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not supported; use one of {sorted(BLOCKS_PER_STAGE)}")
     if any(r.DEFORM_ON_PER_STAGE):
@@ -199,7 +256,7 @@ def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
             if value != allowed:
                 raise ValueError(f"MODEL.RESNETS.{key}={value} is not supported for R{depth}; set it to {allowed}")
 
-    stem = SlimBasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, r.NORM, divisor)
+    stem = SlimBasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, r.NORM, divisor, rule)
     in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
     bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
     stages = []
@@ -207,7 +264,8 @@ def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
         dilation = r.RES5_DILATION if idx == 3 else 1
         first_stride = 1 if idx == 0 or dilation == 2 else 2
         kwargs = dict(num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
-                      in_channels=in_channels, out_channels=out_channels, norm=r.NORM, divisor=divisor)
+                      in_channels=in_channels, out_channels=out_channels, norm=r.NORM, divisor=divisor,
+                      rule=rule)
         if depth in (18, 34):
             kwargs["block_class"] = SlimBasicBlock
         else:

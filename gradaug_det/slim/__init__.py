@@ -5,7 +5,15 @@ use) depends on torch only, so the MMDetection adapter shares it without detectr
 """
 import importlib
 
-from .channels import check_width, slim_channels
+from .channels import (
+    CHANNEL_RULES,
+    check_channel_rule,
+    check_width,
+    make_divisible,
+    resnet_channel_counts,
+    resnet_channel_ratios,
+    slim_channels,
+)
 from .control import (
     DroppableBlock,
     SlimmableModule,

@@ -1,6 +1,41 @@
-"""The one channel rule: how many channels a layer keeps at a given width."""
+"""The one channel rule: how many channels a layer keeps at a given width.
 
-__all__ = ["slim_channels", "check_width"]
+Two rules (``MODEL.SLIMMABLE.CHANNEL_RULE``), one function (:func:`slim_channels`) that
+every slimmable layer calls (detectron2 ``SlimConv2d`` / ``SlimLinear``,
+:func:`~gradaug_det.slim.functional.slim_conv2d` of the MMDetection adapter, pruning and
+the benchmark's channel counts):
+
+* ``"round"``: ``max(1, int(c * w + 0.5))`` for every layer (round half up); with
+  ``MODEL.SLIMMABLE.CHANNEL_DIVISOR = d > 1`` the count is aligned to a multiple of ``d``
+  (``max(d, int(c * w / d + 0.5) * d)``).
+* ``"reference"``: the public GradAug code's rule (``models/randwidth_ops.py``,
+  ``RWConv2d``/``RWBatchNorm2d``/``RWLinear``): ``int(make_divisible(c * w / r) * r)``
+  where ``r`` is the layer's *channel ratio*: 0.25 for the outputs of the ResNet-50 stem
+  and of the bottleneck's inner (1x1-reduce and 3x3) convolutions, 1 for block outputs,
+  shortcuts, the FPN and the classifier's input. For ``r = 0.25`` that is
+  ``floor(round(4 c w) / 4)``: at w = 0.9 the stem keeps 57 channels (``"round"``: 58).
+
+The ratio of a layer is structural (which role it plays in the network, see
+:func:`resnet_channel_ratios`); only ``"reference"`` reads it.
+"""
+from typing import Dict, List
+
+__all__ = [
+    "CHANNEL_RULES",
+    "INNER_RATIO",
+    "make_divisible",
+    "slim_channels",
+    "check_width",
+    "check_channel_rule",
+    "resnet_channel_ratios",
+    "resnet_channel_counts",
+]
+
+#: The channel rules :func:`slim_channels` implements (``MODEL.SLIMMABLE.CHANNEL_RULE``).
+CHANNEL_RULES = ("round", "reference")
+
+#: Channel ratio of the reference code's stem output and bottleneck inner layers.
+INNER_RATIO = 0.25
 
 
 def check_width(width: float) -> float:
@@ -24,29 +59,152 @@ def check_width(width: float) -> float:
     return w
 
 
-def slim_channels(channels: int, width: float, divisor: int = 1) -> int:
+def check_channel_rule(rule: str, divisor: int, *, rule_key: str = "MODEL.SLIMMABLE.CHANNEL_RULE",
+                       divisor_key: str = "MODEL.SLIMMABLE.CHANNEL_DIVISOR") -> None:
+    """Validate a channel rule and divisor before a model is built.
+
+    Args:
+        rule: one of :data:`CHANNEL_RULES`.
+        divisor: channel alignment, an int >= 1; must be 1 with ``"reference"``.
+        rule_key, divisor_key: names of the settings, for the error message (config keys,
+            or an mmdet config's ``model.backbone.channel_rule`` ...).
+
+    Raises:
+        ValueError: naming the setting, the bad value and what is allowed.
+    """
+    if rule not in CHANNEL_RULES:
+        raise ValueError(f"{rule_key}={rule!r} is invalid; allowed: {', '.join(map(repr, CHANNEL_RULES))}")
+    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+        raise ValueError(f"{divisor_key}={divisor!r} is invalid; it must be an int >= 1")
+    if rule == "reference" and divisor != 1:
+        raise ValueError(
+            f"{rule_key}='reference' (the GradAug code's rule) has no channel alignment, but "
+            f"{divisor_key}={divisor}; set {divisor_key} to 1, or use {rule_key}='round' for "
+            "aligned channel counts"
+        )
+
+
+def make_divisible(v: float) -> int:
+    """The reference code's ``make_divisible(v)`` (divisor 1, min_value 1).
+
+    ``max(1, int(v + 0.5))``, plus the reference's guard against rounding down by more
+    than 10 %: if that count is below ``0.9 * v`` it grows by one (matters only for
+    ``v < 4.5``, e.g. 1.2 -> 2, 2.4 -> 3).
+
+    Source: ``models/randwidth_ops.py`` of github.com/taoyang1122/GradAug (itself from
+    JiahuiYu/slimmable_networks).
+    """
+    new_v = max(1, int(v + 0.5))
+    if new_v < 0.9 * v:
+        new_v += 1
+    return new_v
+
+
+def slim_channels(channels: int, width: float, divisor: int = 1, rule: str = "round",
+                  ratio: float = 1.0) -> int:
     """Number of leading channels a layer of ``channels`` keeps at ``width``.
 
-    With ``divisor == 1`` this is the GradAug reference rule, round half up:
-    ``max(1, int(channels * width + 0.5))``. With ``divisor = d > 1`` the count is
-    aligned to a multiple of ``d`` (hardware-friendly widths):
-    ``max(d, int(channels * width / d + 0.5) * d)``. The result never exceeds
-    ``channels``.
+    * ``rule="round"``, ``divisor == 1``: ``max(1, int(channels * width + 0.5))``.
+    * ``rule="round"``, ``divisor = d > 1``: aligned to a multiple of ``d``:
+      ``max(d, int(channels * width / d + 0.5) * d)``.
+    * ``rule="reference"``: ``int(make_divisible(channels * width / ratio) * ratio)``
+      (:func:`make_divisible`; the GradAug code's rule, see the module docstring).
+
+    The result never exceeds ``channels``; at width 1.0 it is ``channels``.
 
     Args:
         channels: the layer's full channel count.
         width: the network width, in (0, 1].
-        divisor: channel alignment (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``), >= 1.
+        divisor: channel alignment (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``), >= 1; 1 with
+            ``"reference"``.
+        rule: ``MODEL.SLIMMABLE.CHANNEL_RULE``, one of :data:`CHANNEL_RULES`.
+        ratio: the layer's channel ratio (:data:`INNER_RATIO` or 1.0); read by
+            ``"reference"`` only.
 
     Returns:
         The number of channels kept.
+
+    Raises:
+        ValueError: for an unknown rule, a divisor < 1, or ``"reference"`` with a divisor.
     """
     if width == 1.0:
         return channels
-    if divisor < 1:
-        raise ValueError(f"channel divisor must be >= 1, got {divisor}")
-    if divisor == 1:
-        count = max(1, int(channels * width + 0.5))
+    if rule == "round" and divisor == 1:  # the hot path: no further checks
+        return min(channels, max(1, int(channels * width + 0.5)))
+    check_channel_rule(rule, divisor, rule_key="channel rule", divisor_key="channel divisor")
+    if rule == "reference":
+        count = int(make_divisible(channels * width / ratio) * ratio)
     else:
         count = max(divisor, int(channels * width / divisor + 0.5) * divisor)
     return min(channels, count)
+
+
+def resnet_channel_ratios(bottleneck: bool, stem_feeds_identity: bool = False) -> Dict[str, float]:
+    """Channel ratios of a ResNet's layers for the ``"reference"`` rule.
+
+    Bottleneck ResNets (R50/R101/R152) follow the reference ``resnet_randwidth.py``: the
+    stem's output and the bottleneck's conv1 / conv2 outputs have ratio 0.25; block outputs
+    (conv3), shortcuts and the classifier's input 1.
+
+    Basic-block ResNets (R18/R34) have no reference ResNet model; the reference's only
+    width-slimmed basic block (``wideresnet_randwidth.py``) uses ratio 1 for all its
+    convolutions, so the inner conv1 has ratio 1. Their stem has ratio 1 too: detectron2's
+    res2 starts with an identity shortcut (64 -> 64 channels) that adds the stem's output
+    to the block's output, so both must keep the same count.
+
+    Args:
+        bottleneck: whether the blocks are bottlenecks.
+        stem_feeds_identity: the stem's output is added to res2's output by an identity
+            shortcut (a bottleneck net with ``STEM_OUT_CHANNELS == RES2_OUT_CHANNELS``); the
+            stem then takes the block outputs' ratio, 1.
+
+    Returns:
+        dict with ``stem``, ``inner`` (bottleneck conv1/conv2, or basic conv1) and ``out``
+        (block outputs, shortcuts, classifier input).
+    """
+    if not bottleneck:
+        return {"stem": 1.0, "inner": 1.0, "out": 1.0}
+    return {"stem": 1.0 if stem_feeds_identity else INNER_RATIO, "inner": INNER_RATIO, "out": 1.0}
+
+
+def resnet_channel_counts(depth: int, width: float, divisor: int = 1, rule: str = "round", *,
+                          stem_out: int = 64, res2_out: int = None,
+                          bottleneck_channels: int = 64, num_groups: int = 1) -> Dict[str, object]:
+    """Channel counts of a slimmable ResNet's sub-network at ``width``, without building it.
+
+    The same numbers the slimmable layers compute (one rule, :func:`slim_channels`), for
+    tables and cost models (``tools/benchmark_backbone.py``).
+
+    Args:
+        depth: 18, 34 (basic blocks) or 50, 101, 152 (bottlenecks).
+        width: the width, in (0, 1].
+        divisor, rule: ``MODEL.SLIMMABLE.CHANNEL_DIVISOR`` / ``CHANNEL_RULE``.
+        stem_out: ``MODEL.RESNETS.STEM_OUT_CHANNELS``.
+        res2_out: ``MODEL.RESNETS.RES2_OUT_CHANNELS`` (default 64 for R18/R34, 256 otherwise).
+        bottleneck_channels: ``NUM_GROUPS * WIDTH_PER_GROUP`` of res2 (bottlenecks only).
+        num_groups: ``MODEL.RESNETS.NUM_GROUPS``; grouped layers keep the same count in
+            every group (no alignment inside groups).
+
+    Returns:
+        dict with ``stem`` (int), ``inner`` and ``out`` (4 ints each, res2..res5;
+        ``inner`` is the bottleneck conv1/conv2 count, or a basic block's conv1), and
+        ``classifier_in`` (int, the classifier's input features = res5 ``out``).
+    """
+    width = check_width(width)
+    check_channel_rule(rule, divisor, rule_key="channel rule", divisor_key="channel divisor")
+    bottleneck = depth >= 50
+    res2_out = res2_out if res2_out is not None else (256 if bottleneck else 64)
+    ratios = resnet_channel_ratios(bottleneck, bottleneck and stem_out == res2_out)
+    stem = slim_channels(stem_out, width, divisor, rule, ratios["stem"])
+    inner: List[int] = []
+    out: List[int] = []
+    for i in range(4):
+        c_out = res2_out * 2 ** i
+        out.append(slim_channels(c_out, width, divisor, rule, ratios["out"]))
+        if bottleneck:
+            per_group = bottleneck_channels * 2 ** i // num_groups
+            g_div = divisor if num_groups == 1 else 1
+            inner.append(num_groups * slim_channels(per_group, width, g_div, rule, ratios["inner"]))
+        else:
+            inner.append(slim_channels(c_out, width, divisor, rule, ratios["inner"]))
+    return {"stem": stem, "inner": inner, "out": out, "classifier_in": out[-1]}

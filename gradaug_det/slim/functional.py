@@ -197,16 +197,25 @@ def norm_to_input(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def slim_conv2d(conv: nn.Conv2d, x: torch.Tensor, width: float, divisor: int = 1,
-                slim_out: bool = True) -> torch.Tensor:
+                slim_out: bool = True, rule: str = "round", ratio: float = 1.0) -> torch.Tensor:
     """Run ``conv`` as its sub-network of ``width`` on ``x`` (an ``nn.Conv2d``, groups 1).
 
     The input channels are those of ``x`` (the leading channels the producer kept, or
-    all of them for the image); the output keeps ``slim_channels(out, width, divisor)``
-    leading channels (all when ``slim_out`` is False). At width 1.0 with a full input it
-    is ``conv(x)``.
+    all of them for the image); the output keeps
+    ``slim_channels(out, width, divisor, rule, ratio)`` leading channels (all when
+    ``slim_out`` is False). At width 1.0 with a full input it is ``conv(x)``.
+
+    Args:
+        conv: the full-width convolution; weight (C_out, C_in, kH, kW).
+        x: (N, c_in, H, W) input, ``c_in <= C_in``.
+        width: the width, in (0, 1].
+        divisor, rule, ratio: the channel rule's arguments (:func:`slim_channels`).
+
+    Returns:
+        (N, c_out, H', W') output.
     """
     cin = x.shape[1]
-    cout = slim_channels(conv.out_channels, width, divisor) if slim_out else conv.out_channels
+    cout = slim_channels(conv.out_channels, width, divisor, rule, ratio) if slim_out else conv.out_channels
     if cin == conv.in_channels and cout == conv.out_channels:
         return conv(x)
     if cin > conv.in_channels:

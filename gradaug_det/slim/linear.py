@@ -30,6 +30,8 @@ class SlimLinear(nn.Linear, SlimmableModule):
         bias: whether the layer has a bias.
         divisor: channel alignment, ``MODEL.SLIMMABLE.CHANNEL_DIVISOR``; must be the
             one of the layer producing the input so both keep the same features.
+        rule: ``MODEL.SLIMMABLE.CHANNEL_RULE``, likewise the producer's; the input
+            features have channel ratio 1 (block outputs) under ``"reference"``.
         **kwargs: ``device`` / ``dtype``, as for ``nn.Linear``.
 
     Attributes:
@@ -37,14 +39,15 @@ class SlimLinear(nn.Linear, SlimmableModule):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, divisor: int = 1,
-                 **kwargs):
+                 rule: str = "round", **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.width = 1.0
         self.divisor = divisor
+        self.rule = rule
 
     def active_in_features(self) -> int:
         """Number of input features used at the current width."""
-        return slim_channels(self.in_features, self.width, self.divisor)
+        return slim_channels(self.in_features, self.width, self.divisor, self.rule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.width == 1.0:
@@ -60,4 +63,4 @@ class SlimLinear(nn.Linear, SlimmableModule):
         return F.linear(x, self.weight.narrow(1, 0, keep), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", width={self.width}, divisor={self.divisor}"
+        return super().extra_repr() + f", width={self.width}, divisor={self.divisor}, rule={self.rule}"
