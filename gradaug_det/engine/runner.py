@@ -46,7 +46,7 @@ class _GradAugRunStep:
 
         self.optimizer.zero_grad()
         out = gradaug_step(self.model, data, self.sampler, self.task,
-                           backward=self._backward, autocast=self._autocast)
+                           backward=self._backward, autocast=self._autocast, iteration=self.iter)
         self.after_backward()
         # total_loss and the per-loss scalars are the full network's, as in detectron2;
         # sub-network passes are logged under "gradaug/" and never added to total_loss.

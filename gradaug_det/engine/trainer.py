@@ -24,8 +24,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import GradAugCheckpointer
+from ..checkpoint.checkpointer import GradAugCheckpointer
 from ..gradaug import SubnetSampler, build_task, validate_sampler_args
-from ..gradaug.sampler import SUBNET_LOSSES
+from ..gradaug.sampler import validate_loss_args
 from ..slim import SlimmableModule, check_width, linear_keep_probs, residual_blocks
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
@@ -51,11 +52,7 @@ def validate_config(cfg) -> None:
     validate_sampler_args(num_subnets=g.NUM_SUBNETS, min_width=g.MIN_WIDTH, max_width=g.MAX_WIDTH,
                           sampling=g.SAMPLING, min_keep=g.DEPTH_MIN_KEEP, transform=g.TRANSFORM,
                           scales=g.SCALES, rotation=g.ROTATION)
-    if g.SUBNET_LOSS not in SUBNET_LOSSES:
-        raise ValueError(f"GRADAUG.SUBNET_LOSS={g.SUBNET_LOSS!r} is invalid: allowed {', '.join(SUBNET_LOSSES)}")
-    for key in ("SOFT_WEIGHT", "GT_WEIGHT"):
-        if g[key] < 0:
-            raise ValueError(f"GRADAUG.{key}={g[key]} is invalid: a loss weight must be >= 0")
+    validate_loss_args(subnet_loss=g.SUBNET_LOSS, soft_weight=g.SOFT_WEIGHT, gt_weight=g.GT_WEIGHT)
 
 
 def check_model(cfg, model) -> None:

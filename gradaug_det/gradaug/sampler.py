@@ -129,6 +129,25 @@ class SubnetSampler:
         self.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
 
 
+def validate_loss_args(*, subnet_loss, soft_weight, gt_weight, prefix="GRADAUG.", lowercase=False) -> None:
+    """Check the sub-network loss and its weights (finite and >= 0); the one check used by
+    the detectron2 config and MMDetection's ``model.gradaug``.
+
+    Raises:
+        ValueError: naming the key (``prefix`` + name, lower case with ``lowercase``), the
+            value and what is allowed.
+    """
+
+    def name(key):
+        return prefix + (key.lower() if lowercase else key)
+
+    if subnet_loss not in SUBNET_LOSSES:
+        raise ValueError(f"{name('SUBNET_LOSS')}={subnet_loss!r} is invalid: allowed {', '.join(SUBNET_LOSSES)}")
+    for key, value in (("SOFT_WEIGHT", soft_weight), ("GT_WEIGHT", gt_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name(key)}={value!r} is invalid: a loss weight must be a finite number >= 0")
+
+
 def validate_sampler_args(*, num_subnets, min_width, max_width, sampling, min_keep, transform,
                           scales, rotation, prefix="GRADAUG.", lowercase=False) -> None:
     """Raise ValueError naming the config key, the value and what is allowed.

@@ -11,7 +11,7 @@ gradients are all-reduced exactly once per iteration, after the last backward.
 """
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Dict, List
+from typing import Callable, ContextManager, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from ..slim import depth, residual_blocks, width
 from .losses import unwrap_model
 from .sampler import SubnetSampler, SubnetSpec
 
-__all__ = ["GradAugOutput", "gradaug_step", "subnet_metrics"]
+__all__ = ["GradAugOutput", "gradaug_step", "subnet_metrics", "check_finite_losses", "describe_pass"]
 
 
 @dataclass
@@ -38,12 +38,50 @@ def _sum(losses: Dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(losses.values())
 
 
+def describe_pass(index: int, spec: Optional[SubnetSpec]) -> str:
+    """How errors name a pass: ``"the full network"`` or ``"sub-network 2 (width 0.9, scale
+    0.714, angle 0.0 degrees)"`` (kept blocks for depth sub-networks)."""
+    if spec is None:
+        return "the full network (width 1.0, all blocks, original input)"
+    arch = (f"kept blocks {[i for i, k in enumerate(spec.keep) if k]} of {len(spec.keep)}"
+            if spec.keep is not None else f"width {spec.width:g}")
+    return f"sub-network {index} ({arch}, scale {spec.scale:g}, angle {spec.angle:g} degrees)"
+
+
+def check_finite_losses(out: GradAugOutput, finite: torch.Tensor, iteration: Optional[int] = None) -> None:
+    """Raise if any pass's loss was not finite (one host sync for all passes).
+
+    Args:
+        out: the iteration's detached losses.
+        finite: bool tensor, one entry per pass (full network first), on the losses' device.
+        iteration: named in the error.
+
+    Raises:
+        FloatingPointError: naming the first non-finite pass (full / sub-network i, its
+            width or kept blocks, scale and angle), its losses and the iteration.
+    """
+    if bool(finite.all()):
+        return
+    first = int((~finite).nonzero()[0])
+    losses = out.full_losses if first == 0 else out.subnet_losses[first - 1]
+    spec = None if first == 0 else out.specs[first - 1]
+    values = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+    at = f"iteration {iteration}" if iteration is not None else "this iteration"
+    raise FloatingPointError(
+        f"Loss became infinite or NaN at {at} in {describe_pass(first, spec)}: {values}. "
+        "No optimizer step was taken.")
+
+
 def gradaug_step(model: nn.Module, batch, sampler: SubnetSampler, task, *,
                  backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> GradAugOutput:
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 iteration: Optional[int] = None) -> GradAugOutput:
     """Run the forward and backward passes of one GradAug iteration (no optimizer step).
 
-    Gradients accumulate into ``.grad``; zero them before and step after.
+    Gradients accumulate into ``.grad``; zero them before and step after. Every pass's
+    total loss is checked for NaN / Inf (accumulated on the device, one host sync after the
+    last pass), like detectron2 checks the full network's, so the caller's optimizer step
+    never runs on a non-finite loss.
 
     Args:
         model: the network, optionally wrapped in DistributedDataParallel.
@@ -52,9 +90,13 @@ def gradaug_step(model: nn.Module, batch, sampler: SubnetSampler, task, *,
         task: :class:`~gradaug_det.gradaug.tasks.DetectionTask` or ``ClassificationTask``.
         backward: how to back-propagate a loss (e.g. through an AMP grad scaler).
         autocast: context manager factory wrapping every forward (AMP).
+        iteration: the trainer's iteration, named in errors.
 
     Returns:
         GradAugOutput with the detached losses of every pass and the sampled specs.
+
+    Raises:
+        FloatingPointError: a pass's loss is not finite (see :func:`check_finite_losses`).
     """
     net = unwrap_model(model)
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -70,6 +112,7 @@ def gradaug_step(model: nn.Module, batch, sampler: SubnetSampler, task, *,
             loss = _sum(full_losses)
         backward(loss)
     out = GradAugOutput({k: v.detach() for k, v in full_losses.items()}, specs=specs)
+    finite = [torch.isfinite(loss.detach())]
     del loss
 
     for i, spec in enumerate(specs, start=1):
@@ -80,7 +123,9 @@ def gradaug_step(model: nn.Module, batch, sampler: SubnetSampler, task, *,
                 loss = _sum(losses)
             backward(loss)
         out.subnet_losses.append({k: v.detach() for k, v in losses.items()})
+        finite.append(torch.isfinite(loss.detach()))
         del loss, losses
+    check_finite_losses(out, torch.stack([f.to(finite[0].device) for f in finite]), iteration)
     return out
 
 

@@ -34,7 +34,7 @@ from mmdet.models.detectors import FasterRCNN, MaskRCNN
 from mmdet.registry import MODELS
 
 from ..gradaug import SubnetSampler, gradaug_step, soft_label_kl, subnet_metrics, unwrap_model
-from ..gradaug.sampler import SUBNET_LOSSES, validate_sampler_args
+from ..gradaug.sampler import validate_loss_args, validate_sampler_args
 from ..slim import SlimmableModule, residual_blocks
 from .transforms import transform_batch
 
@@ -193,8 +193,11 @@ def gradaug_train_step(model, data, optim_wrapper) -> Dict[str, torch.Tensor]:
         optim_wrapper._inner_count = count
         optim_wrapper.backward(optim_wrapper.scale_loss(loss))
 
+    from mmengine.logging import MessageHub
+
     out = gradaug_step(model, data, net.gradaug_sampler, net.gradaug_task, backward=backward,
-                       autocast=lambda: optim_wrapper.optim_context(model))
+                       autocast=lambda: optim_wrapper.optim_context(model),
+                       iteration=MessageHub.get_current_instance().get_info("iter"))
     if optim_wrapper.should_update():
         optim_wrapper.step()
         optim_wrapper.zero_grad()
@@ -294,9 +297,8 @@ def _check_options(gradaug: Optional[dict]) -> dict:
                           max_width=opts["max_width"], sampling=opts["sampling"],
                           min_keep=opts["depth_min_keep"], transform=opts["transform"],
                           scales=opts["scales"], rotation=opts["rotation"], prefix="model.gradaug.", lowercase=True)
-    if opts["subnet_loss"] not in SUBNET_LOSSES:
-        raise ValueError(f"model.gradaug.subnet_loss={opts['subnet_loss']!r} is invalid: allowed "
-                         f"{', '.join(SUBNET_LOSSES)}")
+    validate_loss_args(subnet_loss=opts["subnet_loss"], soft_weight=opts["soft_weight"],
+                       gt_weight=opts["gt_weight"], prefix="model.gradaug.", lowercase=True)
     return opts
 
 
