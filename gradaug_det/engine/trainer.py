@@ -24,7 +24,6 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import GradAugCheckpointer
-from ..checkpoint.checkpointer import GradAugCheckpointer
 from ..gradaug import SubnetSampler, build_task, validate_sampler_args
 from ..gradaug.sampler import validate_loss_args
 from ..slim import SlimmableModule, check_width, linear_keep_probs, residual_blocks
