@@ -6,7 +6,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P
 
 from ..config import slimmable_config
 from ..slim import SlimConv2d, pad_channels
-from .resnet import check_slimmable_norms, make_slimmable_resnet
+from .resnet import channel_rule_config, check_slimmable_norms, make_slimmable_resnet
 
 __all__ = [
     "SlimmableFPN",
@@ -27,17 +27,23 @@ class SlimmableFPN(FPN):
         slim (bool): if False the FPN stays at full width (only the bottom-up
             network is slimmed); ``MODEL.SLIMMABLE.SLIM_FPN``.
         divisor (int): ``MODEL.SLIMMABLE.CHANNEL_DIVISOR``.
+        rule (str): ``MODEL.SLIMMABLE.CHANNEL_RULE`` (channel ratio 1 in the FPN); also
+            given to the slimmable convolutions of ``top_block`` (P6/P7).
         **kwargs: arguments of detectron2's ``FPN``.
     """
 
-    def __init__(self, *, slim: bool = True, divisor: int = 1, **kwargs):
+    def __init__(self, *, slim: bool = True, divisor: int = 1, rule: str = "round", **kwargs):
         super().__init__(**kwargs)
+        if self.top_block is not None:
+            for m in self.top_block.modules():
+                if isinstance(m, SlimConv2d):
+                    m.rule = rule
         if not slim:
             return
         for convs, kind in ((self.lateral_convs, "lateral"), (self.output_convs, "output")):
             for i, conv in enumerate(convs):
                 name = next(n for n, m in self.named_children() if m is conv)
-                convs[i] = SlimConv2d.convert(conv, divisor=divisor)
+                convs[i] = SlimConv2d.convert(conv, divisor=divisor, rule=rule)
                 setattr(self, name, convs[i])
 
     def forward(self, x):
@@ -89,7 +95,7 @@ def _build_slimmable_fpn(cfg, input_shape: ShapeSpec, make_top_block) -> Slimmab
     s = slimmable_config(cfg)
     bottom_up = make_slimmable_resnet(cfg, input_shape)
     backbone = SlimmableFPN(
-        bottom_up=bottom_up, slim=s.SLIM_FPN, divisor=s.CHANNEL_DIVISOR,
+        bottom_up=bottom_up, slim=s.SLIM_FPN, divisor=s.CHANNEL_DIVISOR, rule=channel_rule_config(cfg)[1],
         **fpn_config_kwargs(cfg, make_top_block(bottom_up, s.SLIM_FPN, s.CHANNEL_DIVISOR)),
     )
     check_slimmable_norms(backbone, prefix="backbone")

@@ -191,3 +191,31 @@ def test_round_rule_and_divisor_unchanged():
 def test_bad_channel_rule_refused_at_build(rule, divisor, match):
     with pytest.raises(ValueError, match=match):
         build_model(classifier_cfg(18, rule, divisor))
+
+
+@pytest.mark.parametrize("builder", ["build_slimmable_resnet_fpn_backbone",
+                                     "build_slimmable_retinanet_resnet_fpn_backbone"])
+def test_reference_rule_reaches_every_fpn_layer(builder):
+    """Every slimmable layer of the FPN backbones follows CHANNEL_RULE (ratio 1 in the FPN)."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling import BACKBONE_REGISTRY
+
+    cfg = classifier_cfg(50)
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 40
+    torch.manual_seed(0)
+    backbone = BACKBONE_REGISTRY.get(builder)(cfg, ShapeSpec(channels=3))
+    convs = {n: m for n, m in backbone.named_modules() if isinstance(m, SlimConv2d)}
+    assert {m.rule for m in convs.values()} == {"reference"}
+    w = 0.93  # 40 * 0.93 = 37.2 -> 37; 64 * 0.93 = 59.52 -> 4 * 59.52 = 238.08 -> 238 / 4 -> 59
+    with width(backbone, w):
+        assert backbone.bottom_up.stem.conv1.active_channels()[1] == reference_count(64, w, 0.25) == 59
+        for name, m in convs.items():
+            if not name.startswith("bottom_up."):
+                assert m.active_channels()[1] == reference_count(40, w, 1.0) == 37, name
+        with torch.no_grad():
+            out = backbone.eval()(torch.rand(1, 3, 64, 64))
+    for feature in out.values():
+        assert feature.shape[1] == 40
+        assert feature[:, 37:].abs().max() == 0 and feature[:, :37].abs().max() > 0
