@@ -22,7 +22,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # submitit: tests/tools/test_submit.py runs Slurm jobs with submitit's local executor
+        "test": ["pytest>=7", "submitit>=1.5"],
+        # tools/submit.py: launch training on a Slurm cluster (multi-node, preemption, requeue)
+        "slurm": ["submitit>=1.5"],
         # gradaug_det.mmdet. mmcv 2.1.0 has no wheel for recent torch: build it first with
         # tools/install_mmdet.py (`make install-mmdet` does both steps).
         "mmdet": ["mmengine>=0.10.0,<0.11", "mmcv==2.1.0", "mmdet==3.3.0"],

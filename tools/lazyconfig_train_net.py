@@ -15,6 +15,7 @@ from detectron2.utils import comm
 import gradaug_det  # noqa: F401  (registers datasets and components)
 from gradaug_det.engine import create_ddp_model
 from gradaug_det.engine.lazy import build_lazy_step_trainer, needs_unused_parameter_search_lazy
+from gradaug_det.engine.slurm import preemption_hook
 
 logger = logging.getLogger("gradaug_det")
 
@@ -42,6 +43,7 @@ def do_train(args, cfg):
         hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
+        preemption_hook(checkpointer),  # in a tools/submit.py job: checkpoint + stop on preemption
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0

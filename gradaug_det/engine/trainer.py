@@ -136,6 +136,13 @@ class GradAugTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def build_hooks(self):
+        """detectron2's hooks, plus, in a Slurm job of ``tools/submit.py``, the hook that saves
+        a checkpoint and stops after the step in which the preemption signal came."""
+        from .slurm import preemption_hook
+
+        return super().build_hooks() + [preemption_hook(self.checkpointer)]
+
     @classmethod
     def build_step_trainer(cls, cfg, model, data_loader, optimizer):
         """The object whose ``run_step`` trains: detectron2's, or its GradAug version."""

@@ -1,0 +1,170 @@
+"""tools/submit.py: a 2-task submitit job (local executor, gloo) trains like a 2-process
+``launch`` run, and a job preempted mid-run requeues, resumes and ends at the same weights.
+
+The jobs are the quickstart config (configs/quickstart/mask_rcnn_gradaug.yaml) shrunk to 3
+iterations at 64 px; submitit's local executor runs the tasks as processes, with the same
+signal handling and requeue path as on Slurm (requeue = exit status 144, the controller
+starts the tasks again from the stored checkpoint() submission).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gradaug_det.engine import slurm
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_gradaug.yaml")
+MAX_ITER = 3
+PREEMPT_AFTER = 1  # the signal reaches every task during iteration 1 of the first run
+TINY = ["SOLVER.MAX_ITER", str(MAX_ITER), "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
+        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.SLIM_WIDTHS", "[]"]
+TIMEOUT_S = 400
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Environment of the jobs: the quickstart data generated once (as the tools register it)."""
+    root = str(tmp_path_factory.mktemp("datasets"))
+    e = dict(os.environ, DETECTRON2_DATASETS=root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    subprocess.run([sys.executable, "-c", "import gradaug_det; from detectron2.data import DatasetCatalog; "
+                    "DatasetCatalog.get('gradaug_quickstart_train')"], env=e, check=True, timeout=300,
+                   capture_output=True)
+    return e
+
+
+@pytest.fixture(scope="module")
+def launch_run(env, tmp_path_factory):
+    """The reference: tools/train_net.py with detectron2's launch, 2 processes (gloo)."""
+    out = str(tmp_path_factory.mktemp("launch"))
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--num-gpus", "2", "--dist-url",
+                    "auto", "--config-file", CONFIG, *TINY, "OUTPUT_DIR", out], env=env, check=True,
+                   timeout=TIMEOUT_S, capture_output=True)
+    return out
+
+
+def weights(run_dir):
+    state = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu", weights_only=False)
+    return state["model"], state["iteration"]
+
+
+def last_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f][-1]
+
+
+def assert_same_weights(run_dir, ref_dir):
+    (got, it), (ref, ref_it) = weights(run_dir), weights(ref_dir)
+    assert it == ref_it == MAX_ITER - 1
+    assert got.keys() == ref.keys()
+    # the same computation in the same processes: bit-equal
+    diff = {k: (got[k].double() - ref[k].double()).abs().max().item() for k in ref if ref[k].numel()}
+    worst = max(diff, key=diff.get)
+    assert diff[worst] == 0, f"{worst} differs by {diff[worst]}"
+
+
+def task_starts(job_dir):
+    """How many times task 0 was started (1 + number of requeues), from submitit's log."""
+    logs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(job_dir, "submitit")) for f in fs
+            if f.endswith("_0_log.out")]
+    return sum(open(p).read().count("Starting with JobEnvironment") for p in logs)
+
+
+def test_submit_local_job_equals_launch(env, launch_run, tmp_path):
+    job_dir = str(tmp_path / "job")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "submit.py"), "--cluster", "local",
+                           "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout", "10", "--job-dir", job_dir,
+                           "--wait", "tools/train_net.py", "--config-file", CONFIG, *TINY],
+                          env=env, cwd=REPO, timeout=TIMEOUT_S, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Submitted job" in proc.stdout and "finished" in proc.stdout
+    assert_same_weights(job_dir, launch_run)
+    got, ref = last_metrics(job_dir), last_metrics(launch_run)
+    assert got["iteration"] == ref["iteration"] == MAX_ITER - 1
+    for key in ("total_loss", "loss_cls", "loss_mask", "gradaug/sub0/total_loss"):
+        assert got[key] == ref[key], key
+    assert task_starts(job_dir) == 1  # ended normally: not requeued
+    assert os.path.isfile(os.path.join(job_dir, "log.txt")) and os.path.isfile(os.path.join(job_dir, "config.yaml"))
+
+
+class PreemptedOnce(slurm.TrainingJob):
+    """The job, but in its first run every task gets Slurm's preemption signal during
+    iteration ``PREEMPT_AFTER`` (as when Slurm preempts it); the requeued run gets none."""
+
+    def __call__(self):
+        if not self.resume:
+            after_step = slurm.PreemptionHook.after_step
+
+            def signalled_after_step(hook):
+                if hook.trainer.iter == PREEMPT_AFTER:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+                after_step(hook)
+
+            slurm.PreemptionHook.after_step = signalled_after_step
+        return super().__call__()
+
+
+# Remove once the trainer resumes the data order exactly (issue 11: gradaug_det/data/resumable.py);
+# strict: the test fails as soon as it passes, so the marker cannot outlive the gap.
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="--resume restarts the training data order: the resumed run reads other images")
+def test_preempted_job_checkpoints_requeues_and_resumes_to_same_weights(env, launch_run, tmp_path, monkeypatch):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job imports nothing from tests/
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(REPO)
+    job_dir = str(tmp_path / "job")
+    tool = os.path.join(REPO, "tools", "train_net.py")
+    args = slurm.prepare_tool_args("detectron2", ["--config-file", CONFIG, *TINY], job_dir)
+    executor = slurm.make_executor(job_dir, cluster="local", gpus_per_node=0, tasks_per_node=2, timeout_min=10)
+    job = executor.submit(PreemptedOnce(tool, args, job_dir))
+    deadline = time.time() + TIMEOUT_S
+    while not job.done():
+        if time.time() > deadline:
+            job.cancel()
+            pytest.fail(f"job did not end in {TIMEOUT_S} s; logs in {job.paths.folder}")
+        time.sleep(1)
+    job.results()  # raises with the tasks' traceback if they failed
+
+    assert task_starts(job_dir) == 2  # requeued once
+    # the checkpoint of the preempted step, and the resumed run started after it
+    assert os.path.isfile(os.path.join(job_dir, f"model_{PREEMPT_AFTER:07d}.pth"))
+    with open(os.path.join(job_dir, "log.txt")) as f:
+        log = f.read()
+    assert "Received SIGUSR2: saving a checkpoint after the current iteration" in log
+    assert f"Starting training from iteration {PREEMPT_AFTER + 1}" in log
+    assert_same_weights(job_dir, launch_run)
+
+
+def test_bad_arguments_fail_before_submission(tmp_path):
+    import runpy
+
+    main = runpy.run_path(os.path.join(REPO, "tools", "submit.py"))["main"]
+    job_dir = str(tmp_path / "j")
+    cases = [
+        (["tools/train_net.py", "--config-file", CONFIG, "--num-gpus", "8"], "--num-gpus is set by the Slurm"),
+        (["tools/train_net.py", "--config-file", CONFIG, "OUTPUT_DIR", "x"], "OUTPUT_DIR is the job directory"),
+        (["tools/train_net.py", "--config-file", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+        (["tools/train_net.py", "--config-file", CONFIG, "--eval-only"], "--eval-only is not a training job"),
+        (["tools/demo.py", "--config-file", CONFIG], "the tool must be one of"),
+        (["--nodes", "0", "tools/train_net.py", "--config-file", CONFIG], "nodes=0 is invalid"),
+    ]
+    for argv, message in cases:
+        if argv[0] != "--nodes":
+            argv = ["--cluster", "local"] + argv
+        with pytest.raises(SystemExit) as e:
+            main(["--job-dir", job_dir] + argv)
+        assert message in str(e.value.code), (argv, e.value.code)
+    os.makedirs(job_dir)
+    open(os.path.join(job_dir, "last_checkpoint"), "w").write("model_0000001.pth")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["--cluster", "local", "--job-dir", job_dir, "tools/train_net.py", "--config-file", CONFIG])
+    assert os.listdir(job_dir) == ["last_checkpoint"]  # nothing was submitted
