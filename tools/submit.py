@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from gradaug_det.engine.slurm import TrainingJob, make_executor, prepare_tool_args, tool_kind
+from gradaug_det.engine.slurm import TrainingJob, make_executor, prepare_tool_args
 
 
 def get_parser():
@@ -55,8 +55,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     job_dir = os.path.abspath(args.job_dir)
     try:
-        kind = tool_kind(args.tool)
-        tool_args = prepare_tool_args(kind, args.tool_args, job_dir)
+        tool_args = prepare_tool_args(args.tool, args.tool_args, job_dir)
         resume = "--resume" in args.tool_args
         if not resume and os.path.exists(os.path.join(job_dir, "last_checkpoint")):
             raise ValueError(f"{job_dir} already holds a run (last_checkpoint): pass the tool's --resume to "

@@ -32,10 +32,15 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
+def get_parser():
+    """detectron2's ``default_argument_parser`` plus ``--trust-pickle`` (also used by tools/submit.py)."""
     parser = default_argument_parser()
     add_trust_pickle_argument(parser)
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
     set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -76,7 +76,7 @@ def tool_kind(tool: str) -> str:
     return TOOLS[name]
 
 
-def prepare_tool_args(kind: str, tool_args: Sequence[str], job_dir: str) -> List[str]:
+def prepare_tool_args(tool: str, tool_args: Sequence[str], job_dir: str) -> List[str]:
     """Check the tool's own arguments and point its output at ``job_dir``.
 
     The arguments are parsed with the tool's parser here, before anything is submitted, so
@@ -85,7 +85,7 @@ def prepare_tool_args(kind: str, tool_args: Sequence[str], job_dir: str) -> List
     appended.
 
     Args:
-        kind: from :func:`tool_kind`.
+        tool: path of the tool (:data:`TOOLS`).
         tool_args: the arguments the tool takes when run by hand (config, flags, overrides).
         job_dir: the job directory (absolute).
 
@@ -93,9 +93,10 @@ def prepare_tool_args(kind: str, tool_args: Sequence[str], job_dir: str) -> List
         The tool's argument list for the job.
 
     Raises:
-        ValueError: launch flags (the allocation sets them), an output directory of its own,
-            a missing config file, or arguments the tool's parser rejects.
+        ValueError: an unknown tool, launch flags (the allocation sets them), an output
+            directory of its own, a missing config file, or arguments the tool's parser rejects.
     """
+    kind = tool_kind(tool)
     tool_args = list(tool_args)
     for flag in _LAUNCH_FLAGS + ("--launcher", "--work-dir"):
         if any(a == flag or a.startswith(flag + "=") for a in tool_args):
@@ -107,15 +108,12 @@ def prepare_tool_args(kind: str, tool_args: Sequence[str], job_dir: str) -> List
 
         if importlib.util.find_spec("mmengine") is None:
             raise ValueError("tools/mmdet_train.py needs MMDetection: `make install-mmdet` or pip install -e .[mmdet]")
-        from mmengine.config import DictAction  # noqa: F401  (the tool's parser needs it)
 
-        parsed = _parse(_load_tool_namespace("mmdet_train.py")["parse_args"], tool_args)
+        parsed = _parse(_load_tool(tool)["parse_args"], tool_args)
         config = parsed.config
         argv = tool_args + ["--work-dir", job_dir]
     else:
-        from detectron2.engine import default_argument_parser
-
-        parsed = _parse(default_argument_parser().parse_args, tool_args)
+        parsed = _parse(_tool_parser(_load_tool(tool)).parse_args, tool_args)
         if parsed.eval_only:
             raise ValueError("--eval-only is not a training job; run the tool directly or without --eval-only")
         config = parsed.config_file
@@ -135,12 +133,18 @@ def _parse(parse, argv):
         raise ValueError(f"the tool's arguments {' '.join(argv)!r} are invalid (see above)") from e
 
 
-def _load_tool_namespace(name: str) -> dict:
-    """The globals of ``tools/<name>`` of this repository (tools are scripts, not a package)."""
+def _load_tool(path: str) -> dict:
+    """The globals of the tool script at ``path`` (tools are scripts, not a package)."""
     import runpy
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools", name)
-    return runpy.run_path(path, run_name="gradaug_det_tool_" + os.path.splitext(name)[0])
+    return runpy.run_path(path, run_name="gradaug_det_tool_" + os.path.splitext(os.path.basename(path))[0])
+
+
+def _tool_parser(tool: dict):
+    """The detectron2 tool's parser: its ``get_parser()``, else ``default_argument_parser()``."""
+    from detectron2.engine import default_argument_parser
+
+    return tool.get("get_parser", default_argument_parser)()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,11 +361,14 @@ class TrainingJob:
             os._exit(outcome.code if isinstance(outcome.code, int) else 1)
         raise outcome  # submitit records why the job was not requeued
     def _run_detectron2(self, env: DistributedEnv):
-        from detectron2.engine import default_argument_parser
         from detectron2.engine.launch import _distributed_worker  # launch()'s per-process entry
 
-        tool = _load_tool_namespace(os.path.basename(self.tool))
-        args = tool.get("get_parser", default_argument_parser)().parse_args(self.argv())
+        tool = _load_tool(self.tool)
+        args = _tool_parser(tool).parse_args(self.argv())
+        if getattr(args, "trust_pickle", False):  # what the tool's __main__ does with it
+            from ..checkpoint.io import set_trust_pickle
+
+            set_trust_pickle(True)
         args.num_gpus, args.num_machines = env.local_world_size, env.num_nodes
         args.machine_rank, args.dist_url = env.node, env.dist_url
         results = []
@@ -387,7 +394,7 @@ class TrainingJob:
             argv += ["--launcher", "pytorch"]
         assert _STATE is not None
         _STATE.in_loop = False  # no step hook in mmengine: submitit checkpoints and requeues at once
-        return _load_tool_namespace("mmdet_train.py")["main"](argv)
+        return _load_tool(self.tool)["main"](argv)
 
     def _requeue(self, stop: TrainingPreempted) -> BaseException:
         """All ranks stopped after the same step and the checkpoint is written: requeue.

@@ -123,7 +123,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_same_weights(env, lau
     monkeypatch.chdir(REPO)
     job_dir = str(tmp_path / "job")
     tool = os.path.join(REPO, "tools", "train_net.py")
-    args = slurm.prepare_tool_args("detectron2", ["--config-file", CONFIG, *TINY], job_dir)
+    args = slurm.prepare_tool_args(tool, ["--config-file", CONFIG, *TINY], job_dir)
     executor = slurm.make_executor(job_dir, cluster="local", gpus_per_node=0, tasks_per_node=2, timeout_min=10)
     job = executor.submit(PreemptedOnce(tool, args, job_dir))
     deadline = time.time() + TIMEOUT_S
@@ -168,3 +168,8 @@ def test_bad_arguments_fail_before_submission(tmp_path):
     with pytest.raises(SystemExit, match="already holds a run"):
         main(["--cluster", "local", "--job-dir", job_dir, "tools/train_net.py", "--config-file", CONFIG])
     assert os.listdir(job_dir) == ["last_checkpoint"]  # nothing was submitted
+    # the tool's own flags pass through; the output goes to the job directory
+    tool = os.path.join(REPO, "tools", "train_net.py")
+    assert slurm.prepare_tool_args(tool, ["--config-file", CONFIG, "--trust-pickle", "SOLVER.MAX_ITER", "5"],
+                                   "/jobs/1") == ["--config-file", CONFIG, "--trust-pickle", "SOLVER.MAX_ITER", "5",
+                                                  "OUTPUT_DIR", "/jobs/1"]
