@@ -1,46 +1,53 @@
 #!/usr/bin/env python
 """Train or evaluate with a detectron2 LazyConfig (``.py``), GradAug when ``gradaug.enabled``.
 
+detectron2's ``tools/lazyconfig_train_net.py`` with GradAug's step trainer, ``train.ddp``
+honoured as detectron2 honours it (plus ``find_unused_parameters=True`` where GradAug needs
+it), and evaluation at the extra widths of ``test.slim_widths``::
+
     python tools/lazyconfig_train_net.py --config-file configs/lazy/mask_rcnn_gradaug_R_50_FPN_1x.py \
-        --num-gpus 8 [train.max_iter=...] [--eval-only train.init_checkpoint=model.pth]
+        --num-gpus 8 [train.max_iter=...]
+    python tools/lazyconfig_train_net.py --config-file ... --resume            # continue in train.output_dir
+    python tools/lazyconfig_train_net.py --config-file ... --eval-only \
+        train.init_checkpoint=output/model_final.pth test.slim_widths=[0.75,0.5]
+
+Standard detectron2 flags: --num-gpus (on a machine without CUDA: CPU processes over gloo),
+--num-machines, --machine-rank, --dist-url, --resume, --eval-only, and trailing
+``key=value`` config overrides.
 """
 import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
-from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import gradaug_det  # noqa: F401  (registers datasets and components)
 from gradaug_det.engine import create_ddp_model
-from gradaug_det.engine.lazy import build_lazy_step_trainer, needs_unused_parameter_search_lazy
+from gradaug_det.engine.lazy import (build_lazy_step_trainer, lazy_test, lazy_test_widths,
+                                     needs_unused_parameter_search_lazy)
 from gradaug_det.engine.slurm import preemption_hook
 
 logger = logging.getLogger("gradaug_det")
 
 
-def do_test(cfg, model):
-    if "evaluator" in cfg.dataloader:
-        ret = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
-        print_csv_format(ret)
-        return ret
-
-
 def do_train(args, cfg):
+    """Build model, optimizer, loader and GradAug step trainer; train (``--resume``: continue)."""
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
-    model = create_ddp_model(model, find_unused_parameters=needs_unused_parameter_search_lazy(cfg), **cfg.train.ddp)
+    model = create_ddp_model(model, **cfg.train.ddp,
+                             unused_parameters_reason=needs_unused_parameter_search_lazy(cfg))
     trainer = build_lazy_step_trainer(cfg, model, train_loader, optim)
     checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        hooks.EvalHook(cfg.train.eval_period, lambda: lazy_test(cfg, model)),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
         preemption_hook(checkpointer),  # in a tools/submit.py job: checkpoint + stop on preemption
@@ -48,23 +55,34 @@ def do_train(args, cfg):
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
+    return trainer
 
 
 def main(args):
+    """The tool: returns the evaluation results for ``--eval-only``, else the trainer."""
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    lazy_test_widths(cfg)  # a bad test.slim_widths fails here, before any work
     default_setup(cfg, args)
+    # gradaug-det's own messages (DDP settings, per-width tables) go to the same log
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gradaug_det", abbrev_name="ga")
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
         DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
-        print(do_test(cfg, model))
-    else:
-        do_train(args, cfg)
+        res = lazy_test(cfg, model)
+        print(res)
+        return res
+    return do_train(args, cfg)
+
+
+def get_parser():
+    """detectron2's ``default_argument_parser`` (the flags in the module docstring)."""
+    return default_argument_parser()
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = get_parser().parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

@@ -24,3 +24,6 @@ gradaug = dict(
     soft_weight=1.0,
     gt_weight=1.0,
 )
+
+# Widths evaluated besides 1.0 (TEST.SLIM_WIDTHS of the yacs configs), e.g. test.slim_widths=[0.75,0.5]
+test = dict(slim_widths=[])

@@ -7,14 +7,25 @@ A LazyConfig enables GradAug with a ``gradaug`` node::
         sampler=L(SubnetSampler)(num_subnets=3, min_width=0.9, max_width=1.0, seed=0),
         subnet_loss="soft", soft_weight=1.0, gt_weight=1.0,
     )
+
+and evaluates at extra widths (``TEST.SLIM_WIDTHS`` of the yacs configs) with a ``test`` node::
+
+    test = dict(slim_widths=[0.75, 0.5])   # or on the command line: test.slim_widths=[0.5]
 """
+from typing import List, Optional
+
 from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
 
+from ..evaluation.widths import evaluate_at_widths, log_width_results, merge_width_results, normalize_widths
 from ..gradaug import ClassificationTask, DetectionTask, SubnetSampler
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
+from .trainer import unused_parameters_reason
 
-__all__ = ["gradaug_enabled", "needs_unused_parameter_search_lazy", "build_lazy_step_trainer"]
+__all__ = ["gradaug_enabled", "needs_unused_parameter_search_lazy", "build_lazy_step_trainer", "lazy_test_widths",
+           "lazy_test"]
 
 
 def gradaug_enabled(cfg) -> bool:
@@ -22,13 +33,14 @@ def gradaug_enabled(cfg) -> bool:
     return bool(cfg.get("gradaug", {}).get("enabled", False))
 
 
-def needs_unused_parameter_search_lazy(cfg) -> bool:
-    """DDP needs ``find_unused_parameters`` for depth sampling or soft-only sub-network losses."""
+def needs_unused_parameter_search_lazy(cfg) -> Optional[str]:
+    """:func:`gradaug_det.engine.trainer.unused_parameters_reason` for a LazyConfig's
+    ``gradaug`` node (None when GradAug is off)."""
     if not gradaug_enabled(cfg):
-        return False
+        return None
     g = cfg.gradaug
     sampling = g.sampler.get("sampling", "width") if "sampler" in g else "width"
-    return sampling == "depth" or "gt" not in g.get("subnet_loss", "soft")
+    return unused_parameters_reason(sampling, g.get("subnet_loss", "soft"))
 
 
 def build_lazy_step_trainer(cfg, model, data_loader, optimizer):
@@ -42,3 +54,43 @@ def build_lazy_step_trainer(cfg, model, data_loader, optimizer):
     task = task_cls(model, g.get("subnet_loss", "soft"), g.get("soft_weight", 1.0), g.get("gt_weight", 1.0))
     cls = GradAugAMPTrainer if amp else GradAugSimpleTrainer
     return cls(model, data_loader, optimizer, sampler=sampler, task=task)
+
+
+def lazy_test_widths(cfg) -> List[float]:
+    """The widths to evaluate: 1.0 and ``test.slim_widths`` (TEST.SLIM_WIDTHS semantics,
+    :func:`gradaug_det.evaluation.widths.normalize_widths`).
+
+    Raises:
+        ValueError: naming ``test.slim_widths`` if a width is outside (0, 1].
+    """
+    return normalize_widths(cfg.get("test", {}).get("slim_widths", []), key="test.slim_widths")
+
+
+def lazy_test(cfg, model):
+    """detectron2's LazyConfig ``do_test``, at every width of :func:`lazy_test_widths`.
+
+    Evaluates ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator`` (nothing, returning
+    None, if the config has no evaluator). Results at width 1.0 keep detectron2's keys
+    ("bbox", "segm"); other widths are added as "bbox@w0.5" etc. and a table of all widths
+    is logged, as ``GradAugTrainer.test`` does for yacs configs.
+
+    Args:
+        cfg: the LazyConfig.
+        model: the model (may be wrapped in DistributedDataParallel).
+
+    Returns:
+        The results dict (empty on non-main processes), or None without an evaluator.
+    """
+    if "evaluator" not in cfg.dataloader:
+        return None
+    widths = lazy_test_widths(cfg)
+    loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    if widths == [1.0]:
+        ret = inference_on_dataset(model, loader, evaluator)
+    else:
+        per_width = evaluate_at_widths(model, loader, evaluator, widths)
+        if comm.is_main_process():
+            log_width_results(per_width, str(cfg.dataloader.test.get("dataset", {}).get("names", "")))
+        ret = merge_width_results(per_width)
+    print_csv_format(ret)
+    return ret

@@ -14,6 +14,7 @@ import logging
 import os
 import weakref
 from collections import OrderedDict
+from typing import Optional
 
 from torch.nn.parallel import DistributedDataParallel
 
@@ -29,7 +30,8 @@ from ..gradaug.sampler import validate_loss_args
 from ..slim import SlimmableModule, check_width, linear_keep_probs, residual_blocks
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
-__all__ = ["GradAugTrainer", "validate_config", "create_ddp_model", "apply_depth_eval_scale"]
+__all__ = ["GradAugTrainer", "validate_config", "create_ddp_model", "unused_parameters_reason",
+           "apply_depth_eval_scale"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,28 +83,78 @@ def apply_depth_eval_scale(cfg, model) -> None:
         block.eval_scale = p if use else 1.0
 
 
-def needs_unused_parameter_search(cfg) -> bool:
-    """Whether some parameters may get no gradient in the synchronised (last) pass.
+def unused_parameters_reason(sampling: str, subnet_loss: str) -> Optional[str]:
+    """Why GradAug needs DDP's ``find_unused_parameters=True``, or None if it does not.
 
-    Depth sub-networks skip blocks, and "soft" sub-network losses leave the RPN and the
-    box-regression / mask heads without gradient. With ``no_sync`` on earlier passes, DDP
-    must then be told (``find_unused_parameters=True``), or it averages wrong gradients.
+    Under DistributedDataParallel every GradAug pass but the last runs under ``no_sync``
+    (:func:`gradaug_det.gradaug.gradaug_step`), so gradients are reduced in the last
+    (sub-network) pass only. Depth sub-networks skip residual blocks, and sub-network losses
+    without "gt" (only the soft classification loss) leave the RPN and the box-regression /
+    mask heads without gradient in that pass: DDP must then search for unused parameters,
+    or it waits for gradients that never come.
+
+    Args:
+        sampling: ``GRADAUG.SAMPLING`` / ``gradaug.sampler.sampling`` ("width" or "depth").
+        subnet_loss: ``GRADAUG.SUBNET_LOSS`` / ``gradaug.subnet_loss`` ("gt", "soft", "gt+soft").
+
+    Returns:
+        A sentence naming the setting that needs it, or None.
     """
+    if sampling == "depth":
+        return "depth sub-networks (sampling='depth') skip residual blocks in the synchronised pass"
+    if "gt" not in subnet_loss:
+        return (f"sub-network loss {subnet_loss!r} leaves the RPN and box/mask regression heads "
+                "without gradient in the synchronised pass")
+    return None
+
+
+def needs_unused_parameter_search(cfg) -> Optional[str]:
+    """:func:`unused_parameters_reason` for a yacs config (None when GradAug is off)."""
     g = cfg.GRADAUG
-    return g.ENABLED and (g.SAMPLING == "depth" or "gt" not in g.SUBNET_LOSS)
+    return unused_parameters_reason(g.SAMPLING, g.SUBNET_LOSS) if g.ENABLED else None
 
 
-def create_ddp_model(model, *, find_unused_parameters=False, **kwargs):
+def create_ddp_model(model, *, fp16_compression: bool = False, find_unused_parameters: bool = False,
+                     unused_parameters_reason: Optional[str] = None, **kwargs):
     """Wrap ``model`` in DistributedDataParallel when more than one process runs.
 
-    Like detectron2's ``create_ddp_model`` (broadcast_buffers etc. in ``kwargs``), but also
-    for CPU models (gloo), and with ``find_unused_parameters`` exposed.
+    detectron2's ``create_ddp_model`` (``detectron2.engine.defaults``) with the same
+    arguments, so a LazyConfig's ``train.ddp`` node passes unchanged (``**cfg.train.ddp``),
+    plus what GradAug and CPU training need. The one implementation used by
+    :class:`GradAugTrainer` and ``tools/lazyconfig_train_net.py``.
+
+    Args:
+        model: the model, already on its device.
+        fp16_compression: as in detectron2: register DDP's ``fp16_compress_hook`` (gradients
+            all-reduced in float16). It saves NCCL bandwidth between GPUs; for a CPU model
+            (gloo) it is skipped with a log line (it would only add two casts per bucket).
+        find_unused_parameters: as DistributedDataParallel's.
+        unused_parameters_reason: when not None (:func:`unused_parameters_reason`), GradAug
+            needs ``find_unused_parameters=True``; it is set, with one log line saying why
+            if ``False`` was asked.
+        kwargs: other arguments of DistributedDataParallel (``broadcast_buffers`` ...);
+            ``device_ids`` defaults to the local rank for a CUDA model, None for a CPU model.
+
+    Returns:
+        ``model`` itself in one process, else the DistributedDataParallel wrapper.
     """
     if comm.get_world_size() == 1:
         return model
+    if unused_parameters_reason and not find_unused_parameters:
+        logger.info(f"DDP: find_unused_parameters=True (instead of False) because GradAug's {unused_parameters_reason}")
+        find_unused_parameters = True
     on_cuda = next(model.parameters()).is_cuda
     kwargs.setdefault("device_ids", [comm.get_local_rank()] if on_cuda else None)
-    return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters, **kwargs)
+    ddp = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters, **kwargs)
+    if fp16_compression:
+        if on_cuda:
+            from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+            ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+        else:
+            logger.info("DDP: fp16_compression ignored for a CPU model (gloo); it compresses GPU (NCCL) "
+                        "gradient traffic only")
+    return ddp
 
 
 class GradAugTrainer(DefaultTrainer):
@@ -125,7 +177,7 @@ class GradAugTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False,
-                                 find_unused_parameters=needs_unused_parameter_search(cfg))
+                                 unused_parameters_reason=needs_unused_parameter_search(cfg))
         self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)

@@ -2,7 +2,34 @@
 from .fpn import SlimmableFPN
 from .resnet import SlimBasicBlock, SlimBasicStem, SlimBottleneckBlock, SlimmableResNet
 
-__all__ = ["make_lazy_model_slimmable"]
+__all__ = ["make_lazy_model_slimmable", "make_slimmable_default_stages"]
+
+# Arguments of detectron2's BottleneckBlock that a BasicBlock (ResNet-18/34) does not take.
+_BOTTLENECK_ONLY = ("stride_in_1x1", "num_groups", "dilation")
+
+
+def make_slimmable_default_stages(depth: int, block_class=None, divisor: int = 1, **kwargs):
+    """``ResNet.make_default_stages`` with slimmable blocks, chosen by ``depth`` when built.
+
+    Like detectron2's yacs builder (``build_resnet_backbone``), the bottleneck-only
+    arguments (``stride_in_1x1``, ``num_groups``, ``dilation``) are not passed to the basic
+    blocks of ResNet-18/34, so ``model.backbone.bottom_up.stages.depth=18`` works on a config
+    written for R50.
+
+    Args:
+        depth: 18, 34, 50, 101 or 152.
+        block_class: default :class:`SlimBasicBlock` below depth 50, else :class:`SlimBottleneckBlock`.
+        divisor: channel alignment (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``).
+        kwargs: other arguments of ``ResNet.make_default_stages`` / the blocks (``norm`` ...).
+
+    Returns:
+        list[list[CNNBlockBase]]: the blocks of res2..res5, as ``ResNet.make_default_stages``.
+    """
+    if block_class is None:
+        block_class = SlimBasicBlock if depth < 50 else SlimBottleneckBlock
+    if depth < 50:
+        kwargs = {k: v for k, v in kwargs.items() if k not in _BOTTLENECK_ONLY}
+    return SlimmableResNet.make_default_stages(depth, block_class, divisor=divisor, **kwargs)
 
 
 def make_lazy_model_slimmable(model, *, divisor: int = 1, slim_fpn: bool = True):
@@ -30,6 +57,6 @@ def make_lazy_model_slimmable(model, *, divisor: int = 1, slim_fpn: bool = True)
     bottom_up.stem._target_ = SlimBasicStem
     bottom_up.stem.divisor = divisor
     stages = bottom_up.stages
-    stages.block_class = SlimBasicBlock if stages.depth < 50 else SlimBottleneckBlock
+    stages._target_ = make_slimmable_default_stages  # blocks chosen by depth when instantiated
     stages.divisor = divisor
     return model
