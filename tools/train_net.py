@@ -15,14 +15,17 @@ import gradaug_det  # noqa: F401  (registers backbones, meta-architectures, data
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
 from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.engine import GradAugTrainer, setup
+from gradaug_det.slim.settings import strict_slimmable_settings
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = GradAugTrainer.build_model(cfg)
-        GradAugCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
+        # sub-widths of weights trained with other slimmable settings would be other networks
+        with strict_slimmable_settings("--eval-only at TEST.SLIM_WIDTHS", enabled=bool(cfg.TEST.SLIM_WIDTHS)):
+            GradAugCheckpointer.from_config(cfg, model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume)
         res = GradAugTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

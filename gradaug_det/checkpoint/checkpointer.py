@@ -269,3 +269,11 @@ class GradAugCheckpointer(DetectionCheckpointer):
         except (OSError, UnicodeDecodeError):
             pass
         return bool(self._complete_checkpoints())
+
+
+# Every checkpoint records how its sub-networks are formed (channel rule, divisor, SLIM_FPN)
+# and is checked against the model it loads into (issue 10 §6; gradaug_det.slim.settings).
+from ..slim import settings as _slim_settings  # noqa: E402
+
+GradAugCheckpointer.register_record(_slim_settings.RECORD_KEY, _slim_settings.model_slimmable_settings,
+                                    _slim_settings.check_record)

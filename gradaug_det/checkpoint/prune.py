@@ -491,6 +491,7 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
     """
     from .checkpointer import GradAugCheckpointer
     from .io import atomic_torch_save, atomic_write, check_output_path
+    from ..slim.settings import model_slimmable_settings, strict_slimmable_settings
 
     w = check_width(w)
     weights = cfg.MODEL.WEIGHTS if weights is None else weights
@@ -498,11 +499,14 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
     cfg_path = os.path.join(output_dir, f"config_pruned_w{w:g}.yaml")
     check_output_path(ckpt_path, "--output", make_dirs=True)  # before any work
     model = build_model(cfg)
-    GradAugCheckpointer.from_config(cfg, model).load(weights)
+    with strict_slimmable_settings("tools/prune.py cuts out the sub-network of these settings"):
+        GradAugCheckpointer.from_config(cfg, model).load(weights)
     model.eval()
     os.makedirs(output_dir, exist_ok=True)
     pruned_cfg, pruned_model = prune_model(model, cfg, w, weights=ckpt_path)
-    info = {"width": w, "source": str(weights), "backbone": pruned_cfg.MODEL.BACKBONE.NAME}
+    # the settings the sub-network was cut with (the pruned model itself is a stock, fixed-width one)
+    info = {"width": w, "source": str(weights), "backbone": pruned_cfg.MODEL.BACKBONE.NAME,
+            "slimmable": model_slimmable_settings(model)}
     atomic_torch_save({"model": pruned_model.state_dict(), "gradaug_prune": info}, ckpt_path)
     custom = pruned_cfg.MODEL.BACKBONE.NAME == "build_pruned_resnet_fpn_backbone"
     extra = (
