@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from .losses import OutputRecorder, unwrap_model
 from .roi_soft_labels import RoIClassifierSoftLabels
+from .semseg_soft_labels import SemSegSoftLabels
 from .sampler import SUBNET_LOSSES, SubnetSpec
 from .transforms import (
-    batch_to_device, check_batch_fields, check_transformable_fields, transform_classification_batch,
+    SubnetGeometry, batch_to_device, check_batch_fields, check_transformable_fields, transform_classification_batch,
     transform_detection_batch,
 )
 
@@ -32,10 +33,11 @@ def _no_losses(*args, **kwargs):
     return None, {}
 
 
-#: Meta-architectures whose sub-network passes can learn soft labels (the full network's RoI
-#: box-classifier distributions), and the RoI heads that provide them.
-SOFT_LABEL_META_ARCHITECTURES = ("GeneralizedRCNN", "PanopticFPN")
-SOFT_LABEL_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads")
+#: Meta-architectures whose sub-network passes can learn soft labels: the full network's RoI
+#: box-classifier distributions (R-CNNs, PanopticFPN), or its per-pixel class distributions
+#: (SemanticSegmentor with a SemSegFPNHead); the RoI heads that provide the former.
+SOFT_LABEL_META_ARCHITECTURES = ("GeneralizedRCNN", "PanopticFPN", "SemanticSegmentor")
+SOFT_LABEL_ROI_HEADS = ("StandardROIHeads", "Res5ROIHeads", "CascadeROIHeads")
 
 
 def check_subnet_loss_support(cfg) -> None:
@@ -43,10 +45,11 @@ def check_subnet_loss_support(cfg) -> None:
     and a training-dict field the sub-network transforms cannot move
     (:func:`.transforms.check_transformable_fields`).
 
-    "soft" / "gt+soft" need an R-CNN box classifier to take soft labels from:
-    ``MODEL.META_ARCHITECTURE`` in :data:`SOFT_LABEL_META_ARCHITECTURES` with
-    ``MODEL.ROI_HEADS.NAME`` a (subclass of) ``StandardROIHeads`` / ``Res5ROIHeads`` with one
-    box predictor (not ``CascadeROIHeads``). "gt" works with every detectron2 model.
+    "soft" / "gt+soft" need something to take soft labels from: an R-CNN box classifier
+    (``MODEL.META_ARCHITECTURE`` "GeneralizedRCNN" / "PanopticFPN" with ``MODEL.ROI_HEADS.NAME``
+    a (subclass of) ``StandardROIHeads`` / ``Res5ROIHeads`` / ``CascadeROIHeads``: every
+    stage's classifier, :mod:`.roi_soft_labels`), or a "SemanticSegmentor" whose ``MODEL.SEM_SEG_HEAD.NAME`` is a
+    ``SemSegFPNHead``. "gt" works with every detectron2 model.
 
     Raises:
         ValueError: naming the key, its value and what to set.
@@ -64,13 +67,23 @@ def check_subnet_loss_support(cfg) -> None:
             f"but MODEL.META_ARCHITECTURE={arch!r} has none (soft labels support "
             f"{', '.join(SOFT_LABEL_META_ARCHITECTURES)}); {fix}"
         )
-    from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, Res5ROIHeads, StandardROIHeads
+    if arch == "SemanticSegmentor":
+        from detectron2.modeling.meta_arch.semantic_seg import SEM_SEG_HEADS_REGISTRY, SemSegFPNHead
+
+        name = cfg.MODEL.SEM_SEG_HEAD.NAME
+        if not issubclass(SEM_SEG_HEADS_REGISTRY.get(name), SemSegFPNHead):
+            raise ValueError(
+                f"GRADAUG.SUBNET_LOSS={cfg.GRADAUG.SUBNET_LOSS!r} on a SemanticSegmentor takes per-pixel soft labels "
+                f"from a SemSegFPNHead, but MODEL.SEM_SEG_HEAD.NAME={name!r} is not one; {fix}"
+            )
+        return
+    from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads, StandardROIHeads
 
     name = cfg.MODEL.ROI_HEADS.NAME
     heads = ROI_HEADS_REGISTRY.get(name)
-    if not issubclass(heads, (StandardROIHeads, Res5ROIHeads)) or issubclass(heads, CascadeROIHeads):
+    if not issubclass(heads, (StandardROIHeads, Res5ROIHeads)):  # CascadeROIHeads is a StandardROIHeads
         raise ValueError(
-            f"GRADAUG.SUBNET_LOSS={cfg.GRADAUG.SUBNET_LOSS!r} takes soft labels from one RoI box classifier "
+            f"GRADAUG.SUBNET_LOSS={cfg.GRADAUG.SUBNET_LOSS!r} takes soft labels from RoI box classifiers "
             f"({', '.join(SOFT_LABEL_ROI_HEADS)}), but MODEL.ROI_HEADS.NAME={name!r} is not one; {fix}"
         )
 
@@ -106,8 +119,9 @@ class DetectionTask:
     with "gt" any detectron2 meta-architecture, e.g. RetinaNet or SemanticSegmentor).
 
     Sub-network loss: "gt" = the standard losses on the transformed annotations;
-    "soft" = KL to the full network's box-classifier distributions on its RoIs;
-    "gt+soft" = both.
+    "soft" = KL to the full network's box-classifier distributions on its RoIs (R-CNNs,
+    PanopticFPN), or to its per-pixel class distributions (SemanticSegmentor,
+    :mod:`.semseg_soft_labels`); "gt+soft" = both.
 
     The full pass puts the batch's dense fields on the model's device once
     (:func:`.transforms.batch_to_device`); every sub-network's batch is formed there.
@@ -127,15 +141,25 @@ class DetectionTask:
         self.use_soft = "soft" in subnet_loss
         self.soft_weight, self.gt_weight = soft_weight, gt_weight
         self.ignore_value = ignore_value
-        self.soft = RoIClassifierSoftLabels(model) if self.use_soft else None
-        # PanopticFPN's forward reads "instances" even when its heads are switched off
-        self.needs_instances = hasattr(unwrap_model(model), "sem_seg_head") and hasattr(unwrap_model(model), "roi_heads")
+        net = unwrap_model(model)
+        dense = hasattr(net, "sem_seg_head") and not hasattr(net, "roi_heads")  # SemanticSegmentor
+        self.soft = RoIClassifierSoftLabels(model) if self.use_soft and not dense else None
+        self.semseg = SemSegSoftLabels(model) if self.use_soft and dense else None
+        # PanopticFPN's forward reads "instances" and "sem_seg" even when its heads are switched off
+        self.panoptic = hasattr(net, "sem_seg_head") and hasattr(net, "roi_heads")
+        # an R-CNN on precomputed proposals (PROPOSAL_GENERATOR "PrecomputedProposals") reads
+        # "proposals" even when its RoI heads are switched off
+        self.precomputed_proposals = hasattr(net, "roi_heads") and getattr(net, "proposal_generator", 0) is None
 
     def full_pass(self, model, batch: List[Dict]) -> Tuple[LossDict, object]:
         """Full network on the original batch: its standard losses; the teacher holds the
         batch with its dense fields on the model's device, and the RoI soft labels."""
         check_batch_fields(batch)  # a field the sub-networks cannot get: refused before any pass
         batch = batch_to_device(batch, _model_device(model))
+        if self.semseg is not None:
+            with self.semseg.record(batch) as dense:
+                losses = model(batch)
+            return losses, {"batch": batch, "rois": None, "sem_seg": dense}
         if not self.use_soft:
             return model(batch), {"batch": batch, "rois": None}
         with self.soft.record() as rois:
@@ -146,14 +170,20 @@ class DetectionTask:
         """One sub-network (already set on the model) on its transformed batch."""
         batch = teacher["batch"]
         if not self.use_gt:  # soft labels only: the annotations are not used
-            batch = [{k: v for k, v in d.items() if k not in ("instances", "proposals")} for d in batch]
+            unused = ("instances", "proposals") if self.panoptic else ("instances", "proposals", "sem_seg")
+            batch = [{k: v for k, v in d.items() if k not in unused} for d in batch]
         batch_t, teacher_t = transform_detection_batch(batch, spec, teacher["rois"], device=_model_device(model),
                                                        ignore_value=self.ignore_value)
-        if not self.use_gt and self.needs_instances:
+        if not self.use_gt and (self.panoptic or self.precomputed_proposals):
             from detectron2.structures import Instances
 
-            batch_t = [dict(d, instances=Instances(tuple(d["image"].shape[-2:]))) for d in batch_t]
-        if not self.use_soft:
+            empty = ["instances"] * self.panoptic + ["proposals"] * self.precomputed_proposals
+            batch_t = [dict(d, **{k: Instances(tuple(d["image"].shape[-2:])) for k in empty}) for d in batch_t]
+        if self.semseg is not None:
+            geos = [SubnetGeometry(*d["image"].shape[-2:], spec) for d in batch]
+            with self.semseg.teach(teacher["sem_seg"], geos, soft_only=not self.use_gt):
+                losses = model(batch_t)
+        elif not self.use_soft:
             losses = model(batch_t)
         elif self.use_gt:
             with self.soft.teach(teacher_t):
@@ -163,7 +193,7 @@ class DetectionTask:
                 losses = model(batch_t)
         out = {}
         for k, v in losses.items():
-            if k == "loss_soft_cls":
+            if k in ("loss_soft_cls", "loss_soft_sem_seg"):
                 out[k] = v * self.soft_weight
             elif self.use_gt:
                 out[k] = v * self.gt_weight

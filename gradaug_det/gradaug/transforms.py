@@ -362,6 +362,16 @@ class SubnetGeometry:
             x, y = self._rotate_xy(x, y)
         return torch.stack([x, y], -1)
 
+    def inverse_points(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Where output coordinates (x, y) (pixels, continuous, float64) came from in the input
+        image: the inverse of :meth:`points`."""
+        if self.rotation is not None:
+            (a, b, c), (d, e, f) = cv2.invertAffineTransform(self.rotation.rm_coords).tolist()
+            x, y = x * a + y * b + c, x * d + y * e + f
+        if self.resize:
+            x, y = x / self.factors[0], y / self.factors[1]
+        return x, y
+
     def boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """(R, 4) XYXY boxes in pixels -> the boxes enclosing their moved corners, clipped
         to the output image (detectron2's ``apply_box`` then ``Boxes.clip``). Scaling runs
@@ -409,7 +419,7 @@ def _select(inst: Instances, keep: torch.Tensor) -> Instances:
             out.set(name, value[idx.cpu()])
         else:
             dev = value.device if isinstance(value, torch.Tensor) else getattr(value, "device", idx.device)
-            out.set(name, value[idx.to(dev)])
+            out.set(name, value[idx.to(dev, non_blocking=True)])
     return out
 
 
@@ -506,7 +516,7 @@ def transform_detection_batch(batch: List[Dict], spec: SubnetSpec, teacher: Opti
             w = Boxes(boxes).nonempty().to(t["logits"].dtype if t["logits"].is_floating_point() else torch.float32)
             if "weights" in t:
                 w = w * t["weights"]
-            new_teacher.append({"boxes": boxes, "logits": t["logits"], "weights": w})
+            new_teacher.append(dict(t, boxes=boxes, weights=w))  # other keys (e.g. "stage_sizes") pass
     return new_batch, new_teacher
 
 

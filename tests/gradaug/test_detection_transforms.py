@@ -9,6 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detectron2.data import detection_utils as utils
 from detectron2.modeling import build_model
@@ -216,8 +217,11 @@ def test_constructor_checks_name_the_key(make_rcnn_cfg):
     cfg = make_rcnn_cfg()
     cfg.GRADAUG.ENABLED = True
     check_subnet_loss_support(cfg)  # Mask R-CNN with "soft": fine
-    for key, value, match in (("META_ARCHITECTURE", "SemanticSegmentor", "MODEL.META_ARCHITECTURE='SemanticSegmentor'"),
-                              ("META_ARCHITECTURE", "RetinaNet", "MODEL.META_ARCHITECTURE='RetinaNet'")):
+    c = cfg.clone()
+    c.MODEL.META_ARCHITECTURE = "SemanticSegmentor"  # per-pixel soft labels
+    check_subnet_loss_support(c)
+    for key, value, match in (("META_ARCHITECTURE", "RetinaNet", "MODEL.META_ARCHITECTURE='RetinaNet'"),
+                              ("META_ARCHITECTURE", "ProposalNetwork", "MODEL.META_ARCHITECTURE='ProposalNetwork'")):
         c = cfg.clone()
         c.MODEL[key] = value
         with pytest.raises(ValueError, match=match):
@@ -243,7 +247,8 @@ def _semseg_cfg(cfg, arch):
     return cfg
 
 
-@pytest.mark.parametrize("arch, loss", [("SemanticSegmentor", "gt"), ("PanopticFPN", "soft"), ("keypoints", "gt")])
+@pytest.mark.parametrize("arch, loss", [("SemanticSegmentor", "gt"), ("SemanticSegmentor", "soft"),
+                                        ("SemanticSegmentor", "gt+soft"), ("PanopticFPN", "soft"), ("keypoints", "gt")])
 def test_models_with_every_field_train_gradaug_steps(make_rcnn_cfg, make_batch, arch, loss):
     """The issue's failures: sem_seg left at the old size (silently shifted labels at 0.857, a
     size mismatch at 0.5), KeyError 'instances' for soft passes of PanopticFPN, keypoints
@@ -277,7 +282,91 @@ def test_models_with_every_field_train_gradaug_steps(make_rcnn_cfg, make_batch, 
     with EventStorage(0):
         out = gradaug_step(model, batch, sampler, DetectionTask(model, loss))
     assert seen == [(64, 64), (32, 32), (32, 32)]
+    expected = {"SemanticSegmentor": {"loss_sem_seg"}, "PanopticFPN": {"loss_soft_cls"},
+                "keypoints": {"loss_keypoint"}}[arch]
+    if arch == "SemanticSegmentor":
+        expected = {"gt": {"loss_sem_seg"}, "soft": {"loss_soft_sem_seg"}, "gt+soft": {"loss_sem_seg", "loss_soft_sem_seg"}}[loss]
     for losses in out.subnet_losses:
         assert all(torch.isfinite(v) for v in losses.values())
-        expected = {"SemanticSegmentor": "loss_sem_seg", "PanopticFPN": "loss_soft_cls", "keypoints": "loss_keypoint"}
-        assert expected[arch] in losses
+        assert expected <= set(losses) and (loss != "soft" or set(losses) == expected)
+        if "loss_soft_sem_seg" in losses:
+            assert float(losses["loss_soft_sem_seg"]) > 0
+
+
+@pytest.mark.parametrize("spec", [SubnetSpec(scale=0.5), SubnetSpec(scale=0.857, angle=45.0)])
+def test_device_fields_are_never_read_on_the_host(spec):
+    """Images, sem_seg, bitmasks and the teacher's RoIs live on PyTorch's "meta" device here,
+    where any host read of a value (``.item()``, ``bool()``, ``.cpu()``, boolean indexing,
+    ``nonzero``) raises: the transforms form the batch without a host synchronisation.
+    Boxes stay on the host as detectron2's loaders leave them (one instance leaves the image
+    at 45 degrees: dropped by a host-side decision, also from the device bitmasks)."""
+    meta = torch.device("meta")
+    inst = Instances((64, 80))
+    inst.gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 4.0, 4.0], [10.0, 10.0, 30.0, 30.0]]))
+    inst.gt_classes = torch.tensor([1, 2])
+    inst.gt_masks = BitMasks(torch.zeros(2, 64, 80, dtype=torch.bool, device=meta))
+    batch = [{"image": torch.zeros(c, 64, 80, dtype=dtype, device=meta), "instances": inst,
+              "sem_seg": torch.zeros(64, 80, dtype=torch.long, device=meta)}
+             for c, dtype in ((3, torch.uint8), (1, torch.float32))]
+    teacher = [{"boxes": torch.zeros(5, 4, device=meta), "logits": torch.zeros(5, 3, device=meta)}] * 2
+    out, out_t = transform_detection_batch(batch, spec, teacher, device=meta)
+    size = SubnetGeometry(64, 80, spec).size
+    for d in out:
+        assert d["image"].device == meta and d["image"].shape[-2:] == size and d["sem_seg"].shape == size
+        assert d["instances"].gt_masks.tensor.shape == (len(d["instances"]),) + size
+        assert len(d["instances"]) == (1 if spec.angle else 2)
+    loss = weighted_soft_label_kl(torch.zeros(5, 3, device=meta), out_t[0]["logits"], out_t[0]["weights"])
+    assert loss.device == meta
+
+
+def _semseg_teacher(n=1, k=3, size=32, stride=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, k, size // stride, size // stride, generator=g) * 2
+    return {"logits": logits, "sizes": [(size, size)] * n}, torch.softmax(logits, 1)
+
+
+class _Head(torch.nn.Module):
+    common_stride = 4
+
+    def __init__(self):
+        super().__init__()
+        self.predictor = torch.nn.Identity()
+
+    def layers(self, features):
+        return self.predictor(features)
+
+
+def _semseg_labels():
+    from gradaug_det.gradaug.semseg_soft_labels import SemSegSoftLabels
+
+    model = torch.nn.Module()
+    model.sem_seg_head = _Head()
+    return SemSegSoftLabels(model)
+
+
+def test_semseg_soft_targets_by_hand():
+    """The teacher's per-pixel distribution resampled to the sub-network's grid: at scale 0.5,
+    student cell j (centre 4j + 2 of the 16 px image) comes from 8j + 4 of the 32 px image,
+    halfway between teacher cells 2j and 2j + 1: the 2x2 average; a quarter turn turns the grid."""
+    soft = _semseg_labels()
+    teacher, probs = _semseg_teacher()
+    geo = SubnetGeometry(32, 32, SubnetSpec(scale=0.5))
+    target, weight = soft.targets(teacher, [geo], (4, 4))
+    assert torch.allclose(target, F.avg_pool2d(probs, 2), atol=1e-6) and bool((weight == 1).all())
+    target, weight = soft.targets(teacher, [SubnetGeometry(32, 32, SubnetSpec(angle=90.0))], (8, 8))
+    assert torch.allclose(target, torch.rot90(probs, 1, (-2, -1)), atol=1e-6) and bool((weight == 1).all())
+    # a 45 degree turn brings in corners from outside: weight 0 there; cells beyond the image (padding) too
+    _, weight = soft.targets(teacher, [SubnetGeometry(32, 32, SubnetSpec(angle=45.0))], (10, 10))
+    assert weight[0, 0, 0] == 0 and weight[0, 4, 4] == 1 and (weight[0, 8:] == 0).all() and (weight[0, :, 8:] == 0).all()
+    # the loss: zero when the student predicts the resampled teacher, the reference KL otherwise
+    out = {}
+    with soft.teach(teacher, [geo], soft_only=True):
+        out["loss"] = soft.head(torch.log(F.avg_pool2d(probs, 2)))[1]["loss_soft_sem_seg"]
+    assert abs(float(out["loss"])) < 1e-6
+    student = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    with soft.teach(teacher, [geo], soft_only=True):
+        loss = soft.head(student)[1]["loss_soft_sem_seg"]
+    ref = F.kl_div(F.log_softmax(student, 1).permute(0, 2, 3, 1).reshape(-1, 3),
+                   F.avg_pool2d(probs, 2).permute(0, 2, 3, 1).reshape(-1, 3), reduction="batchmean")
+    assert torch.allclose(loss, ref, atol=1e-6)
+    assert "forward" not in vars(soft.head)
