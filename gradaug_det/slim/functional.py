@@ -20,6 +20,10 @@ __all__ = ["select_channels", "leading_block", "slim_norm", "norm_to_input", "sl
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
+# Set by gradaug_det.slim.calibration while it recomputes BN statistics at a sub-width:
+# called as ``(norm, x, layout, keep)`` for every sliced training-mode BN.
+_bn_recorder = None
+
 
 def _loaded_types(*paths):
     """Classes ``module:Name`` of modules that are already imported (others cannot have instances)."""
@@ -168,6 +172,8 @@ def slim_norm(norm: nn.Module, x: torch.Tensor, layout: int, keep: int) -> torch
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + bias.view(1, -1, 1, 1).to(x.dtype)
     if isinstance(norm, _BATCH_NORMS):
         if norm.training:
+            if _bn_recorder is not None:  # post-hoc BN calibration (gradaug_det.slim.calibration)
+                _bn_recorder(norm, x, layout, keep)
             group = _sync_group(norm)
             if group is not None:
                 weighted = getattr(norm, "_stats_mode", "N") == "N"

@@ -1,0 +1,145 @@
+"""Post-hoc BN calibration at a sub-width (issue 14 §2): the calibrated statistics equal those
+of a physically narrow network run over the same batches; width 1.0 is left untouched."""
+import itertools
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
+from fvcore.nn.precise_bn import update_bn_stats
+
+import gradaug_det
+from gradaug_det.checkpoint.prune import _slice_slim_conv
+from gradaug_det.data import generate_imagefolder
+from gradaug_det.data.classification import build_classification_train_loader
+from gradaug_det.data.datasets import load_imagefolder
+from gradaug_det.slim import SlimConv2d, width
+from gradaug_det.slim.calibration import calibrate_bn, calibrated_bn
+
+
+def _cfg(norm="BN"):
+    cfg = gradaug_det.add_gradaug_config(get_cfg())
+    cfg.MODEL.META_ARCHITECTURE = "SlimmableClassifier"
+    cfg.MODEL.BACKBONE.NAME = "build_slimmable_resnet_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.NORM = norm
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.CLASSIFIER.NUM_CLASSES = 4
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.INPUT.CLASSIFICATION.CROP_SIZE = 32
+    cfg.SOLVER.IMS_PER_BATCH = 4
+    cfg.DATALOADER.NUM_WORKERS = 0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory):
+    """3 training batches of 4 generated ImageFolder images (RandomResizedCrop 32 px)."""
+    paths = generate_imagefolder(str(tmp_path_factory.mktemp("imagefolder")), num_classes=4, train_per_class=4,
+                                 val_per_class=1, image_size=48)
+    torch.manual_seed(0)
+    loader = build_classification_train_loader(_cfg(), dataset=load_imagefolder(paths["train"]))
+    return list(itertools.islice(iter(loader), 3))
+
+
+def _trained_like(model, seed=0):
+    """Non-trivial running statistics and affine parameters (as after training), float64."""
+    g = torch.Generator().manual_seed(seed)
+    model.double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g, dtype=torch.float64) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g, dtype=torch.float64) * 0.2)
+    return model.eval()
+
+
+def _narrow_backbone(model, w):
+    """A stock detectron2 ResNet-18 with the sub-network's channels and sliced weights."""
+    bb = model.backbone
+    with width(model, w):
+        stem = bb.stem.conv1.active_channels()[1]
+        outs = [stage[0].conv2.active_channels()[1] for stage in bb.stages]
+        sliced = {}
+        for name, m in bb.named_modules():
+            if isinstance(m, SlimConv2d):
+                sliced.update({f"{name}.{k}": v for k, v in _slice_slim_conv(m).items()})
+    stages, cin = [], stem
+    for i, cout in enumerate(outs):
+        stages.append(ResNet.make_stage(BasicBlock, 2, stride_per_block=[1 if i == 0 else 2, 1], in_channels=cin,
+                                        out_channels=cout, norm="BN"))
+        cin = cout
+    narrow = ResNet(BasicStem(3, stem, "BN"), stages, out_features=["res5"]).double()
+    narrow.load_state_dict(sliced, strict=True)
+    return narrow
+
+
+def _bn_convs(model):
+    return [(n, m) for n, m in model.backbone.named_modules() if isinstance(m, SlimConv2d) and m.norm is not None]
+
+
+@pytest.mark.parametrize("w", [0.5, 0.8])
+def test_calibrated_stats_equal_narrow_network(batches, w):
+    torch.manual_seed(0)
+    model = _trained_like(build_model(_cfg()))
+    narrow = _narrow_backbone(model, w).train()
+    images = [model.preprocess_image(b) for b in batches]
+    update_bn_stats(narrow, images, num_iters=len(images))  # fvcore precise BN on the narrow network
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    assert calibrate_bn(model, w, batches, len(batches)) == len(_bn_convs(model))
+    narrow_norms = dict(narrow.named_modules())
+    for name, conv in _bn_convs(model):
+        ref = narrow_norms[name + ".norm"]
+        c = ref.num_features
+        torch.testing.assert_close(conv.norm.running_mean[:c], ref.running_mean, rtol=0, atol=1e-10)
+        torch.testing.assert_close(conv.norm.running_var[:c], ref.running_var, rtol=0, atol=1e-10)
+        # the channels the sub-network does not use keep the full network's statistics
+        assert torch.equal(conv.norm.running_mean[c:], before[f"backbone.{name}.norm.running_mean"][c:])
+        # and the calibration changed something (the full network's statistics are not the narrow one's)
+        assert not torch.allclose(conv.norm.running_mean[:c], before[f"backbone.{name}.norm.running_mean"][:c])
+    assert model.training is False  # the mode is restored
+
+
+def test_calibrated_bn_restores_width_one(batches):
+    torch.manual_seed(0)
+    model = _trained_like(build_model(_cfg()))
+    eval_batch = [{"image": b["image"]} for b in batches[0]]
+    with torch.no_grad():
+        full = torch.stack([o["logits"] for o in model(eval_batch)])
+        with width(model, 0.5):
+            sliced = torch.stack([o["logits"] for o in model(eval_batch)])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with calibrated_bn(model, 0.5, batches, 2) as count:
+        assert count > 0
+        with torch.no_grad(), width(model, 0.5):
+            calibrated = torch.stack([o["logits"] for o in model(eval_batch)])
+    assert not torch.allclose(calibrated, sliced)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with torch.no_grad():
+        assert torch.equal(torch.stack([o["logits"] for o in model(eval_batch)]), full)
+
+
+def test_frozen_bn_model_skips(batches, caplog):
+    model = build_model(_cfg(norm="FrozenBN")).eval()
+    with caplog.at_level(logging.INFO, logger="gradaug_det.slim.calibration"):
+        assert calibrate_bn(model, 0.5, batches, 1) == 0
+    assert "BN calibration skipped" in caplog.text
+
+
+def test_too_few_batches_refused(batches):
+    model = build_model(_cfg())
+    with pytest.raises(ValueError, match="asked for 5 batches .* ended after 3"):
+        calibrate_bn(model, 0.5, batches, 5)
+    with pytest.raises(ValueError, match="at least 1 batch"):
+        calibrate_bn(model, 0.5, batches, 0)
