@@ -1,0 +1,59 @@
+"""tools/benchmark.py: baseline vs GradAug priced by the cost model, run as a user runs it (tiny)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    doc = tool.main(["--config-file", str(TOOL.parents[1] / "configs/quickstart/mask_rcnn_gradaug.yaml"),
+                     "--synthetic", "64", "64", "--iters", "1", "--warmup", "0", "--threads", "1",
+                     "--device", "cpu", "--json", str(out_json), "--markdown", str(out_md)])
+    text = capsys.readouterr().out
+    assert json.loads(out_json.read_text())["comparisons"].keys() == {"gradaug", "gradaug_aligned"}
+    assert out_md.read_text().strip() == text.strip()
+    plan = doc["plan"][0]
+    base = doc["modes"]["baseline"]
+    for mode in ("gradaug", "gradaug_aligned"):
+        c = doc["comparisons"][mode]
+        passes = c["passes"]
+        assert [p["pass"] for p in passes] == ["full"] + [f"sub{i + 1}" for i in range(len(plan))]
+        # the full pass runs the baseline's backbone on the same batch: the same FLOPs; its
+        # heads' FLOPs depend on how many sampled RoIs are foreground (the mask head runs on
+        # those), which drifts as the weights train, so the pass is priced at its own FLOPs
+        full, ref = passes[0], c["baseline"]["pass"]
+        assert full["backbone_fwd_gflops"] == ref["backbone_fwd_gflops"] > 0
+        assert full["model_s"] == pytest.approx(
+            ref["measured_s"] * (full["fwd_gflops"] + full["bwd_gflops"]) / (ref["fwd_gflops"] + ref["bwd_gflops"]))
+        for p, spec in zip(passes[1:], plan):
+            # each sub-network pass ran at its planned scale and width, and soft-label
+            # passes (no RPN, no mask head) cost less than the full pass even at width 1
+            assert p["input_hw_mean"] == [round(64 * spec["scale"])] * 2
+            assert p["width_mean"] == pytest.approx(spec["width"])
+            assert 0 < p["fwd_gflops"] < passes[0]["fwd_gflops"] and p["bwd_gflops"] > p["fwd_gflops"]
+            assert p["model_s"] == pytest.approx((p["fwd_gflops"] + p["bwd_gflops"]) * c["rate_s_per_gflop"])
+        it = c["iteration"]
+        assert it["model_s"] == pytest.approx(base["median_s"] + sum(p["model_s"] for p in passes[1:]))
+        assert it["time_over_model"] == pytest.approx(it["median_s"] / it["model_s"])
+        assert set(c["overhead_s"]) == {"transform", "preprocess", "teacher", "optimizer", "outside passes"}
+    assert "| gradaug_aligned | 8 |" in text and text.count(f"| sub{len(plan)} |") == 2
+    assert "time / cost model" in text and "peak RSS / baseline" in text
+
+
+@pytest.mark.parametrize("bad", [["--iters", "0"], ["--synthetic", "8", "8"], ["--amp", "fp16", "--device", "cpu"],
+                                 ["--config-file", "nope.yaml"]])
+def test_benchmark_tool_rejects_bad_arguments(tool, bad):
+    with pytest.raises(SystemExit):
+        tool.parse_args(bad)
