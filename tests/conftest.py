@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny Mask R-CNN config and synthetic detection batches."""
 import importlib.util
+import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -71,6 +74,110 @@ def make_batch():
 @pytest.fixture
 def make_rcnn_cfg():
     return tiny_rcnn_cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny generated data and small-model overrides for running the tools and shipped configs as a
+# user runs them (tests/tools/test_*_cli.py, tests/configs/test_shipped_configs.py).
+
+#: Names under which :func:`tiny_coco` registers its splits in the test process.
+TINY_TRAIN, TINY_VAL = "gradaug_test_tiny_train", "gradaug_test_tiny_val"
+TINY_CLS_TRAIN, TINY_CLS_VAL = "gradaug_test_tiny_cls_train", "gradaug_test_tiny_cls_val"
+
+#: yacs overrides (KEY VALUE ...) making any shipped R-CNN config a small CPU model at 64 px:
+#: R18 with trainable BN (random init), 32-channel FPN, 64-unit box head, few RoIs.
+TINY_RCNN_OPTS = [
+    "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.FPN.OUT_CHANNELS", "32",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.PRE_NMS_TOPK_TEST", "100",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_MASK_HEAD.CONV_DIM", "16", "MODEL.ROI_MASK_HEAD.NUM_CONV", "1",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96", "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96", "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.BASE_LR", "0.002", "SOLVER.WARMUP_ITERS", "0",
+    "DATASETS.TRAIN", f"('{TINY_TRAIN}',)", "DATASETS.TEST", f"('{TINY_VAL}',)",
+]
+
+#: yacs overrides making any shipped ImageNet classification config a small CPU model (R18, 32 px).
+TINY_CLS_OPTS = [
+    "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.CLASSIFIER.NUM_CLASSES", "4", "INPUT.CLASSIFICATION.CROP_SIZE", "32",
+    "INPUT.CLASSIFICATION.RESIZE_SIZE", "32", "INPUT.CLASSIFICATION.TEST_IMS_PER_BATCH", "4",
+    "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "0",
+    "DATASETS.TRAIN", f"('{TINY_CLS_TRAIN}',)", "DATASETS.TEST", f"('{TINY_CLS_VAL}',)",
+]
+
+
+@pytest.fixture
+def tiny_rcnn_opts():
+    """:data:`TINY_RCNN_OPTS` (a fresh list)."""
+    return list(TINY_RCNN_OPTS)
+
+
+@pytest.fixture
+def tiny_cls_opts():
+    """:data:`TINY_CLS_OPTS` (a fresh list)."""
+    return list(TINY_CLS_OPTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_coco(tmp_path_factory):
+    """A ``DETECTRON2_DATASETS`` root whose ``coco/`` holds 4 training and 3 validation
+    images (64 px generated shapes) with COCO 2017's layout and its 80 categories (the shapes
+    are labelled person/bicycle/car), so detectron2's ``coco_2017_train`` / ``coco_2017_val``
+    read them in a process started with ``DETECTRON2_DATASETS`` set to it. The splits are
+    also registered in this process as ``gradaug_test_tiny_{train,val}``.
+
+    Returns:
+        (root, train name, val name)
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    from gradaug_det.data import generate_coco_shapes
+
+    root = tmp_path_factory.mktemp("datasets")
+    paths = generate_coco_shapes(str(root / "shapes"), num_train=4, num_val=3, image_size=64, progress=False)
+    coco = root / "coco"
+    os.makedirs(coco / "annotations")
+    categories = [{"id": c["id"], "name": c["name"], "supercategory": "thing"} for c in COCO_CATEGORIES if c["isthing"]]
+    for name, split in ((TINY_TRAIN, "train"), (TINY_VAL, "val")):
+        shutil.copytree(paths[split]["image_root"], coco / f"{split}2017")
+        with open(paths[split]["json_file"]) as f:
+            data = json.load(f)
+        data["categories"] = categories  # shape ids 1..3 are COCO's first three
+        json_file = str(coco / "annotations" / f"instances_{split}2017.json")
+        with open(json_file, "w") as f:
+            json.dump(data, f)
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {}, json_file, str(coco / f"{split}2017"))
+    return str(root), TINY_TRAIN, TINY_VAL
+
+
+@pytest.fixture(scope="session")
+def tiny_imagefolder(tmp_path_factory):
+    """4 classes x 4 training / 2 validation images (32 px ImageFolder), registered in this
+    process as ``gradaug_test_tiny_cls_{train,val}`` (classification). Returns the names."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from gradaug_det.data import generate_imagefolder, list_imagefolder_classes, load_imagefolder
+
+    root = str(tmp_path_factory.mktemp("imagefolder"))
+    generate_imagefolder(root, num_classes=4, train_per_class=4, val_per_class=2, image_size=32)
+    classes = list_imagefolder_classes(os.path.join(root, "train"))
+    for name, split in ((TINY_CLS_TRAIN, "train"), (TINY_CLS_VAL, "val")):
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        split_dir = os.path.join(root, split)
+        DatasetCatalog.register(name, lambda d=split_dir: load_imagefolder(d, classes))
+        MetadataCatalog.get(name).set(image_root=split_dir, evaluator_type="classification",
+                                      thing_classes=classes, classes=classes)
+    return TINY_CLS_TRAIN, TINY_CLS_VAL
 
 
 # The MMDetection adapter's tests need mmdet (`make test-mmdet` installs it and runs them).

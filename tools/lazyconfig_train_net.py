@@ -12,18 +12,19 @@ it), and evaluation at the extra widths of ``test.slim_widths``::
         train.init_checkpoint=output/model_final.pth test.slim_widths=[0.75,0.5]
 
 Standard detectron2 flags: --num-gpus (on a machine without CUDA: CPU processes over gloo),
---num-machines, --machine-rank, --dist-url, --resume, --eval-only, and trailing
+--num-machines, --machine-rank, --dist-url, --resume, --eval-only, --trust-pickle, and trailing
 ``key=value`` config overrides.
 """
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import gradaug_det  # noqa: F401  (registers datasets and components)
+from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
+from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.engine import create_ddp_model
 from gradaug_det.engine.lazy import (build_lazy_step_trainer, lazy_test, lazy_test_widths,
                                      needs_unused_parameter_search_lazy)
@@ -42,7 +43,7 @@ def do_train(args, cfg):
     model = create_ddp_model(model, **cfg.train.ddp,
                              unused_parameters_reason=needs_unused_parameter_search_lazy(cfg))
     trainer = build_lazy_step_trainer(cfg, model, train_loader, optim)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = GradAugCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -70,7 +71,7 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        GradAugCheckpointer(model).load(cfg.train.init_checkpoint)
         res = lazy_test(cfg, model)
         print(res)
         return res
@@ -78,11 +79,14 @@ def main(args):
 
 
 def get_parser():
-    """detectron2's ``default_argument_parser`` (the flags in the module docstring)."""
-    return default_argument_parser()
+    """detectron2's ``default_argument_parser`` plus ``--trust-pickle`` (as tools/train_net.py)."""
+    parser = default_argument_parser()
+    add_trust_pickle_argument(parser)
+    return parser
 
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
+    set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
