@@ -40,6 +40,11 @@ def add_gradaug_config(cfg: CN) -> CN:
     # (they keep their initialisation). False: such a file is refused, naming the
     # MODEL.RESNETS keys that would match it (e.g. R50 weights into an R18 model).
     _c.MODEL.BACKBONE.ALLOW_SHAPE_MISMATCH = False
+    # Resumable training data order (gradaug_det.data.resumable): the position in the
+    # sampler's stream and the images waiting in the aspect-ratio buckets are saved in every
+    # checkpoint, and each image's augmentation is seeded by its stream position, so
+    # --resume continues the same run step for step. False: detectron2's own train loader.
+    _c.DATALOADER.RESUMABLE = True
 
     # ---- GradAug training ----------------------------------------------------------------
     _c.GRADAUG = CN()

@@ -222,7 +222,40 @@ class GradAugTrainer(DefaultTrainer):
             from ..data.classification import build_classification_train_loader
 
             return build_classification_train_loader(cfg)
+        if cfg.DATALOADER.get("RESUMABLE", False):
+            from ..data.resumable import build_resumable_train_loader
+
+            return build_resumable_train_loader(cfg)
         return super().build_train_loader(cfg)
+
+    def state_dict(self):
+        """detectron2's trainer state, plus the data stream position (``DATALOADER.RESUMABLE``)
+        and the global random states (the model's own sampling draws from them)."""
+        from ..data.resumable import ResumableTrainLoader, global_rng_state
+
+        ret = super().state_dict()
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            ret["data_order"] = loader.state_dict()
+        ret["rng"] = global_rng_state()
+        return ret
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict`: the next batches are those the interrupted run would
+        have taken; the random states are restored in a single-process run (under DDP only
+        the main process's were saved)."""
+        from ..data.resumable import ResumableTrainLoader, set_global_rng_state
+
+        super().load_state_dict(state)
+        loader = self._trainer.data_loader
+        if "data_order" in state and isinstance(loader, ResumableTrainLoader):
+            loader.load_state_dict(state["data_order"])
+            self._trainer._data_loader_iter_obj = None  # a new iterator starts at the restored position
+        elif isinstance(loader, ResumableTrainLoader):
+            logger.warning("The checkpoint has no data order (written without DATALOADER.RESUMABLE); "
+                           "the data stream starts from its beginning")
+        if "rng" in state and comm.get_world_size() == 1:
+            set_global_rng_state(state["rng"])
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -56,7 +56,9 @@ def small_data(tmp_path_factory):
 
 
 def test_disabled_is_detectron2_step_for_step(tmp_path):
-    args = quick_cfg(tmp_path, "GRADAUG.ENABLED", "False", "SOLVER.MAX_ITER", "3")
+    # DATALOADER.RESUMABLE False: detectron2's own loader (the resumable one seeds each image's
+    # augmentation by its stream position, so its draws differ from detectron2's)
+    args = quick_cfg(tmp_path, "GRADAUG.ENABLED", "False", "SOLVER.MAX_ITER", "3", "DATALOADER.RESUMABLE", "False")
     cfg = setup(args)
     finals = []
     for cls in (DefaultTrainer, GradAugTrainer):

@@ -1,0 +1,218 @@
+"""A training data loader whose position in the data stream is part of the checkpoint.
+
+detectron2's training loader is an infinite, seeded stream (``TrainingSampler``), but
+``--resume`` restarts it from its beginning, and its augmentations draw from each worker's
+global random state, so a resumed run sees other images than an uninterrupted one.
+:class:`ResumableTrainLoader` makes the stream resumable:
+
+* Position ``p`` of this process's sampler stream (index ``sampler[p]``) is mapped with
+  the random generators (``random``, ``numpy``, ``torch``) seeded from ``(sampler seed,
+  rank, p)``, and restored afterwards: an item's augmentation depends only on its
+  position, not on which worker maps it or on what was mapped before.
+* Workers only map; batching and aspect-ratio grouping run in the main process on the
+  items in stream order (worker ``w`` of ``n`` maps positions ``w, w + n, ...``; the
+  DataLoader returns them in order), so prefetched but unused items never count.
+* :meth:`ResumableTrainLoader.state_dict` is, at an iteration boundary, the next stream
+  position and the positions waiting in the aspect-ratio buckets. Loading it makes the
+  next iterator re-map the waiting positions first, then continue the stream: the same
+  batches as without the interruption.
+
+The trainer saves this state (with the global random states the model's own sampling
+uses, e.g. RoI subsampling) in every checkpoint (``GradAugTrainer``, key
+``"data_order"``), so a run killed and resumed equals the uninterrupted run step for step.
+"""
+import contextlib
+import logging
+import random
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.utils.data as torchdata
+
+from detectron2.utils import comm
+
+__all__ = ["ResumableTrainLoader", "build_resumable_train_loader", "seeded_rng", "global_rng_state",
+           "set_global_rng_state"]
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def seeded_rng(*key: int) -> Iterator[None]:
+    """Seed ``random``, ``numpy`` and ``torch`` (CPU) from ``key`` inside the block and
+    restore their previous states on exit.
+
+    Args:
+        key: integers (e.g. seed, rank, stream position); mixed by numpy's SeedSequence.
+    """
+    seed = int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+    py, npy, tch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(tch)
+
+
+def global_rng_state() -> Dict[str, Any]:
+    """The global random states (``random``, ``numpy``, torch CPU and CUDA) of this process."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's keys as a tensor: checkpoints stay loadable by a plain torch.load(weights_only=True)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`global_rng_state` returned (tuples may come back as lists)."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _PositionedStream(torchdata.IterableDataset):
+    """Yields ``(position, mapped item or None)`` in stream order, sharded over workers."""
+
+    def __init__(self, dataset: Sequence, mapper: Optional[Callable], sampler, *, start: int,
+                 replay: Sequence[int], seed: int, rank: int):
+        self.dataset, self.mapper, self.sampler = dataset, mapper, sampler
+        self.start, self.replay, self.seed, self.rank = start, list(replay), seed, rank
+
+    def _indices(self) -> Iterator[Tuple[int, int]]:
+        stream = enumerate(iter(self.sampler))
+        waiting, wanted = {}, set(self.replay)
+        if self.start > 0:
+            for p, idx in stream:  # skip what completed iterations used; keep what waits in buckets
+                if p in wanted:
+                    waiting[p] = idx
+                if p >= self.start - 1:
+                    break
+        for p in self.replay:
+            yield p, waiting[p]
+        yield from stream
+
+    def __iter__(self):
+        info = torchdata.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j, (p, idx) in enumerate(self._indices()):
+            if j % workers != worker:
+                continue
+            with seeded_rng(self.seed, self.rank, p):
+                item = self.dataset[idx]
+                if self.mapper is not None:
+                    item = self.mapper(item)
+            yield p, item
+
+
+def _first(batch):
+    return batch
+
+
+class ResumableTrainLoader:
+    """Infinite iterable of training batches with a checkpointable stream position.
+
+    Args:
+        dataset: a list (or map-style dataset) of dataset dicts.
+        mapper: callable mapping a dataset dict to the model's input (None: identity); a
+            None result drops that position.
+        sampler: an infinite, seeded index stream (detectron2's ``TrainingSampler``,
+            ``RepeatFactorTrainingSampler`` ...): the same sequence every time it is
+            iterated (its ``_seed`` is checkpointed).
+        batch_size: images per batch in this process.
+        aspect_ratio_grouping: batch landscape and portrait images separately (detectron2's
+            ``AspectRatioGroupedDataset`` rule: ``width > height``).
+        num_workers: DataLoader worker processes (0: map in the main process).
+        collate_fn: applied to each batch (a list of mapped dicts); None keeps the list.
+    """
+
+    def __init__(self, dataset: Sequence, mapper: Optional[Callable], sampler, *, batch_size: int,
+                 aspect_ratio_grouping: bool = True, num_workers: int = 0, collate_fn: Optional[Callable] = None):
+        if isinstance(dataset, list):  # serialized, as detectron2 does, so workers do not copy it on read
+            from detectron2.data.common import DatasetFromList
+
+            dataset = DatasetFromList(dataset, copy=False)
+        self.dataset, self.mapper, self.sampler = dataset, mapper, sampler
+        self.batch_size, self.aspect_ratio_grouping = int(batch_size), bool(aspect_ratio_grouping)
+        self.num_workers, self.collate_fn = int(num_workers), collate_fn
+        self.rank = comm.get_rank()
+        self._next = 0  # stream positions < _next were read ...
+        self._buckets: List[List[Tuple[int, Any]]] = [[], []]  # ... and these still wait for a batch
+        self._replay: List[int] = []
+
+    @property
+    def seed(self) -> int:
+        return int(getattr(self.sampler, "_seed", 0))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The stream position: next position, positions waiting in the buckets, the
+        sampler's seed, the batch size and this process's rank (plain ints)."""
+        return {"next_position": self._next, "waiting": [[p for p, _ in b] for b in self._buckets],
+                "seed": self.seed, "batch_size": self.batch_size, "rank": self.rank}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue the stream where ``state`` was taken (takes effect at the next ``iter``).
+
+        Raises:
+            ValueError: the batch size differs (the stream would be cut into other batches).
+        """
+        if int(state["batch_size"]) != self.batch_size:
+            raise ValueError(f"the checkpoint's data stream was batched by {state['batch_size']} images per "
+                             f"process, this run by {self.batch_size}; resume with the same SOLVER.IMS_PER_BATCH "
+                             "and number of processes")
+        if int(state.get("rank", self.rank)) != self.rank:
+            logger.warning("The checkpoint holds rank %s's data position; this process (rank %s) continues "
+                           "from the same position of its own stream", state.get("rank"), self.rank)
+        if hasattr(self.sampler, "_seed") and int(state["seed"]) != self.seed:
+            logger.info("Data order: the sampler seed %d of the checkpoint replaces %d", state["seed"], self.seed)
+            self.sampler._seed = int(state["seed"])
+        self._next = int(state["next_position"])
+        self._replay = sorted(p for bucket in state["waiting"] for p in bucket)
+        self._buckets = [[], []]
+
+    def __iter__(self):
+        stream = _PositionedStream(self.dataset, self.mapper, self.sampler, start=self._next,
+                                   replay=self._replay, seed=self.seed, rank=self.rank)
+        self._replay, self._buckets = [], [[], []]
+        # its own generator: creating the iterator must not draw from the global torch RNG, which
+        # the model's sampling uses (a resumed run creates it at another point of that stream)
+        loader = torchdata.DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_first,
+                                      generator=torch.Generator().manual_seed(self.seed))
+        for p, item in loader:
+            self._next = max(self._next, p + 1)
+            if item is None:
+                continue
+            bucket = self._buckets[0 if not self.aspect_ratio_grouping or item["width"] > item["height"] else 1]
+            bucket.append((p, item))
+            if len(bucket) == self.batch_size:
+                batch = [d for _, d in bucket]
+                del bucket[:]  # before yielding: the state at the boundary excludes this batch
+                yield self.collate_fn(batch) if self.collate_fn is not None else batch
+
+
+def build_resumable_train_loader(cfg, mapper=None) -> ResumableTrainLoader:
+    """:class:`ResumableTrainLoader` from a config, with the dataset, sampler, mapper and
+    batch size detectron2's ``build_detection_train_loader(cfg)`` would use."""
+    from detectron2.data.build import _train_loader_from_config
+
+    kw = _train_loader_from_config(cfg, mapper)
+    if isinstance(kw["dataset"], torchdata.IterableDataset):
+        raise ValueError("DATALOADER.RESUMABLE needs a map-style training dataset (a list of dicts); set "
+                         "DATALOADER.RESUMABLE False for an iterable dataset")
+    world = comm.get_world_size()
+    total = kw["total_batch_size"]
+    if total <= 0 or total % world:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={total} must be a positive multiple of the number of processes "
+                         f"({world})")
+    return ResumableTrainLoader(kw["dataset"], kw["mapper"], kw["sampler"], batch_size=total // world,
+                                aspect_ratio_grouping=kw["aspect_ratio_grouping"], num_workers=kw["num_workers"])
