@@ -208,7 +208,7 @@ def _on_device(key: tuple, make, device: torch.device) -> torch.Tensor:
     key = key + (str(device),)
     t = _DEVICE_TABLES.get(key)
     if t is None:
-        t = torch.from_numpy(make()).to(device)
+        t = torch.from_numpy(make()).to(device, non_blocking=True)  # the cached numpy table outlives the copy
         _DEVICE_TABLES[key] = t
         if len(_DEVICE_TABLES) > 1024:
             _DEVICE_TABLES.popitem(last=False)
