@@ -170,7 +170,8 @@ class DetectionTask:
         """One sub-network (already set on the model) on its transformed batch."""
         batch = teacher["batch"]
         if not self.use_gt:  # soft labels only: the annotations are not used
-            unused = ("instances", "proposals") if self.panoptic else ("instances", "proposals", "sem_seg")
+            # (precomputed "proposals" stay: a model without a proposal generator reads them)
+            unused = ("instances",) if self.panoptic else ("instances", "sem_seg")
             batch = [{k: v for k, v in d.items() if k not in unused} for d in batch]
         batch_t, teacher_t = transform_detection_batch(batch, spec, teacher["rois"], device=_model_device(model),
                                                        ignore_value=self.ignore_value)

@@ -246,14 +246,18 @@ def _semseg_cfg(cfg, arch):
 
 
 @pytest.mark.parametrize("arch, loss", [("SemanticSegmentor", "gt"), ("SemanticSegmentor", "soft"),
-                                        ("SemanticSegmentor", "gt+soft"), ("PanopticFPN", "soft"), ("keypoints", "gt")])
+                                        ("SemanticSegmentor", "gt+soft"), ("PanopticFPN", "soft"), ("keypoints", "gt"),
+                                        ("proposals", "soft"), ("proposals", "gt")])
 def test_models_with_every_field_train_gradaug_steps(make_rcnn_cfg, make_batch, arch, loss):
     """The issue's failures: sem_seg left at the old size (silently shifted labels at 0.857, a
     size mismatch at 0.5), KeyError 'instances' for soft passes of PanopticFPN, keypoints
     refused in iteration 0, a 1-channel image under rotation."""
     cfg = make_rcnn_cfg()
     cfg.MODEL.MASK_ON = arch == "PanopticFPN"
-    if arch == "keypoints":
+    if arch == "proposals":  # Fast R-CNN on precomputed proposals
+        cfg.MODEL.LOAD_PROPOSALS = True
+        cfg.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
+    elif arch == "keypoints":
         cfg.MODEL.KEYPOINT_ON = True
         cfg.MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS = 4
         cfg.MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS = (16,)
@@ -273,6 +277,12 @@ def test_models_with_every_field_train_gradaug_steps(make_rcnn_cfg, make_batch, 
         d["instances"].gt_keypoints = Keypoints(torch.rand(2, 4, 3, generator=g) * torch.tensor([64, 64, 0]) + 2)
         if arch == "SemanticSegmentor":
             del d["instances"]
+        if arch == "proposals":
+            props = Instances((64, 64))
+            xy = torch.rand(20, 2, generator=g) * 40
+            props.proposal_boxes = Boxes(torch.cat([xy, xy + 8 + torch.rand(20, 2, generator=g) * 16], 1))
+            props.objectness_logits = torch.randn(20, generator=g)
+            d["proposals"] = props
     seen = []
     model.backbone.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
     sampler = SubnetSampler(num_subnets=2, min_width=0.5, scales=(0.5,), transform="scale_rotate",
@@ -281,7 +291,7 @@ def test_models_with_every_field_train_gradaug_steps(make_rcnn_cfg, make_batch, 
         out = gradaug_step(model, batch, sampler, DetectionTask(model, loss))
     assert seen == [(64, 64), (32, 32), (32, 32)]
     expected = {"SemanticSegmentor": {"loss_sem_seg"}, "PanopticFPN": {"loss_soft_cls"},
-                "keypoints": {"loss_keypoint"}}[arch]
+                "keypoints": {"loss_keypoint"}, "proposals": {"loss_soft_cls" if loss == "soft" else "loss_cls"}}[arch]
     if arch == "SemanticSegmentor":
         expected = {"gt": {"loss_sem_seg"}, "soft": {"loss_soft_sem_seg"}, "gt+soft": {"loss_sem_seg", "loss_soft_sem_seg"}}[loss]
     for losses in out.subnet_losses:
