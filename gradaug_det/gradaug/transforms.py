@@ -33,6 +33,7 @@ resize (which depend on sizes only) are cached per device.
 Classification batches follow the reference code: the full network's crop, bilinearly
 resized with ``align_corners=True`` to one resolution per sub-network.
 """
+import contextlib
 import copy
 import functools
 import math
@@ -493,6 +494,14 @@ def transform_detection_batch(batch: List[Dict], spec: SubnetSpec, teacher: Opti
     if spec.scale == 1.0 and spec.angle % 360 == 0:
         return batch, teacher
     check_batch_fields(batch)
+    device_type = torch.device(device).type if device is not None else batch[0]["image"].device.type
+    no_amp = (torch.autocast(device_type=device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+              else contextlib.nullcontext())
+    with no_amp:  # passes run under AMP: the geometry stays in full precision
+        return _transform_detection_batch(batch, spec, teacher, device, ignore_value)
+
+
+def _transform_detection_batch(batch, spec, teacher, device, ignore_value):
     geos = [SubnetGeometry(*d["image"].shape[-2:], spec) for d in batch]
     images = _transform_images([d["image"] if device is None else d["image"].to(device, non_blocking=True)
                                 for d in batch], geos)

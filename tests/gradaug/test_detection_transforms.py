@@ -378,3 +378,19 @@ def test_semseg_soft_targets_by_hand():
                    F.avg_pool2d(probs, 2).permute(0, 2, 3, 1).reshape(-1, 3), reduction="batchmean")
     assert torch.allclose(loss, ref, atol=1e-6)
     assert "forward" not in vars(soft.head)
+
+
+def test_transforms_are_exact_under_autocast():
+    """Sub-network passes run under AMP (bf16 on CPU here, fp16/bf16 on GPUs): the batch is
+    formed in full precision all the same."""
+    h, w = 64, 96
+    batch = [{"image": _rand_image(3, h, w, dtype=torch.float32), "instances": _instances(h, w),
+              "sem_seg": torch.randint(0, 5, (h, w), generator=torch.Generator().manual_seed(0))}]
+    teacher = [{"boxes": torch.tensor([[10.3, 8.1, 40.7, 30.2]]), "logits": torch.zeros(1, 3)}]
+    spec = SubnetSpec(scale=0.857, angle=13.0)
+    want, want_t = transform_detection_batch(batch, spec, teacher)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_t = transform_detection_batch(batch, spec, teacher)
+    assert got[0]["image"].dtype == torch.float32 and torch.equal(got[0]["image"], want[0]["image"])
+    assert torch.equal(got[0]["instances"].gt_boxes.tensor, want[0]["instances"].gt_boxes.tensor)
+    assert torch.equal(got[0]["sem_seg"], want[0]["sem_seg"]) and torch.equal(got_t[0]["boxes"], want_t[0]["boxes"])
