@@ -228,6 +228,7 @@ class ClassificationTask:
     def full_pass(self, model, batch):
         if self.batch_fn is not None:
             batch = self.batch_fn(batch)
+        batch = batch_to_device(batch, _model_device(model))  # the sub-networks' resizes run there too
         with OutputRecorder(self.head) as rec:
             losses = model(batch)
         return losses, {"batch": batch, "logits": rec.outputs[-1]}
