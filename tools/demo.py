@@ -26,7 +26,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import gradaug_det  # noqa: F401  (registers backbones and the quickstart datasets' metadata)
 from gradaug_det import add_gradaug_config, width
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
-from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
+from gradaug_det.checkpoint.io import add_trust_pickle_argument, atomic_path, set_trust_pickle
 from gradaug_det.checkpoint.prune import add_pruned_config
 from gradaug_det.slim import SlimmableModule
 
@@ -115,7 +115,8 @@ def main(args) -> list:
         visualizer = Visualizer(image[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
         drawing = visualizer.draw_instance_predictions(predictions=instances)
         path = output_path(args.output, image_file, len(files))
-        drawing.save(path)
+        with atomic_path(path) as tmp:  # a killed run leaves no partial image
+            drawing.save(tmp)
         logger.info(f"{image_file}: {len(instances)} instances at width {w:g} -> {path}")
         print(path)
         written.append(path)

@@ -9,7 +9,8 @@ wheel is tagged cp310 with a linux platform tag and also ships a stray top-level
 that contains only ``detectron2/`` (standard library only), and install that, so
 ``pip check`` stays clean and nothing shadows this project's ``tools/``.
 
-Usage: ``python tools/install_detectron2.py [--force]``
+Usage: ``python tools/install_detectron2.py [--force] [--dry-run]``
+(``--dry-run``: print the pip commands instead of running them).
 """
 import argparse
 import base64
@@ -77,20 +78,29 @@ def detectron2_origin():
     return None if spec is None else os.path.dirname(spec.origin)
 
 
-def main():
+def download_command(pip, dest):
+    """The pip command that downloads the sal-detectron2 wheel into ``dest``."""
+    return pip + ["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.10",
+                  "-d", dest, f"{PACKAGE}=={VERSION}"]
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="install even if detectron2 imports")
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true", help="print the pip commands instead of running them")
+    args = parser.parse_args(argv)
     origin = detectron2_origin()
     if origin is not None and not args.force:
         print(f"detectron2 already installed at {origin}; using it as is.")
         return
     pip = [sys.executable, "-m", "pip"]
+    if args.dry_run:
+        print("would run:", " ".join(download_command(pip, "<tmp>")))
+        print("would rewrite the wheel to py3-none-any (detectron2/ only) and run:",
+              " ".join(pip + ["install", "--quiet", "<rewritten wheel>"] + EXTRA_REQUIREMENTS))
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.check_call(
-            pip + ["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version",
-                   "3.10", "-d", tmp, f"{PACKAGE}=={VERSION}"]
-        )
+        subprocess.check_call(download_command(pip, tmp))
         wheel = next(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl"))
         pure = rewrite_wheel(wheel, tempfile.mkdtemp(dir=tmp))
         subprocess.check_call(pip + ["install", "--quiet", pure] + EXTRA_REQUIREMENTS)

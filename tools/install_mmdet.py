@@ -17,7 +17,8 @@ torch build it was compiled against; a machine builds it once. An environment th
 already has a working mmcv/mmdet in the supported ranges (a cluster's own install) is
 used as is.
 
-Usage: ``python tools/install_mmdet.py [--force] [--cache DIR]``
+Usage: ``python tools/install_mmdet.py [--force] [--cache DIR] [--dry-run]``
+(``--dry-run``: print what would be installed, built or reused, and change nothing).
 """
 import argparse
 import importlib.metadata
@@ -47,8 +48,8 @@ def installed_version(dist):
         return None
 
 
-def keep_installed_constraints(path):
-    """Write a pip constraints file that keeps this environment's numpy (and a matching cv2).
+def constraint_lines():
+    """pip constraints that keep this environment's numpy (and a matching cv2).
 
     mmengine asks for ``opencv-python``; left alone, pip takes the newest one and numpy 2
     with it, which breaks detectron2 (built for numpy < 2) in the same environment.
@@ -59,8 +60,13 @@ def keep_installed_constraints(path):
         lines.append(f"numpy=={numpy_version}")
         if int(numpy_version.split(".")[0]) < 2:
             lines.append("opencv-python<4.12")  # 4.12 and newer need numpy 2
+    return lines
+
+
+def keep_installed_constraints(path):
+    """Write :func:`constraint_lines` to the pip constraints file ``path``; returns ``path``."""
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(constraint_lines()) + "\n")
     return path
 
 
@@ -135,7 +141,32 @@ def build_mmcv_wheel(pip, out_dir):
         return os.path.join(out_dir, wheel)
 
 
-def main():
+def cached_mmcv_wheels(cache):
+    """File names of mmcv wheels built earlier for the installed torch under ``cache``."""
+    wheels = cache_dir(cache)
+    if not os.path.isdir(wheels):
+        return []
+    return [f for f in os.listdir(wheels) if f.startswith(f"mmcv-{MMCV_VERSION}-") and f.endswith(".whl")]
+
+
+def print_plan(args):
+    """``--dry-run``: the steps :func:`main` would take, in order."""
+    print(f"would pin (pip constraints): {', '.join(constraint_lines()) or 'nothing'}")
+    print(f"would pip install: {MMENGINE_REQUIREMENT} {' '.join(BUILD_REQUIREMENTS)}")
+    have = installed_version("mmcv")
+    if have != MMCV_VERSION or args.force:
+        cached = cached_mmcv_wheels(args.cache)
+        if cached:
+            print(f"would install the cached wheel {os.path.join(cache_dir(args.cache), cached[0])}")
+        else:
+            print(f"would build mmcv {MMCV_VERSION} with ops from its sdist ({CXX_STD}; about 14 min on 2 CPU "
+                  f"cores) into {cache_dir(args.cache)}")
+    else:
+        print(f"would keep the installed mmcv {have}")
+    print(f"would pip install: {MMDET_REQUIREMENT} mmcv=={MMCV_VERSION}")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="install even if mmdet already works")
     parser.add_argument(
@@ -143,10 +174,15 @@ def main():
         default=os.environ.get("GRADAUG_DET_CACHE", os.path.expanduser("~/.cache/gradaug-det")),
         help="where built mmcv wheels are kept (env GRADAUG_DET_CACHE)",
     )
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be installed, built or reused; change nothing")
+    args = parser.parse_args(argv)
     ok, detail = stack_ready()
     if ok and not args.force:
         print(f"mmcv/mmdet already installed ({detail}); using them as is.")
+        return
+    if args.dry_run:
+        print_plan(args)
         return
     os.makedirs(args.cache, exist_ok=True)
     constraints = keep_installed_constraints(os.path.join(args.cache, "constraints.txt"))
@@ -156,8 +192,7 @@ def main():
     have = installed_version("mmcv")
     if have != MMCV_VERSION or args.force:
         wheels = cache_dir(args.cache)
-        cached = [f for f in os.listdir(wheels) if f.startswith(f"mmcv-{MMCV_VERSION}-") and f.endswith(".whl")] \
-            if os.path.isdir(wheels) else []
+        cached = cached_mmcv_wheels(args.cache)
         if cached:
             wheel = os.path.join(wheels, cached[0])
             print(f"using cached {wheel}")

@@ -40,6 +40,7 @@ __all__ = [
     "load_weights_file",
     "restricted_pickle_load",
     "atomic_write",
+    "atomic_path",
     "atomic_torch_save",
     "atomic_pickle_dump",
     "check_output_path",
@@ -304,6 +305,32 @@ def atomic_write(path: str, mode: str = "wb", *, make_dirs: bool = True) -> Iter
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, *, make_dirs: bool = True) -> Iterator[str]:
+    """A temporary path beside ``path`` (same extension) for writers that take a file name
+    (``savefig``, ``cv2.imwrite``); renamed to ``path`` when the block succeeds, removed
+    otherwise.
+
+    Example::
+
+        with atomic_path("plot.png") as tmp:
+            fig.savefig(tmp)
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if make_dirs:
+        os.makedirs(directory, exist_ok=True)
+    base, ext = os.path.splitext(os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=ext, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -20,7 +20,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
-from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -269,7 +268,10 @@ class GradAugTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         if evaluator_type == "coco":
-            return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+            from ..evaluation.coco import AtomicCOCOEvaluator  # result files written atomically
+
+            return AtomicCOCOEvaluator(dataset_name,
+                                       output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
         if evaluator_type == "classification":
             from ..evaluation.classification import build_classification_evaluator
 

@@ -18,6 +18,7 @@ the clean accuracy.
 """
 import itertools
 import logging
+import os
 from collections import OrderedDict
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -112,11 +113,9 @@ class ClassificationEvaluator(DatasetEvaluator):
             logger.warning("[ClassificationEvaluator] did not receive valid predictions.")
             return {}
         if self._output_dir:
-            from detectron2.utils.file_io import PathManager
+            from ..checkpoint.io import atomic_torch_save
 
-            PathManager.mkdirs(self._output_dir)
-            with PathManager.open(f"{self._output_dir}/classification_ranks.pth", "wb") as f:
-                torch.save(torch.tensor(ranks), f)
+            atomic_torch_save(torch.tensor(ranks), os.path.join(self._output_dir, "classification_ranks.pth"))
         ranks_t = torch.tensor(ranks)
         results = OrderedDict(
             (f"top{k}", 100.0 * (ranks_t < k).float().mean().item()) for k in self._topk
