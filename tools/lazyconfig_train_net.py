@@ -18,7 +18,7 @@ Standard detectron2 flags: --num-gpus (on a machine without CUDA: CPU processes 
 import logging
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks, launch
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -26,6 +26,7 @@ import gradaug_det  # noqa: F401  (registers datasets and components)
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
 from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.engine import create_ddp_model
+from gradaug_det.engine.launch import launch_tool
 from gradaug_det.engine.lazy import (build_lazy_step_trainer, lazy_test, lazy_test_widths,
                                      needs_unused_parameter_search_lazy)
 from gradaug_det.engine.slurm import preemption_hook
@@ -88,5 +89,4 @@ def get_parser():
 if __name__ == "__main__":
     args = get_parser().parse_args()
     set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch_tool(main, args)

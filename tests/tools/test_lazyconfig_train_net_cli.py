@@ -112,3 +112,10 @@ def test_lazy_tool_two_gloo_processes(tmp_path, tiny_coco):
     ap = [r for r in rows if "bbox/AP" in r][-1]
     assert math.isfinite(ap["bbox/AP"]) and math.isfinite(ap["segm@w0.5/AP"])
     assert (out / "model_final.pth").is_file()
+
+
+def test_every_shipped_lazy_config_is_run_here():
+    """A new configs/lazy/*.py needs its own run through the tool in this file."""
+    import glob
+
+    assert sorted(glob.glob(os.path.join(REPO, "configs", "lazy", "*.py"))) == [LAZY]
