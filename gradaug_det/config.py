@@ -86,6 +86,12 @@ def add_gradaug_config(cfg: CN) -> CN:
     # ---- Evaluation ------------------------------------------------------------------------
     # Widths evaluated by --eval-only and at every TEST.EVAL_PERIOD, in addition to 1.0.
     _c.TEST.SLIM_WIDTHS = []
+    # Post-hoc BN calibration (slimmable networks' practice; not in the GradAug reference):
+    # evaluate every width of TEST.SLIM_WIDTHS a second time with BN/SyncBN running
+    # statistics recomputed at that width from this many training batches ("+bncal"
+    # results beside the plain ones); tools/prune.py writes the calibrated statistics.
+    # 0 = off. FrozenBN/GN models need none. See README "Width semantics".
+    _c.TEST.BN_CALIBRATION_BATCHES = 0
 
     _add_classification_config(_c)
 

@@ -47,6 +47,10 @@ def validate_config(cfg) -> None:
             check_width(w)
         except ValueError:
             raise ValueError(f"TEST.SLIM_WIDTHS contains {w!r}; every width must be in (0, 1]") from None
+    calibration = cfg.TEST.get("BN_CALIBRATION_BATCHES", 0)
+    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
+        raise ValueError(f"TEST.BN_CALIBRATION_BATCHES={calibration!r} is invalid: 0 (off) or a number of "
+                         "training batches")
     if not g.ENABLED:
         return
     validate_sampler_args(num_subnets=g.NUM_SUBNETS, min_width=g.MIN_WIDTH, max_width=g.MAX_WIDTH,
@@ -289,22 +293,32 @@ class GradAugTrainer(DefaultTrainer):
         other widths are added as "bbox@w0.75" etc., and a table of all widths is logged.
         Classifiers are evaluated with top-k and, with ``TEST.FGSM_EPSILONS``, FGSM.
         """
-        from ..evaluation.widths import evaluate_at_widths, log_width_results, merge_width_results, normalize_widths
+        from ..evaluation.widths import (
+            bn_calibration_from_config,
+            evaluate_at_widths,
+            log_width_results,
+            merge_width_results,
+            normalize_widths,
+            run_at_widths,
+        )
 
         widths = normalize_widths(cfg.TEST.SLIM_WIDTHS)
         if widths == [1.0] and not cls.is_classifier(cfg):
             return super().test(cfg, model, evaluators)
         results = OrderedDict()
+        # TEST.BN_CALIBRATION_BATCHES: sub-widths also with BN statistics calibrated there
+        calibration = bn_calibration_from_config(cfg, model, cls.build_train_loader) if len(widths) > 1 else None
         for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
             data_loader = cls.build_test_loader(cfg, dataset_name)
             if cls.is_classifier(cfg) and evaluators is None:
                 from ..evaluation.classification import evaluate_classifier
 
-                per_width = OrderedDict(
-                    (w, evaluate_classifier(cfg, model, dataset_name, data_loader, width=w)) for w in widths)
+                per_width = run_at_widths(
+                    model, widths, lambda w: evaluate_classifier(cfg, model, dataset_name, data_loader, width=w),
+                    calibration)
             else:
                 evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, dataset_name)
-                per_width = evaluate_at_widths(model, data_loader, evaluator, widths)
+                per_width = evaluate_at_widths(model, data_loader, evaluator, widths, calibration)
             if comm.is_main_process():
                 log_width_results(per_width, dataset_name)
             results[dataset_name] = merge_width_results(per_width)

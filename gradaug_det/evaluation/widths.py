@@ -14,12 +14,18 @@ returns the evaluator's results per width. Two ways to present them:
   ``"<task>@w<w>"`` (``"bbox@w0.75"``, ``"segm@w0.9"``, see :func:`width_task_key`), so the
   EventStorage / ``metrics.json`` scalars read ``"bbox/AP"`` and ``"bbox@w0.75/AP"``.
   :func:`split_width_key` inverts the naming.
+
+With post-hoc BN calibration (``TEST.BN_CALIBRATION_BATCHES`` > 0, see
+:mod:`gradaug_det.slim.calibration`), every sub-width is evaluated twice: with the full
+network's sliced BN statistics (the tasks above) and with statistics recomputed at that
+width, under ``"<task>+bncal"`` (:func:`calibrated_task`): ``"bbox+bncal@w0.9/AP"``; the
+table shows both side by side.
 """
 import logging
 import math
 import re
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 from tabulate import tabulate
 from torch import nn
@@ -27,10 +33,16 @@ from torch import nn
 from detectron2.evaluation import inference_on_dataset
 
 from ..slim import SlimmableModule, check_width, width
+from ..slim.calibration import batch_norm_layers, calibrated_bn
 
 __all__ = [
     "normalize_widths",
     "evaluate_at_widths",
+    "run_at_widths",
+    "BNCalibration",
+    "bn_calibration_from_config",
+    "calibrated_task",
+    "CALIBRATED_SUFFIX",
     "width_task_key",
     "split_width_key",
     "merge_width_results",
@@ -44,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 # Metrics of the table, in column order, per kind of results dict.
 _TABLE_METRICS = ("AP", "AP50", "AP75", "top1", "top5")
+#: Suffix of the task names of results with calibrated BN statistics.
+CALIBRATED_SUFFIX = "+bncal"
 _WIDTH_KEY_RE = re.compile(r"^(?P<task>.+)@w(?P<width>[0-9.]+(?:e-?[0-9]+)?)$")
 
 
@@ -73,35 +87,77 @@ def normalize_widths(widths: Optional[Iterable[float]], key: str = "TEST.SLIM_WI
     return sorted(out, reverse=True)
 
 
-def evaluate_at_widths(
-    model: nn.Module,
-    data_loader,
-    evaluator,
-    widths: Optional[Iterable[float]] = None,
-) -> "OrderedDict[float, dict]":
-    """Run ``inference_on_dataset`` at width 1.0 and at every width of ``widths``.
+class BNCalibration(NamedTuple):
+    """Post-hoc BN calibration of the sub-widths (:mod:`gradaug_det.slim.calibration`).
 
-    The model runs in eval mode (as ``inference_on_dataset`` sets it) with every slimmable
-    layer at the given width (:func:`gradaug_det.width`); the widths the model had before
-    are restored afterwards, also when inference or evaluation raises. The sub-networks
-    are evaluated first and the full network last, so that files the evaluator writes
-    (e.g. ``COCOEvaluator``'s ``coco_instances_results.json``) hold width 1.0's predictions. BN layers of a
-    sub-network normalise with their sliced running statistics (see
-    :func:`gradaug_det.slim.slim_norm`).
+    Attributes:
+        batches: training inputs as the model takes them in training mode (an iterator
+            over a training loader: every width draws the next ``num_batches``; a list:
+            every width uses its first ``num_batches``).
+        num_batches: batches per width (``TEST.BN_CALIBRATION_BATCHES``).
+    """
+
+    batches: Iterable[Any]
+    num_batches: int
+
+
+def calibrated_task(task: str) -> str:
+    """Name of ``task``'s results with calibrated BN statistics: ``"bbox" -> "bbox+bncal"``."""
+    return task + CALIBRATED_SUFFIX
+
+
+def bn_calibration_from_config(cfg, model: nn.Module, build_train_loader: Callable[[Any], Iterable]
+                               ) -> Optional[BNCalibration]:
+    """The calibration ``TEST.BN_CALIBRATION_BATCHES`` asks for, or None.
+
+    None when the key is 0 (off, the default) or when ``model`` has no BN layer with
+    running statistics (FrozenBN / GN models need no calibration; one log line says so);
+    only then is no training loader built.
 
     Args:
-        model: a model with slimmable layers (e.g. built with
-            ``build_slimmable_resnet_fpn_backbone``); may be wrapped in
-            ``DistributedDataParallel``.
-        data_loader: the test loader, as for ``inference_on_dataset``.
-        evaluator: a ``DatasetEvaluator`` or a list of them; it is reset before every width.
-        widths: sub-network widths to evaluate besides 1.0 (``TEST.SLIM_WIDTHS``); see
-            :func:`normalize_widths`.
+        cfg: the config.
+        model: the model to evaluate (DDP wrapper allowed).
+        build_train_loader: ``cfg -> loader`` of training batches (the trainer's).
+
+    Raises:
+        ValueError: if ``TEST.BN_CALIBRATION_BATCHES`` is negative.
+    """
+    n = int(cfg.TEST.get("BN_CALIBRATION_BATCHES", 0))
+    if n < 0:
+        raise ValueError(f"TEST.BN_CALIBRATION_BATCHES={n} is invalid: 0 (off) or a number of training batches")
+    if n == 0:
+        return None
+    if not batch_norm_layers(getattr(model, "module", model)):
+        logger.info("TEST.BN_CALIBRATION_BATCHES=%d: the model has no BN layer with running statistics "
+                    "(FrozenBN / GN), so no calibration is needed; skipped", n)
+        return None
+    return BNCalibration(iter(build_train_loader(cfg)), n)
+
+
+def run_at_widths(
+    model: nn.Module,
+    widths: Optional[Iterable[float]],
+    evaluate: Callable[[float], Optional[dict]],
+    calibration: Optional[BNCalibration] = None,
+) -> "OrderedDict[float, dict]":
+    """Call ``evaluate(w)`` with ``model`` at every width (1.0 and ``widths``), optionally
+    also with BN statistics calibrated at each sub-width.
+
+    The sub-networks run first and the full network last, so that files an evaluator
+    writes (``COCOEvaluator``'s ``coco_instances_results.json``) hold width 1.0's
+    predictions. The widths the model had before, and its BN statistics, are restored
+    afterwards, also when evaluation raises.
+
+    Args:
+        model: a model with slimmable layers (DDP wrapper allowed).
+        widths: sub-network widths besides 1.0 (:func:`normalize_widths`).
+        evaluate: ``w -> {task: metrics}`` (None on non-main processes).
+        calibration: with it, every sub-width is evaluated a second time with BN
+            statistics calibrated at that width; those results are added under
+            :func:`calibrated_task` names. Width 1.0 is never calibrated.
 
     Returns:
-        OrderedDict mapping each width (float, 1.0 first, then decreasing) to the results
-        of ``evaluator.evaluate()`` at that width (``{}`` where it returned ``None``, e.g.
-        on non-main processes).
+        OrderedDict width -> results, 1.0 first, then decreasing.
 
     Raises:
         ValueError: if a width is invalid, or if widths below 1.0 are asked of a model
@@ -115,14 +171,60 @@ def evaluate_at_widths(
             "'build_slimmable_resnet_backbone'), or set TEST.SLIM_WIDTHS to []."
         )
     results: Dict[float, dict] = {}
-    # The full network runs last, so that the files an evaluator writes (COCOEvaluator's
-    # coco_instances_results.json in its output_dir) are those of width 1.0.
     for w in widths[1:] + widths[:1]:
         logger.info(f"Evaluating at width {w:g} ...")
         with width(model, w):
-            res = inference_on_dataset(model, data_loader, evaluator)
-        results[w] = res if res is not None else {}
+            res = evaluate(w)
+        results[w] = OrderedDict(res or {})
+        if calibration is None or w == 1.0:
+            continue
+        with calibrated_bn(model, w, calibration.batches, calibration.num_batches) as calibrated:
+            if not calibrated:
+                continue
+            logger.info(f"Evaluating at width {w:g} with BN statistics calibrated on "
+                        f"{calibration.num_batches} training batches ...")
+            with width(model, w):
+                res = evaluate(w)
+        for task, metrics in (res or {}).items():
+            results[w][calibrated_task(task)] = metrics
     return OrderedDict((w, results[w]) for w in widths)
+
+
+def evaluate_at_widths(
+    model: nn.Module,
+    data_loader,
+    evaluator,
+    widths: Optional[Iterable[float]] = None,
+    calibration: Optional[BNCalibration] = None,
+) -> "OrderedDict[float, dict]":
+    """Run ``inference_on_dataset`` at width 1.0 and at every width of ``widths``.
+
+    The model runs in eval mode (as ``inference_on_dataset`` sets it) with every slimmable
+    layer at the given width (:func:`gradaug_det.width`); see :func:`run_at_widths` for
+    the order, the restoring and ``calibration``. Without calibration, BN layers of a
+    sub-network normalise with their sliced running statistics (see
+    :func:`gradaug_det.slim.slim_norm`).
+
+    Args:
+        model: a model with slimmable layers (e.g. built with
+            ``build_slimmable_resnet_fpn_backbone``); may be wrapped in
+            ``DistributedDataParallel``.
+        data_loader: the test loader, as for ``inference_on_dataset``.
+        evaluator: a ``DatasetEvaluator`` or a list of them; it is reset before every width.
+        widths: sub-network widths to evaluate besides 1.0 (``TEST.SLIM_WIDTHS``); see
+            :func:`normalize_widths`.
+        calibration: also evaluate every sub-width with calibrated BN statistics
+            (``TEST.BN_CALIBRATION_BATCHES``, :func:`bn_calibration_from_config`).
+
+    Returns:
+        OrderedDict mapping each width (float, 1.0 first, then decreasing) to the results
+        of ``evaluator.evaluate()`` at that width (``{}`` where it returned ``None``, e.g.
+        on non-main processes), plus the calibrated results under ``"<task>+bncal"``.
+
+    Raises:
+        ValueError: as :func:`run_at_widths`.
+    """
+    return run_at_widths(model, widths, lambda w: inference_on_dataset(model, data_loader, evaluator), calibration)
 
 
 def width_task_key(task: str, w: float) -> str:

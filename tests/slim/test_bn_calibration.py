@@ -143,3 +143,84 @@ def test_too_few_batches_refused(batches):
         calibrate_bn(model, 0.5, batches, 5)
     with pytest.raises(ValueError, match="at least 1 batch"):
         calibrate_bn(model, 0.5, batches, 0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The generated ImageFolder registered as train / val datasets."""
+    import uuid
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    paths = generate_imagefolder(str(tmp_path_factory.mktemp("imagefolder_reg")), num_classes=4, train_per_class=4,
+                                 val_per_class=2, image_size=48)
+    tag = uuid.uuid4().hex[:8]
+    names = {}
+    for split in ("train", "val"):
+        name = f"gradaug_test_bncal_{split}_{tag}"
+        DatasetCatalog.register(name, lambda d=paths[split]: load_imagefolder(d))
+        MetadataCatalog.get(name).set(evaluator_type="classification", thing_classes=[str(i) for i in range(4)])
+        names[split] = name
+    yield names
+    for name in names.values():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_trainer_widths_table_with_and_without_calibration(folder):
+    from gradaug_det.engine import GradAugTrainer
+    from gradaug_det.evaluation.widths import width_results_table
+
+    cfg = _cfg()
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (folder["train"],), (folder["val"],)
+    cfg.INPUT.CLASSIFICATION.RESIZE_SIZE = 40
+    cfg.TEST.SLIM_WIDTHS = [0.5]
+    torch.manual_seed(0)
+    model = _trained_like(build_model(cfg)).float()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = GradAugTrainer.test(cfg, model)
+    cfg.TEST.BN_CALIBRATION_BATCHES = 2
+    calibrated = GradAugTrainer.test(cfg, model)
+    assert set(plain) == {"classification", "classification@w0.5"}
+    assert set(calibrated) == set(plain) | {"classification+bncal@w0.5"}
+    for key in plain:  # the plain numbers do not change, width 1.0 included
+        assert calibrated[key] == plain[key], key
+    assert set(calibrated["classification+bncal@w0.5"]) == {"top1", "top5"}
+    table = width_results_table(calibrated)
+    assert "classification+bncal top1" in table.splitlines()[0]
+    assert table.splitlines()[2].split("|")[1].strip() == "1.0"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_detector_with_bn_calibrates_at_widths(make_rcnn_cfg, make_batch):
+    """A detector with trainable BN: training-mode forwards over detection batches, results
+    under "+bncal"; calibrated outputs differ from the sliced statistics' and width 1.0 is kept."""
+    from detectron2.evaluation import DatasetEvaluator
+
+    from gradaug_det.evaluation.widths import BNCalibration, evaluate_at_widths
+
+    class MeanScore(DatasetEvaluator):
+        def reset(self):
+            self.scores = []
+
+        def process(self, inputs, outputs):
+            self.scores += [o["instances"].scores.sum().item() for o in outputs]
+
+        def evaluate(self):
+            return {"det": {"AP": sum(self.scores)}}
+
+    cfg = make_rcnn_cfg(norm="BN")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(0)
+    model = _trained_like(build_model(cfg)).float()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    test_data = [[{k: v for k, v in d.items() if k != "instances"}] for d in make_batch(2, 64, seed=3)]
+    calib = BNCalibration([make_batch(2, 64, seed=s) for s in range(2)], 2)
+    res = evaluate_at_widths(model, test_data, MeanScore(), [0.5], calib)
+    plain = evaluate_at_widths(model, test_data, MeanScore(), [0.5])
+    assert list(res[0.5]) == ["det", "det+bncal"] and list(res[1.0]) == ["det"]
+    assert res[0.5]["det"] == plain[0.5]["det"] and res[1.0] == plain[1.0]
+    assert res[0.5]["det+bncal"] != res[0.5]["det"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
