@@ -17,9 +17,10 @@ global random state, so a resumed run sees other images than an uninterrupted on
   next iterator re-map the waiting positions first, then continue the stream: the same
   batches as without the interruption.
 
-The trainer saves this state (with the global random states the model's own sampling
-uses, e.g. RoI subsampling) in every checkpoint (``GradAugTrainer``, key
-``"data_order"``), so a run killed and resumed equals the uninterrupted run step for step.
+The trainer saves this state in every checkpoint (``GradAugTrainer``, key ``"data_order"``)
+and seeds the global generators the model's own sampling uses (RPN / RoI subsampling) from
+(seed, rank, iteration) at every iteration, so a run killed and resumed equals the
+uninterrupted run step for step, on every rank.
 """
 import contextlib
 import logging
@@ -32,8 +33,7 @@ import torch.utils.data as torchdata
 
 from detectron2.utils import comm
 
-__all__ = ["ResumableTrainLoader", "build_resumable_train_loader", "seeded_rng", "global_rng_state",
-           "set_global_rng_state"]
+__all__ = ["ResumableTrainLoader", "build_resumable_train_loader", "seeded_rng", "seed_global_rng"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ def seeded_rng(*key: int) -> Iterator[None]:
     Args:
         key: integers (e.g. seed, rank, stream position); mixed by numpy's SeedSequence.
     """
-    seed = int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1)[0])
     py, npy, tch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    seed = _mix(key)
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: CUDA's generators stay untouched
     try:
         yield
     finally:
@@ -59,26 +59,17 @@ def seeded_rng(*key: int) -> Iterator[None]:
         torch.set_rng_state(tch)
 
 
-def global_rng_state() -> Dict[str, Any]:
-    """The global random states (``random``, ``numpy``, torch CPU and CUDA) of this process."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    # numpy's keys as a tensor: checkpoints stay loadable by a plain torch.load(weights_only=True)
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def seed_global_rng(*key: int) -> None:
+    """Seed ``random``, ``numpy`` and ``torch`` (CPU and CUDA) from ``key`` (e.g. seed, rank,
+    iteration), mixed by numpy's SeedSequence."""
+    seed = _mix(key)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CUDA generators too (lazily)
 
 
-def set_global_rng_state(state: Dict[str, Any]) -> None:
-    """Restore what :func:`global_rng_state` returned (tuples may come back as lists)."""
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _mix(key) -> int:
+    return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1)[0])
 
 
 class _PositionedStream(torchdata.IterableDataset):

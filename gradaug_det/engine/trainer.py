@@ -231,23 +231,32 @@ class GradAugTrainer(DefaultTrainer):
             return build_resumable_train_loader(cfg)
         return super().build_train_loader(cfg)
 
+    def run_step(self):
+        """detectron2's step; with ``DATALOADER.RESUMABLE`` the global random generators
+        (which the model's own sampling draws from, e.g. RPN / RoI label subsampling) are
+        first seeded from (data seed, rank, iteration), so a resumed run draws what the
+        uninterrupted run drew, on every rank."""
+        from ..data.resumable import ResumableTrainLoader, seed_global_rng
+
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            seed_global_rng(loader.seed, comm.get_rank(), self.iter)
+        super().run_step()
+
     def state_dict(self):
-        """detectron2's trainer state, plus the data stream position (``DATALOADER.RESUMABLE``)
-        and the global random states (the model's own sampling draws from them)."""
-        from ..data.resumable import ResumableTrainLoader, global_rng_state
+        """detectron2's trainer state, plus the data stream position (``DATALOADER.RESUMABLE``)."""
+        from ..data.resumable import ResumableTrainLoader
 
         ret = super().state_dict()
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             ret["data_order"] = loader.state_dict()
-        ret["rng"] = global_rng_state()
         return ret
 
     def load_state_dict(self, state):
         """Restore :meth:`state_dict`: the next batches are those the interrupted run would
-        have taken; the random states are restored in a single-process run (under DDP only
-        the main process's were saved)."""
-        from ..data.resumable import ResumableTrainLoader, set_global_rng_state
+        have taken."""
+        from ..data.resumable import ResumableTrainLoader
 
         super().load_state_dict(state)
         loader = self._trainer.data_loader
@@ -257,8 +266,6 @@ class GradAugTrainer(DefaultTrainer):
         elif isinstance(loader, ResumableTrainLoader):
             logger.warning("The checkpoint has no data order (written without DATALOADER.RESUMABLE); "
                            "the data stream starts from its beginning")
-        if "rng" in state and comm.get_world_size() == 1:
-            set_global_rng_state(state["rng"])
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
