@@ -10,6 +10,9 @@ Example::
     python tools/prune.py --config-file configs/quickstart/mask_rcnn_gradaug.yaml \\
         --weights output/quickstart_gradaug/model_final.pth --width 0.75 \\
         --output output/quickstart_gradaug/pruned
+
+With ``TEST.BN_CALIBRATION_BATCHES N`` (a trailing override) and a model with BN/SyncBN, the
+pruned model's BN statistics are recomputed at ``--width`` from N batches of ``DATASETS.TRAIN``.
 """
 import argparse
 import logging
@@ -67,6 +70,9 @@ def main(args) -> dict:
               f"full at width {args.width:g} {stats['flops_slim'] / 1e9:.3f}, "
               f"pruned {stats['flops_pruned'] / 1e9:.3f}")
     print(f"  max relative feature difference pruned vs. slimmed: {stats['feature_diff']:.2e}")
+    if stats.get("bn_calibration_batches"):
+        print(f"  BN statistics calibrated at width {args.width:g} on {stats['bn_calibration_batches']} training "
+              "batches (TEST.BN_CALIBRATION_BATCHES)")
     return stats
 
 

@@ -29,6 +29,7 @@ In eval mode a BN layer of a sub-network normalises with its sliced running stat
 exactly what the pruned BN does, so the pruned model's outputs equal the slimmed model's
 (:func:`gradaug_det.width`) up to float rounding, and so does its COCO AP.
 """
+import contextlib
 import copy
 import logging
 import os
@@ -49,6 +50,7 @@ from ..modeling import SlimmableFPN, SlimmableResNet
 from ..modeling.fpn import fpn_config_kwargs
 from ..modeling.resnet import BLOCKS_PER_STAGE
 from ..slim import DroppableBlock, SlimConv2d, check_width, select_channels, width
+from ..slim.calibration import calibrated_bn
 
 __all__ = [
     "add_pruned_config",
@@ -487,10 +489,15 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
         dict with ``checkpoint`` and ``config`` (paths), ``builder`` (backbone name),
         ``params`` / ``params_pruned`` and, with ``flops_size``, ``flops`` (full network),
         ``flops_slim`` (full network at width ``w``) and ``flops_pruned``, and
-        ``feature_diff`` (:func:`feature_difference` on a ``flops_size`` or 256 px image).
+        ``feature_diff`` (:func:`feature_difference` on a ``flops_size`` or 256 px image),
+        ``bn_calibration_batches`` (``TEST.BN_CALIBRATION_BATCHES`` used: the BN statistics of
+        the pruned model were recomputed at width ``w`` on that many training batches; 0 =
+        the full network's sliced statistics).
     """
     from .checkpointer import GradAugCheckpointer
     from .io import atomic_torch_save, atomic_write, check_output_path
+    from ..engine.trainer import GradAugTrainer
+    from ..evaluation.widths import bn_calibration_from_config
     from ..slim.settings import model_slimmable_settings, strict_slimmable_settings
 
     w = check_width(w)
@@ -501,33 +508,40 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
     model = build_model(cfg)
     with strict_slimmable_settings("tools/prune.py cuts out the sub-network of these settings"):
         GradAugCheckpointer.from_config(cfg, model).load(weights)
-    model.eval()
-    os.makedirs(output_dir, exist_ok=True)
-    pruned_cfg, pruned_model = prune_model(model, cfg, w, weights=ckpt_path)
-    # the settings the sub-network was cut with (the pruned model itself is a stock, fixed-width one)
-    info = {"width": w, "source": str(weights), "backbone": pruned_cfg.MODEL.BACKBONE.NAME,
-            "slimmable": model_slimmable_settings(model)}
-    atomic_torch_save({"model": pruned_model.state_dict(), "gradaug_prune": info}, ckpt_path)
-    custom = pruned_cfg.MODEL.BACKBONE.NAME == "build_pruned_resnet_fpn_backbone"
-    extra = (
-        "# Load with: cfg = get_cfg(); gradaug_det.checkpoint.prune.add_pruned_config(cfg);\n"
-        "#            cfg.merge_from_file(<this file>)  (importing that module registers the backbone)\n"
-        if custom else "# Stock keys only: detectron2's get_cfg().merge_from_file(<this file>) reads it.\n"
-    )
-    with atomic_write(cfg_path, "w") as f:
-        f.write(_CFG_HEADER.format(width=w, source=weights or "(random init)",
-                                   backbone=pruned_cfg.MODEL.BACKBONE.NAME, extra=extra))
-        f.write(pruned_cfg.dump())
-    logger.info(f"Wrote the width-{w:g} model to {ckpt_path} and its config to {cfg_path}")
-    stats = {"checkpoint": ckpt_path, "config": cfg_path, "builder": pruned_cfg.MODEL.BACKBONE.NAME,
-             "params": count_parameters(model), "params_pruned": count_parameters(pruned_model)}
-    check = flops_size or 256
-    stats["feature_diff"] = feature_difference(model, pruned_model, w, check, check)
-    if flops_size:
-        stats["flops"] = backbone_flops(model, flops_size, flops_size)
-        with width(model, w):
-            stats["flops_slim"] = backbone_flops(model, flops_size, flops_size)
-        stats["flops_pruned"] = backbone_flops(pruned_model, flops_size, flops_size)
+    # TEST.BN_CALIBRATION_BATCHES: the pruned model gets BN statistics calibrated at width w
+    calibration = bn_calibration_from_config(cfg, model, GradAugTrainer.build_train_loader)
+    with contextlib.ExitStack() as stack:
+        if calibration is not None:
+            stack.enter_context(calibrated_bn(model, w, calibration.batches, calibration.num_batches))
+        model.eval()
+        os.makedirs(output_dir, exist_ok=True)
+        pruned_cfg, pruned_model = prune_model(model, cfg, w, weights=ckpt_path)
+        # the settings the sub-network was cut with (the pruned model itself is a stock, fixed-width one)
+        info = {"width": w, "source": str(weights), "backbone": pruned_cfg.MODEL.BACKBONE.NAME,
+                "slimmable": model_slimmable_settings(model),
+                "bn_calibration_batches": calibration.num_batches if calibration else 0}
+        atomic_torch_save({"model": pruned_model.state_dict(), "gradaug_prune": info}, ckpt_path)
+        custom = pruned_cfg.MODEL.BACKBONE.NAME == "build_pruned_resnet_fpn_backbone"
+        extra = (
+            "# Load with: cfg = get_cfg(); gradaug_det.checkpoint.prune.add_pruned_config(cfg);\n"
+            "#            cfg.merge_from_file(<this file>)  (importing that module registers the backbone)\n"
+            if custom else "# Stock keys only: detectron2's get_cfg().merge_from_file(<this file>) reads it.\n"
+        )
+        with atomic_write(cfg_path, "w") as f:
+            f.write(_CFG_HEADER.format(width=w, source=weights or "(random init)",
+                                       backbone=pruned_cfg.MODEL.BACKBONE.NAME, extra=extra))
+            f.write(pruned_cfg.dump())
+        logger.info(f"Wrote the width-{w:g} model to {ckpt_path} and its config to {cfg_path}")
+        stats = {"checkpoint": ckpt_path, "config": cfg_path, "builder": pruned_cfg.MODEL.BACKBONE.NAME,
+                 "params": count_parameters(model), "params_pruned": count_parameters(pruned_model),
+                 "bn_calibration_batches": info["bn_calibration_batches"]}
+        check = flops_size or 256
+        stats["feature_diff"] = feature_difference(model, pruned_model, w, check, check)
+        if flops_size:
+            stats["flops"] = backbone_flops(model, flops_size, flops_size)
+            with width(model, w):
+                stats["flops_slim"] = backbone_flops(model, flops_size, flops_size)
+            stats["flops_pruned"] = backbone_flops(pruned_model, flops_size, flops_size)
     return stats
 
 

@@ -224,3 +224,53 @@ def test_detector_with_bn_calibrates_at_widths(make_rcnn_cfg, make_batch):
     assert res[0.5]["det+bncal"] != res[0.5]["det"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_prune_tool_writes_calibrated_statistics(tmp_path, make_rcnn_cfg):
+    """tools/prune.py with TEST.BN_CALIBRATION_BATCHES: the pruned model's BN statistics are
+    those calibrated at the width (not the full network's slice), the rest is unchanged."""
+    import os
+    import runpy
+    import uuid
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from gradaug_det.data import generate_coco_shapes
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = generate_coco_shapes(str(tmp_path / "coco"), num_train=4, num_val=1, image_size=64, progress=False)
+    name = f"gradaug_test_bncal_coco_{uuid.uuid4().hex[:8]}"
+    register_coco_instances(name, {}, paths["train"]["json_file"], paths["train"]["image_root"])
+    try:
+        cfg = make_rcnn_cfg(norm="BN")
+        cfg.DATASETS.TRAIN = (name,)
+        cfg.SOLVER.IMS_PER_BATCH = 2
+        cfg.DATALOADER.NUM_WORKERS = 0
+        cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+        cfg.INPUT.MAX_SIZE_TRAIN = 96
+        torch.manual_seed(0)
+        model = _trained_like(build_model(cfg)).float()
+        torch.save({"model": model.state_dict()}, tmp_path / "full.pth")
+        (tmp_path / "cfg.yaml").write_text(cfg.dump())
+        tool = runpy.run_path(os.path.join(repo, "tools", "prune.py"))
+        out = {}
+        for n in (0, 2):
+            args = tool["get_parser"]().parse_args([
+                "--config-file", str(tmp_path / "cfg.yaml"), "--weights", str(tmp_path / "full.pth"),
+                "--width", "0.5", "--output", str(tmp_path / f"pruned{n}"), "--no-flops",
+                "TEST.BN_CALIBRATION_BATCHES", str(n)])
+            stats = tool["main"](args)
+            assert stats["bn_calibration_batches"] == n
+            assert stats["feature_diff"] < 1e-4  # the pruned model = the (calibrated) slimmed one
+            data = torch.load(stats["checkpoint"], weights_only=True)
+            assert data["gradaug_prune"]["bn_calibration_batches"] == n
+            out[n] = data["model"]
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    stat_keys = [k for k in out[0] if k.endswith(("running_mean", "running_var"))]
+    assert stat_keys and all(not torch.equal(out[0][k], out[2][k]) for k in stat_keys)
+    for k in out[0]:
+        if k not in stat_keys and not k.endswith("num_batches_tracked"):
+            assert torch.equal(out[0][k], out[2][k]), k
