@@ -415,10 +415,19 @@ def convert_classifier(source: Union[str, StateDict], output: Optional[str] = No
         raise ValueError(f"convert_classifier needs the classifier's training config (cfg=...) or {missing}; "
                          "they are recorded so detection configs can be checked against them")
     name = source if isinstance(source, str) else "classifier state dict"
-    state = _unwrap_state_dict(_load(source) if isinstance(source, str) else source, name)
+    loaded = _load(source) if isinstance(source, str) else source
+    state = _unwrap_state_dict(loaded, name)
     backbone, head, dropped = classifier_to_d2(state)
     _log_dropped(dropped)
     ckpt = make_d2_checkpoint(backbone, head, target=target, source=f"SlimmableClassifier: {name}", **conv)
+    # how the classifier's sub-networks were formed (checked, as a warning, when a detector loads it)
+    from ..slim.settings import RECORD_KEY, slimmable_settings
+
+    record = loaded.get(RECORD_KEY) if isinstance(loaded, dict) else None
+    if record is None and cfg is not None:
+        record = {**slimmable_settings(cfg), "slim_fpn": None}  # a classifier has no FPN
+    if record is not None:
+        ckpt[RECORD_KEY] = dict(record)
     if output:
         save_d2_checkpoint(ckpt, output)
     return ckpt

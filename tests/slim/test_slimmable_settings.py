@@ -132,3 +132,38 @@ def test_eval_only_at_subwidths_refuses(tmp_path, trained_with_divisor_8):
         "TEST.SLIM_WIDTHS", "[0.5]", "OUTPUT_DIR", str(tmp_path / "out")])
     with pytest.raises(SlimmableSettingsMismatch, match="--eval-only at TEST.SLIM_WIDTHS"):
         tool["main"](args)
+
+
+def test_converted_classifier_carries_its_settings(tmp_path, make_rcnn_cfg, caplog):
+    """A GradAug classifier trained with the reference rule, converted for detection: the
+    converted file records the rule; a detector fine-tuned from it with another rule is warned."""
+    from detectron2.config import get_cfg
+
+    import gradaug_det
+    from gradaug_det.checkpoint.convert import convert_classifier
+
+    cfg = gradaug_det.add_gradaug_config(get_cfg())
+    cfg.MODEL.META_ARCHITECTURE = "SlimmableClassifier"
+    cfg.MODEL.BACKBONE.NAME = "build_slimmable_resnet_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.CLASSIFIER.NUM_CLASSES = 4
+    cfg.MODEL.SLIMMABLE.CHANNEL_RULE = "reference"
+    cfg.MODEL.DEVICE = "cpu"
+    classifier = build_model(cfg)
+    path = _save(classifier, tmp_path)
+    assert torch.load(path, weights_only=True)[RECORD_KEY] == {
+        "channel_rule": "reference", "channel_divisor": 1, "slim_fpn": None}
+    out = str(tmp_path / "converted.pkl")
+    ckpt = convert_classifier(path, out, cfg=cfg)
+    assert ckpt[RECORD_KEY] == {"channel_rule": "reference", "channel_divisor": 1, "slim_fpn": None}
+
+    _, detector = _model(make_rcnn_cfg, rule="round")
+    with caplog.at_level(logging.WARNING, logger="gradaug_det.slim.settings"):
+        GradAugCheckpointer(detector).load(out)
+    assert "MODEL.SLIMMABLE.CHANNEL_RULE 'reference' in the file, 'round' here" in caplog.text
+    _, same = _model(make_rcnn_cfg, rule="reference")
+    with strict_slimmable_settings():
+        GradAugCheckpointer(same).load(out)  # slim_fpn is not compared: the classifier had no FPN
