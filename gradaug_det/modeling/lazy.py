@@ -1,4 +1,5 @@
 """LazyConfig support: make a detectron2 LazyConfig R-CNN model slimmable in place."""
+from ..slim import check_channel_rule
 from .fpn import SlimmableFPN
 from .resnet import SlimBasicBlock, SlimBasicStem, SlimBottleneckBlock, SlimmableResNet
 
@@ -8,7 +9,8 @@ __all__ = ["make_lazy_model_slimmable", "make_slimmable_default_stages"]
 _BOTTLENECK_ONLY = ("stride_in_1x1", "num_groups", "dilation")
 
 
-def make_slimmable_default_stages(depth: int, block_class=None, divisor: int = 1, **kwargs):
+def make_slimmable_default_stages(depth: int, block_class=None, divisor: int = 1, rule: str = "round",
+                                  **kwargs):
     """``ResNet.make_default_stages`` with slimmable blocks, chosen by ``depth`` when built.
 
     Like detectron2's yacs builder (``build_resnet_backbone``), the bottleneck-only
@@ -20,6 +22,7 @@ def make_slimmable_default_stages(depth: int, block_class=None, divisor: int = 1
         depth: 18, 34, 50, 101 or 152.
         block_class: default :class:`SlimBasicBlock` below depth 50, else :class:`SlimBottleneckBlock`.
         divisor: channel alignment (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``).
+        rule: channel rule (``MODEL.SLIMMABLE.CHANNEL_RULE``: "round" or "reference").
         kwargs: other arguments of ``ResNet.make_default_stages`` / the blocks (``norm`` ...).
 
     Returns:
@@ -29,10 +32,10 @@ def make_slimmable_default_stages(depth: int, block_class=None, divisor: int = 1
         block_class = SlimBasicBlock if depth < 50 else SlimBottleneckBlock
     if depth < 50:
         kwargs = {k: v for k, v in kwargs.items() if k not in _BOTTLENECK_ONLY}
-    return SlimmableResNet.make_default_stages(depth, block_class, divisor=divisor, **kwargs)
+    return SlimmableResNet.make_default_stages(depth, block_class, divisor=divisor, rule=rule, **kwargs)
 
 
-def make_lazy_model_slimmable(model, *, divisor: int = 1, slim_fpn: bool = True):
+def make_lazy_model_slimmable(model, *, divisor: int = 1, slim_fpn: bool = True, rule: str = "round"):
     """Switch a LazyConfig model's ResNet(-FPN) backbone to the slimmable classes.
 
     Works on detectron2's ``common/models/{mask,fast}_rcnn_fpn.py`` style nodes:
@@ -44,7 +47,13 @@ def make_lazy_model_slimmable(model, *, divisor: int = 1, slim_fpn: bool = True)
         model: the ``model`` node of a LazyConfig (edited in place and returned).
         divisor: channel alignment (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``).
         slim_fpn: slim the FPN too (``MODEL.SLIMMABLE.SLIM_FPN``).
+        rule: channel rule (``MODEL.SLIMMABLE.CHANNEL_RULE``: "round" or "reference"; the
+            reference's per-layer ratios are set by ``SlimmableResNet`` itself).
+
+    Raises:
+        ValueError: for an invalid ``rule`` / ``divisor`` pair (before anything is built).
     """
+    check_channel_rule(rule, divisor, rule_key="rule", divisor_key="divisor")
     backbone = model.backbone
     bottom_up = backbone.bottom_up if "bottom_up" in backbone else backbone
     if "stem" not in bottom_up or "stages" not in bottom_up:
@@ -53,10 +62,13 @@ def make_lazy_model_slimmable(model, *, divisor: int = 1, slim_fpn: bool = True)
         backbone._target_ = SlimmableFPN
         backbone.slim = slim_fpn
         backbone.divisor = divisor
+        backbone.rule = rule
     bottom_up._target_ = SlimmableResNet
     bottom_up.stem._target_ = SlimBasicStem
     bottom_up.stem.divisor = divisor
+    bottom_up.stem.rule = rule
     stages = bottom_up.stages
     stages._target_ = make_slimmable_default_stages  # blocks chosen by depth when instantiated
     stages.divisor = divisor
+    stages.rule = rule
     return model

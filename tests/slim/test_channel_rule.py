@@ -219,3 +219,27 @@ def test_reference_rule_reaches_every_fpn_layer(builder):
     for feature in out.values():
         assert feature.shape[1] == 40
         assert feature[:, 37:].abs().max() == 0 and feature[:, :37].abs().max() > 0
+
+
+def test_lazyconfig_model_takes_the_rule():
+    """make_lazy_model_slimmable(rule=...) on detectron2's own LazyConfig Mask R-CNN R50-FPN."""
+    from detectron2.config import instantiate
+    from detectron2.model_zoo import get_config
+
+    from gradaug_det.modeling.lazy import make_lazy_model_slimmable
+
+    node = make_lazy_model_slimmable(get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py").model,
+                                     rule="reference")
+    node.backbone.bottom_up.stem.norm = node.backbone.bottom_up.stages.norm = "BN"  # FrozenBN needs no change
+    torch.manual_seed(0)
+    model = instantiate(node)
+    convs = [m for m in model.backbone.modules() if isinstance(m, SlimConv2d)]
+    assert convs and {m.rule for m in convs} == {"reference"}
+    expected = expected_layers(50, 0.9)
+    with width(model, 0.9):
+        got = {f"backbone.{n[len('bottom_up.'):]}": m.active_channels() for n, m in model.backbone.named_modules()
+               if isinstance(m, SlimConv2d) and n.startswith("bottom_up.")}
+        assert got == {k: v for k, v in expected.items() if k != "head"}
+    with pytest.raises(ValueError, match="divisor to 1"):
+        make_lazy_model_slimmable(get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py").model,
+                                  rule="reference", divisor=8)
