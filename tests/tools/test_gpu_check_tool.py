@@ -1,0 +1,79 @@
+"""tools/gpu_check.py runs every section through its real entry point (tiny sizes on the CPU)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("gpu_check_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_tiny_cpu_run(tool, tmp_path):
+    doc = tool.main(["--tiny", "--output-dir", str(tmp_path), "--budget-min", "60"])
+    sections = doc["sections"]
+    assert list(sections) == ["env", "amp", "syncbn", "cudnn", "iteration", "backbone"]
+    failed = {k: v.get("error") for k, v in sections.items() if v["status"] != "ok"}
+    assert not failed, failed
+    # AMP: detectron2's AMP loop with a real GradScaler (bf16 on the CPU), weights updated
+    amp = {r["precision"]: r for r in sections["amp"]["rows"]}
+    assert set(amp) == {"bf16"}
+    assert all(r["finite_losses"] and r["params_updated"] == r["params"] > 0 for r in amp.values())
+    assert amp["bf16"]["grad_scale"] == 65536.0 and amp["bf16"]["subnet_losses_logged"] > 0
+    # SyncBN under DDP in a one-process group equals BN, at every width
+    sync = sections["syncbn"]
+    assert sync["backend"] == "gloo" and sync["world_size"] == 1
+    assert sorted(r["width"] for r in sync["rows"]) == [0.5, 0.75, 0.9, 1.0]
+    assert all(r["max_abs_diff_out"] <= 1e-4 * max(1.0, r["out_scale"]) for r in sync["rows"])
+    # cudnn.benchmark on/off: same outputs (on the CPU the flag is inert: exactly equal)
+    assert max(sections["cudnn"]["max_abs_diff"].values()) == 0.0
+    # the iteration table: baseline and GradAug at both divisors in fp32; the model prices
+    # the full pass as the baseline's, so a GradAug iteration's model exceeds the baseline
+    rows = sections["iteration"]["rows"]
+    fp32 = {(r["mode"], r["divisor"]): r for r in rows if r["precision"] == "fp32"}
+    assert set(fp32) == {("baseline", "-"), ("gradaug", 1), ("gradaug", 8)}
+    for key in (("gradaug", 1), ("gradaug", 8)):
+        r = fp32[key]
+        assert r["model_s"] > fp32[("baseline", "-")]["median_s"]
+        assert r["time_over_model"] == pytest.approx(r["median_s"] / r["model_s"])
+        plan = sections["iteration"]["plan"][0]
+        assert [p["pass"] for p in r["passes"]] == ["full"] + [f"sub{i + 1}" for i in range(len(plan))]
+    assert {r["precision"] for r in rows} == {"fp32", "bf16"}
+    # the backbone benchmark at 1.0 / 0.9 / 0.75 / 0.5
+    widths = sorted({r["width"] for r in sections["backbone"]["rows"]})
+    assert widths == [0.5, 0.75, 0.9, 1.0]
+    # one JSON and one Markdown table, naming the device
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["device"] == doc["device"] and "CPU" in saved["device"] and saved["tiny"] is True
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.startswith("# gpu_check on ") and "| iteration | ok |" in md and "| gradaug | 8 |" in md
+    assert md.count("| slimmable |") == 1 + 3 * 2  # width 1.0, then 0.9 / 0.75 / 0.5 at divisors 1 and 8
+
+
+def test_gpu_check_records_failures_and_budget(tool, tmp_path, monkeypatch):
+    """A failing section is recorded and the next still runs; a spent budget skips (non-tiny)."""
+    from gradaug_det.benchmark import gpu_check
+
+    def broken(ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(gpu_check._FUNCS, "cudnn", broken)
+    doc = tool.main(["--tiny", "--output-dir", str(tmp_path), "--sections", "cudnn", "env"])
+    assert doc["sections"]["cudnn"]["status"] == "failed" and "boom" in doc["sections"]["cudnn"]["error"]
+    assert doc["sections"]["env"]["status"] == "ok"
+    ctx = gpu_check.CheckContext(device="cpu", tiny=False, repo=str(TOOL.parents[1]), budget_s=0.0,
+                                 progress=lambda m: None)
+    out = gpu_check.run_sections(ctx, ["iteration"])
+    assert out["iteration"]["status"] == "skipped" and "budget" in out["iteration"]["reason"]
+
+
+def test_gpu_check_rejects_unknown_section(tool):
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--sections", "warp-drive"])
