@@ -176,10 +176,10 @@ def distributed_env() -> DistributedEnv:
         RuntimeError: outside a submitit job, or when the tasks are not laid out node by
             node (detectron2's rank = node x tasks per node + local rank).
     """
+    from submitit import JobEnvironment
     from submitit.helpers import TorchDistributedEnvironment
 
-    env = TorchDistributedEnvironment()
-    job = env._job_env
+    env, job = TorchDistributedEnvironment(), JobEnvironment()
     out = DistributedEnv(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
                          local_world_size=env.local_world_size, node=job.node, num_nodes=job.num_nodes,
                          master_addr=env.master_addr, master_port=env.master_port)

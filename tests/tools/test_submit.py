@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_gradaug.yaml")
 MAX_ITER = 3
 PREEMPT_AFTER = 1  # the signal reaches every task during iteration 1 of the first run
-TINY = ["SOLVER.MAX_ITER", str(MAX_ITER), "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+TINY = ["SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
         "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
         "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.SLIM_WIDTHS", "[]"]
 TIMEOUT_S = 400
@@ -110,10 +110,6 @@ class PreemptedOnce(slurm.TrainingJob):
         return super().__call__()
 
 
-# Remove once the trainer resumes the data order exactly (issue 11: gradaug_det/data/resumable.py);
-# strict: the test fails as soon as it passes, so the marker cannot outlive the gap.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="--resume restarts the training data order: the resumed run reads other images")
 def test_preempted_job_checkpoints_requeues_and_resumes_to_same_weights(env, launch_run, tmp_path, monkeypatch):
     import cloudpickle
 
@@ -173,3 +169,30 @@ def test_bad_arguments_fail_before_submission(tmp_path):
     assert slurm.prepare_tool_args(tool, ["--config-file", CONFIG, "--trust-pickle", "SOLVER.MAX_ITER", "5"],
                                    "/jobs/1") == ["--config-file", CONFIG, "--trust-pickle", "SOLVER.MAX_ITER", "5",
                                                   "OUTPUT_DIR", "/jobs/1"]
+
+
+def _slurm_task_env(monkeypatch, procid, nodeid, localid, ntasks=16, nodes=2):
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_")) or k == "MASTER_PORT"]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for k, v in dict(SLURM_JOB_ID="4242", SLURM_NTASKS=ntasks, SLURM_JOB_NUM_NODES=nodes, SLURM_NODEID=nodeid,
+                     SLURM_PROCID=procid, SLURM_LOCALID=localid,
+                     SLURM_JOB_NODELIST="learnfair[0042-0043]").items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_slurm_task_environment_gives_rank_world_and_rendezvous(monkeypatch):
+    """2 nodes x 8 tasks as Slurm describes them to task 11 (node 1, local rank 3)."""
+    _slurm_task_env(monkeypatch, procid=11, nodeid=1, localid=3)
+    env = slurm.distributed_env()
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.node, env.num_nodes) == \
+        (11, 16, 3, 8, 1, 2)
+    # rendezvous on the allocation's first node; the port comes from the job id: every task
+    # (and the requeued job, same id) computes the same one
+    assert env.dist_url.startswith("tcp://learnfair0042:") and 20000 <= env.master_port <= 60000
+    _slurm_task_env(monkeypatch, procid=0, nodeid=0, localid=0)
+    assert slurm.distributed_env().dist_url == env.dist_url
+    # tasks not ranked node by node (e.g. srun --distribution=cyclic) are refused
+    _slurm_task_env(monkeypatch, procid=1, nodeid=1, localid=0)
+    with pytest.raises(RuntimeError, match="ranked node by node"):
+        slurm.distributed_env()
