@@ -26,7 +26,8 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint.checkpointer import GradAugCheckpointer
 from ..gradaug import SubnetSampler, build_task, validate_sampler_args
 from ..gradaug.sampler import validate_loss_args
-from ..slim import SlimmableModule, check_width, linear_keep_probs, residual_blocks
+from ..slim import check_width, linear_keep_probs, residual_blocks
+from .checks import check_gradaug_trainable
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
 __all__ = ["GradAugTrainer", "validate_config", "create_ddp_model", "unused_parameters_reason",
@@ -57,23 +58,6 @@ def validate_config(cfg) -> None:
                           sampling=g.SAMPLING, min_keep=g.DEPTH_MIN_KEEP, transform=g.TRANSFORM,
                           scales=g.SCALES, rotation=g.ROTATION)
     validate_loss_args(subnet_loss=g.SUBNET_LOSS, soft_weight=g.SOFT_WEIGHT, gt_weight=g.GT_WEIGHT)
-
-
-def check_model(cfg, model) -> None:
-    """Check that the built model can form the configured sub-networks."""
-    if not cfg.GRADAUG.ENABLED:
-        return
-    if cfg.GRADAUG.SAMPLING == "width" and not any(isinstance(m, SlimmableModule) for m in model.modules()):
-        raise ValueError(
-            f"GRADAUG.SAMPLING='width' needs a slimmable backbone, but MODEL.BACKBONE.NAME="
-            f"{cfg.MODEL.BACKBONE.NAME!r} has no slimmable layer; use "
-            "'build_slimmable_resnet_fpn_backbone' or 'build_slimmable_resnet_backbone'"
-        )
-    if cfg.GRADAUG.SAMPLING == "depth" and not residual_blocks(model):
-        raise ValueError(
-            f"GRADAUG.SAMPLING='depth' needs droppable residual blocks, but MODEL.BACKBONE.NAME="
-            f"{cfg.MODEL.BACKBONE.NAME!r} has none; use a slimmable ResNet backbone"
-        )
 
 
 def apply_depth_eval_scale(cfg, model) -> None:
@@ -176,7 +160,7 @@ class GradAugTrainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
-        check_model(cfg, model)
+        check_gradaug_trainable(cfg, model)  # model x GradAug refusals, before any data is read
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False,

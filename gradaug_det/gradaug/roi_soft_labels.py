@@ -5,6 +5,12 @@ pass; the RoIs are mapped through the sub-network's input transform (on the devi
 :mod:`.transforms`), and the sub-network's box classifier on those RoIs learns them with
 :func:`.losses.soft_label_kl`. RoIs a rotation leaves without area keep a weight of 0
 rather than being dropped (dropping needs boolean indexing: a host sync on CUDA).
+
+Cascade R-CNN (``CascadeROIHeads``): every stage's box classifier learns the full network's
+same stage on that stage's RoIs (the RoIs the full network's stage ``k`` pooled, mapped
+through the transform). The stage losses are summed into one ``loss_soft_cls`` and the
+gradient into the pooled features is scaled by ``1 / num_stages``, exactly as detectron2
+treats Cascade R-CNN's own per-stage classification losses.
 """
 import contextlib
 from typing import Dict, List
@@ -41,9 +47,10 @@ def weighted_soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.T
 
 
 class RoIClassifierSoftLabels:
-    """Soft labels for the RoI box classifier of a detectron2 R-CNN.
+    """Soft labels for the RoI box classifier(s) of a detectron2 R-CNN.
 
-    Supports ``StandardROIHeads`` (FPN models) and ``Res5ROIHeads`` (C4 models).
+    Supports ``StandardROIHeads`` (FPN models), ``Res5ROIHeads`` (C4 models) and
+    ``CascadeROIHeads`` (one box classifier per stage, see the module docstring).
 
     Args:
         model: the (possibly DDP-wrapped) GeneralizedRCNN.
@@ -55,21 +62,25 @@ class RoIClassifierSoftLabels:
     def __init__(self, model: nn.Module):
         roi = getattr(unwrap_model(model), "roi_heads", None)
         pooler = getattr(roi, "box_pooler", None) or getattr(roi, "pooler", None)
-        if roi is None or pooler is None or not hasattr(roi, "box_predictor") or isinstance(
-                getattr(roi, "box_predictor"), nn.ModuleList):
+        if roi is None or pooler is None or not hasattr(roi, "box_predictor"):
             raise ValueError(
-                f"GRADAUG.SUBNET_LOSS with 'soft' needs StandardROIHeads or Res5ROIHeads, got "
+                f"GRADAUG.SUBNET_LOSS with 'soft' needs StandardROIHeads, Res5ROIHeads or CascadeROIHeads, got "
                 f"{type(roi).__name__}; set GRADAUG.SUBNET_LOSS='gt' for other models"
             )
         self.roi_heads = roi
         self.pooler = pooler
+        #: Cascade R-CNN: one box head and predictor per stage.
+        self.cascade = isinstance(roi.box_predictor, nn.ModuleList)
+        self.predictors = list(roi.box_predictor) if self.cascade else [roi.box_predictor]
 
     @contextlib.contextmanager
     def record(self):
         """Record the full network's RoIs and box-classifier logits during its pass.
 
         Yields:
-            a list that, after the block, holds per image ``{"boxes": (R, 4), "logits": (R, K+1)}``.
+            a list that, after the block, holds per image ``{"boxes": (R, 4), "logits": (R, K+1)}``;
+            for Cascade R-CNN the stages' RoIs one after the other and ``"stage_sizes"``
+            (a list of ints: RoIs per stage).
         """
         boxes, logits, teacher = [], [], []
 
@@ -79,25 +90,41 @@ class RoIClassifierSoftLabels:
         def on_predict(module, args, output):
             logits.append(output[0].detach())
 
-        handles = [self.pooler.register_forward_hook(on_pool),
-                   self.roi_heads.box_predictor.register_forward_hook(on_predict)]
+        handles = [self.pooler.register_forward_hook(on_pool)]
+        handles += [p.register_forward_hook(on_predict) for p in self.predictors]
         try:
             yield teacher
         finally:
             for h in handles:
                 h.remove()
-        if len(boxes) != 1 or len(logits) != 1:
+        n = len(self.predictors)
+        if len(boxes) != n or len(logits) != n:
             raise RuntimeError(
-                f"expected one RoI pooling and one box prediction in the full network's pass, "
-                f"saw {len(boxes)} and {len(logits)}; soft labels support StandardROIHeads / Res5ROIHeads"
+                f"expected {n} RoI pooling(s) and box prediction(s) in the full network's pass, "
+                f"saw {len(boxes)} and {len(logits)}; soft labels support StandardROIHeads / Res5ROIHeads / "
+                "CascadeROIHeads"
             )
-        for b, l in zip(boxes[0], logits[0].split([len(b) for b in boxes[0]])):
-            teacher.append({"boxes": b, "logits": l})
+        per_stage = [l.split([len(b) for b in bs]) for bs, l in zip(boxes, logits)]  # [stage][image]
+        for i in range(len(boxes[0])):
+            entry = {"boxes": torch.cat([bs[i] for bs in boxes]) if self.cascade else boxes[0][i],
+                     "logits": torch.cat([ls[i] for ls in per_stage]) if self.cascade else per_stage[0][i]}
+            if self.cascade:
+                entry["stage_sizes"] = [len(bs[i]) for bs in boxes]
+            teacher.append(entry)
 
-    def student_logits(self, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor]) -> torch.Tensor:
-        """Box-classifier logits of the current (sub-)network on the given boxes."""
+    def student_logits(self, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor],
+                       stage: int = 0) -> torch.Tensor:
+        """Box-classifier logits (R, K+1) of the current (sub-)network on the given boxes
+        (per image (R_i, 4), in pixels); ``stage``: the Cascade R-CNN stage."""
         roi = self.roi_heads
         box_lists = [Boxes(b) for b in boxes]
+        if self.cascade:
+            from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
+
+            x = roi.box_pooler([features[f] for f in roi.box_in_features], box_lists)
+            x = _ScaleGradient.apply(x, 1.0 / roi.num_cascade_stages)  # as CascadeROIHeads._run_stage
+            scores, _ = roi.box_predictor[stage](roi.box_head[stage](x))
+            return scores
         if hasattr(roi, "box_pooler"):
             x = roi.box_pooler([features[f] for f in roi.box_in_features], box_lists)
             x = roi.box_head(x)
@@ -118,15 +145,9 @@ class RoIClassifierSoftLabels:
         def on_roi_heads(module, args, kwargs, output):
             features = args[1] if len(args) > 1 else kwargs["features"]
             device = next(iter(features.values())).device
-            student = self.student_logits(features, [t["boxes"].to(device) for t in teacher])
-            target = torch.cat([t["logits"] for t in teacher]).to(device)
-            weights = [t.get("weights") for t in teacher]
-            if any(w is not None for w in weights):
-                weights = torch.cat([torch.ones(len(t["logits"]), device=device) if w is None else w.to(device)
-                                     for t, w in zip(teacher, weights)])
-                output[1][name] = weighted_soft_label_kl(student, target, weights)
-            else:
-                output[1][name] = soft_label_kl(student, target)
+            losses = [self._stage_kl(features, stage_teacher, stage, device)
+                      for stage, stage_teacher in enumerate(self._stages(teacher))]
+            output[1][name] = sum(losses[1:], losses[0])
             return output
 
         handle = self.roi_heads.register_forward_hook(on_roi_heads, with_kwargs=True)
@@ -134,3 +155,21 @@ class RoIClassifierSoftLabels:
             yield
         finally:
             handle.remove()
+
+    def _stages(self, teacher: List[Dict]) -> List[List[Dict]]:
+        """The teacher per stage (one stage unless Cascade R-CNN), each a per-image list."""
+        if not self.cascade:
+            return [teacher]
+        split = [{k: t[k].split(t["stage_sizes"]) for k in ("boxes", "logits", "weights") if k in t}
+                 for t in teacher]
+        return [[{k: v[stage] for k, v in s.items()} for s in split] for stage in range(len(self.predictors))]
+
+    def _stage_kl(self, features, teacher: List[Dict], stage: int, device) -> torch.Tensor:
+        student = self.student_logits(features, [t["boxes"].to(device) for t in teacher], stage)
+        target = torch.cat([t["logits"] for t in teacher]).to(device)
+        weights = [t.get("weights") for t in teacher]
+        if any(w is not None for w in weights):
+            weights = torch.cat([torch.ones(len(t["logits"]), device=device) if w is None else w.to(device)
+                                 for t, w in zip(teacher, weights)])
+            return weighted_soft_label_kl(student, target, weights)
+        return soft_label_kl(student, target)
