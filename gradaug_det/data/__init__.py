@@ -7,8 +7,8 @@ MMDetection quickstart); the detectron2 registration helpers are imported on fir
 """
 import importlib
 
-from .synthetic_coco import COCO_SHAPES_CATEGORIES, coco_shapes_paths, generate_coco_shapes
-from .synthetic_imagefolder import generate_imagefolder, imagefolder_wnids
+from .synthetic_coco import COCO_SHAPES_CATEGORIES, QUICKSTART_SHAPES, coco_shapes_paths, generate_coco_shapes
+from .synthetic_imagefolder import QUICKSTART_CLASSES, generate_imagefolder, imagefolder_wnids
 
 # detectron2 dataset registration (gradaug_det.data.datasets), imported when first accessed
 _DETECTRON2_NAMES = (
@@ -17,6 +17,8 @@ _DETECTRON2_NAMES = (
     "IMAGENET_VAL",
     "QUICKSTART_TRAIN",
     "QUICKSTART_VAL",
+    "QUICKSTART_CLS_TRAIN",
+    "QUICKSTART_CLS_VAL",
     "imagenet_frac_name",
     "list_imagefolder_classes",
     "load_imagefolder",
@@ -32,5 +34,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = sorted(["COCO_SHAPES_CATEGORIES", "coco_shapes_paths", "generate_coco_shapes", "generate_imagefolder",
+__all__ = sorted(["COCO_SHAPES_CATEGORIES", "QUICKSTART_CLASSES", "QUICKSTART_SHAPES", "coco_shapes_paths", "generate_coco_shapes", "generate_imagefolder",
                   "imagefolder_wnids", *_DETECTRON2_NAMES])

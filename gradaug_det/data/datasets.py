@@ -8,7 +8,11 @@ Registered names
 ``register_quickstart``:
     ``gradaug_quickstart_train``, ``gradaug_quickstart_val`` -- COCO-format
     instance segmentation (3 classes: circle, rectangle, triangle), see
-    :mod:`gradaug_det.data.synthetic_coco`.
+    :mod:`gradaug_det.data.synthetic_coco` (parameters: ``QUICKSTART_SHAPES``);
+    ``gradaug_quickstart_cls_train``, ``gradaug_quickstart_cls_val`` -- the
+    ImageFolder classification data of the same look for pretraining the
+    backbone (8 glyph classes, ``QUICKSTART_CLASSES``), see
+    :mod:`gradaug_det.data.synthetic_imagefolder`.
 ``register_imagenet``:
     ``imagenet_train``, ``imagenet_val`` -- every image of
     ``root/{train,val}/<wnid>/*``;
@@ -31,11 +35,19 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .synthetic_coco import COCO_SHAPES_CATEGORIES, coco_shapes_paths, generate_coco_shapes
+from .synthetic_coco import (
+    COCO_SHAPES_CATEGORIES,
+    QUICKSTART_SHAPES,
+    coco_shapes_paths,
+    generate_coco_shapes,
+)
+from .synthetic_imagefolder import QUICKSTART_CLASSES, generate_imagefolder
 
 __all__ = [
     "QUICKSTART_TRAIN",
     "QUICKSTART_VAL",
+    "QUICKSTART_CLS_TRAIN",
+    "QUICKSTART_CLS_VAL",
     "IMAGENET_TRAIN",
     "IMAGENET_VAL",
     "IMAGENET_FRACTIONS",
@@ -53,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 QUICKSTART_TRAIN = "gradaug_quickstart_train"
 QUICKSTART_VAL = "gradaug_quickstart_val"
+QUICKSTART_CLS_TRAIN = "gradaug_quickstart_cls_train"
+QUICKSTART_CLS_VAL = "gradaug_quickstart_cls_val"
 IMAGENET_TRAIN = "imagenet_train"
 IMAGENET_VAL = "imagenet_val"
 #: Percentages for which ``imagenet_train_frac{P}`` is registered.
@@ -91,14 +105,15 @@ def _skip_if_registered(name: str, **expected: Any) -> bool:
 # ----------------------------------------------------------------------------
 def register_quickstart(
     root: Optional[str] = None,
-    num_train: int = 300,
-    num_val: int = 50,
-    image_size: int = 256,
-    seed: int = 0,
+    num_train: Optional[int] = None,
+    num_val: Optional[int] = None,
+    image_size: Optional[int] = None,
+    seed: Optional[int] = None,
     eager: bool = False,
     progress: bool = True,
+    cls_root: Optional[str] = None,
 ) -> Dict[str, str]:
-    """Registers ``gradaug_quickstart_train`` / ``gradaug_quickstart_val``.
+    """Registers ``gradaug_quickstart_{train,val}`` and ``gradaug_quickstart_cls_{train,val}``.
 
     The datasets behave exactly like those of
     ``detectron2.data.datasets.register_coco_instances``: the loader is
@@ -116,35 +131,44 @@ def register_quickstart(
     safe. Pass ``eager=True`` (or call ``DatasetCatalog.get`` once) when
     constructing an evaluator before any data loader.
 
+    The classification twin (``gradaug_quickstart_cls_*``, for pretraining the
+    backbone, ``configs/quickstart/pretrain_r18_gradaug.yaml``) is an ImageFolder
+    of the detection data's look (``generate_imagefolder(style="shapes")``),
+    registered like ``register_imagenet``'s names and generated lazily too.
+
     Calling this again is harmless: names that are already registered are kept
     (a warning is logged if they point at another root).
 
     Args:
-        root: dataset directory; default ``$DETECTRON2_DATASETS/gradaug_quickstart``.
-        num_train: number of training images.
+        root: dataset directory; default ``$DETECTRON2_DATASETS/gradaug_quickstart_shapes``.
+        num_train: number of training images (default: ``QUICKSTART_SHAPES``, as the
+            other generation parameters).
         num_val: number of validation images.
         image_size: image side in pixels.
         seed: generation seed.
         eager: generate the data now instead of on first ``DatasetCatalog.get``.
         progress: show a progress bar while generating.
+        cls_root: classification data directory; default
+            ``$DETECTRON2_DATASETS/gradaug_quickstart_classes``.
 
     Returns:
-        ``{"train": "gradaug_quickstart_train", "val": "gradaug_quickstart_val"}``.
+        ``{"train": "gradaug_quickstart_train", "val": "gradaug_quickstart_val",
+        "cls_train": ..., "cls_val": ...}``.
     """
     if root is None:
-        root = os.path.join(default_datasets_root(), "gradaug_quickstart")
-    root = os.fspath(root)
+        root = os.path.join(default_datasets_root(), "gradaug_quickstart_shapes")
+    if cls_root is None:
+        cls_root = os.path.join(default_datasets_root(), "gradaug_quickstart_classes")
+    root, cls_root = os.fspath(root), os.fspath(cls_root)
     paths = coco_shapes_paths(root)
+    given = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
+    shapes_params = dict(QUICKSTART_SHAPES, **{k: v for k, v in given.items() if v is not None})
 
     def generate() -> None:
-        generate_coco_shapes(
-            root,
-            num_train=num_train,
-            num_val=num_val,
-            image_size=image_size,
-            seed=seed,
-            progress=progress,
-        )
+        generate_coco_shapes(root, progress=progress, **shapes_params)
+
+    def generate_classes() -> None:
+        generate_imagefolder(cls_root, progress=progress, **QUICKSTART_CLASSES)
 
     cats = sorted(COCO_SHAPES_CATEGORIES, key=lambda c: c["id"])
     thing_classes = [c["name"] for c in cats]
@@ -170,9 +194,28 @@ def register_quickstart(
             thing_classes=thing_classes,
             thing_dataset_id_to_contiguous_id=id_map,
         )
+    cls_dirs = {"train": os.path.join(cls_root, "train"), "val": os.path.join(cls_root, "val")}
+
+    def make_cls_loader(split: str, name: str) -> Callable[[], List[dict]]:
+        def load() -> List[dict]:
+            generate_classes()
+            classes = list_imagefolder_classes(cls_dirs["train"])
+            MetadataCatalog.get(name).set(thing_classes=classes, classes=classes)
+            return load_imagefolder(cls_dirs[split], classes)
+
+        return load
+
+    cls_names = {"cls_train": QUICKSTART_CLS_TRAIN, "cls_val": QUICKSTART_CLS_VAL}
+    for key, name in cls_names.items():
+        split = key[len("cls_"):]
+        if _skip_if_registered(name, image_root=cls_dirs[split]):
+            continue
+        DatasetCatalog.register(name, make_cls_loader(split, name))
+        MetadataCatalog.get(name).set(image_root=cls_dirs[split], evaluator_type="classification")
     if eager:
         generate()
-    return names
+        generate_classes()
+    return dict(names, **cls_names)
 
 
 # ----------------------------------------------------------------------------

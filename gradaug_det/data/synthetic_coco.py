@@ -44,6 +44,8 @@ from tqdm import tqdm
 
 __all__ = [
     "COCO_SHAPES_CATEGORIES",
+    "DISTRACTOR_GLYPHS",
+    "QUICKSTART_SHAPES",
     "generate_coco_shapes",
     "coco_shapes_paths",
 ]
@@ -75,6 +77,24 @@ _MAX_PLACEMENT_TRIES = 12
 # fraction of the image side (at 256 px: ~12 px .. ~170 px), which populates
 # the COCO small (< 32^2), medium and large (>= 96^2) area buckets.
 _SIZE_RANGE = (0.047, 0.66)
+#: Unannotated clutter drawn under the annotated shapes (``distractors``): glyphs that
+#: are not one of the categories (see :func:`draw_glyph`).
+DISTRACTOR_GLYPHS = ("cross", "ring", "star")
+
+#: The generation parameters of the quickstart / ``make demo`` data (one home for them:
+#: ``register_quickstart`` and ``tools/quickstart.py`` read this). 128 px images, objects
+#: 15-77 px (COCO "small" and "medium"), 1-5 shapes that occlude each other (each keeps at
+#: least half of its pixels visible), 0-3 unannotated clutter glyphs per image.
+QUICKSTART_SHAPES: Dict[str, Any] = {
+    "num_train": 800,
+    "num_val": 100,
+    "image_size": 128,
+    "seed": 0,
+    "num_shapes": (1, 5),
+    "size_range": (0.12, 0.6),
+    "distractors": (0, 3),
+}
+
 # Upsampling factor used to trace pixel-boundary polygons with cv2.findContours.
 _TRACE_UPSAMPLE = 3
 
@@ -215,6 +235,66 @@ def _textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return cv2.merge(channels)
 
 
+def draw_glyph(
+    canvas: np.ndarray,
+    glyph: str,
+    center: Tuple[float, float],
+    radius: float,
+    angle: float,
+    color: Any,
+    line_type: int = cv2.LINE_AA,
+) -> None:
+    """Draws one filled glyph in place (the classification classes and the clutter).
+
+    Args:
+        canvas: HxW or HxWx3 image (any dtype OpenCV draws on), modified in place.
+        glyph: one of ``circle, square, triangle, cross, ring, diamond, bar, star``.
+        center: (x, y) centre in pixels.
+        radius: half the glyph's extent in pixels.
+        angle: rotation in radians (ignored by the circle and ring).
+        color: colour (a scalar for a single-channel canvas).
+        line_type: OpenCV line type (``cv2.LINE_AA`` or ``cv2.LINE_8``).
+
+    Raises:
+        ValueError: for an unknown glyph.
+    """
+    cx, cy, r = float(center[0]), float(center[1]), float(radius)
+    thick = max(int(round(r * 0.35)), 2)
+    c, s = np.cos(angle), np.sin(angle)
+
+    def rotated(offsets: np.ndarray) -> np.ndarray:
+        return np.stack([cx + c * offsets[:, 0] - s * offsets[:, 1],
+                         cy + s * offsets[:, 0] + c * offsets[:, 1]], 1)
+
+    def poly(points: np.ndarray) -> None:
+        cv2.fillPoly(canvas, [np.round(points).astype(np.int32)], color, lineType=line_type)
+
+    ctr = (int(round(cx)), int(round(cy)))
+    if glyph == "circle":
+        cv2.circle(canvas, ctr, int(round(r)), color, -1, line_type)
+    elif glyph == "ring":
+        cv2.circle(canvas, ctr, int(round(r)), color, thick, line_type)
+    elif glyph == "square":
+        poly(rotated(np.array([[-r, -r], [r, -r], [r, r], [-r, r]]) * 0.8))
+    elif glyph == "diamond":
+        poly(rotated(np.array([[0, -r], [0.6 * r, 0], [0, r], [-0.6 * r, 0]])))
+    elif glyph == "triangle":
+        a = angle + np.arange(3) * 2 * np.pi / 3
+        poly(np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1))
+    elif glyph == "cross":
+        w = thick / 2
+        poly(rotated(np.array([[-r, -w], [r, -w], [r, w], [-r, w]])))
+        poly(rotated(np.array([[-w, -r], [w, -r], [w, r], [-w, r]])))
+    elif glyph == "bar":
+        poly(rotated(np.array([[-r, -r * 0.22], [r, -r * 0.22], [r, r * 0.22], [-r, r * 0.22]])))
+    elif glyph == "star":
+        a = angle + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        poly(np.stack([cx + radii * np.cos(a), cy + radii * np.sin(a)], 1))
+    else:
+        raise ValueError("unknown glyph {!r}".format(glyph))
+
+
 def _shape_polygon(
     rng: np.random.Generator, category_id: int, center: np.ndarray, scale: float
 ) -> np.ndarray:
@@ -249,7 +329,10 @@ def _shape_polygon(
 
 
 def _draw_shape_mask(
-    rng: np.random.Generator, category_id: int, size: int
+    rng: np.random.Generator,
+    category_id: int,
+    size: int,
+    size_range: Tuple[float, float] = _SIZE_RANGE,
 ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Samples a shape of the given category and rasterises its full mask.
 
@@ -257,13 +340,15 @@ def _draw_shape_mask(
         rng: random generator.
         category_id: 1 circle, 2 rectangle, 3 triangle.
         size: image side in pixels.
+        size_range: (min, max) characteristic size as a fraction of ``size``
+            (log-uniform).
 
     Returns:
         (mask, params): uint8 mask of shape (size, size) with 1 inside the shape
         (no anti-aliasing, so the mask matches the painted pixels exactly), and
         the drawing parameters needed to paint it.
     """
-    lo, hi = _SIZE_RANGE
+    lo, hi = size_range
     scale = float(np.exp(rng.uniform(np.log(lo * size), np.log(hi * size))))
     # Centres stay scale/4 away from the border: large shapes may be truncated
     # by the image border, but most of each shape lies inside the image.
@@ -368,7 +453,11 @@ def _contrasting_color(
 
 
 def _render_image(
-    rng: np.random.Generator, size: int, num_shapes: Tuple[int, int]
+    rng: np.random.Generator,
+    size: int,
+    num_shapes: Tuple[int, int],
+    size_range: Tuple[float, float] = _SIZE_RANGE,
+    distractors: Tuple[int, int] = (0, 0),
 ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
     """Renders one image and the annotations of its visible shapes.
 
@@ -376,19 +465,31 @@ def _render_image(
         rng: random generator for this image.
         size: image side in pixels.
         num_shapes: inclusive (min, max) number of shapes to try to place.
+        size_range: (min, max) shape size as a fraction of ``size``.
+        distractors: inclusive (min, max) number of unannotated clutter glyphs
+            (``DISTRACTOR_GLYPHS``) painted on the background, under the shapes.
 
     Returns:
         (image, instances): uint8 BGR image and a list of dicts with keys
         ``category_id``, ``segmentation``, ``bbox``, ``area``.
     """
     image = _textured_background(rng, size)
+    if distractors[1] > 0:
+        lo, hi = size_range
+        for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):
+            glyph = DISTRACTOR_GLYPHS[int(rng.integers(len(DISTRACTOR_GLYPHS)))]
+            radius = float(np.exp(rng.uniform(np.log(lo * size), np.log(hi * size)))) / 2
+            center = rng.uniform(0, size, size=2)
+            ref = image[int(center[1]), int(center[0])]
+            draw_glyph(image, glyph, (center[0], center[1]), radius, rng.uniform(0, 2 * np.pi),
+                       _contrasting_color(rng, ref), cv2.LINE_8)
     owner = np.full((size, size), -1, dtype=np.int16)  # index of the top shape per pixel
     shapes: List[Dict[str, Any]] = []
     target = int(rng.integers(num_shapes[0], num_shapes[1] + 1))
     for _ in range(target):
         for _attempt in range(_MAX_PLACEMENT_TRIES):
             category_id = int(rng.integers(1, len(COCO_SHAPES_CATEGORIES) + 1))
-            mask, params = _draw_shape_mask(rng, category_id, size)
+            mask, params = _draw_shape_mask(rng, category_id, size, size_range)
             full_area = cv2.countNonZero(mask)
             if full_area < _MIN_SHAPE_AREA:
                 continue
@@ -478,6 +579,8 @@ def _generate_split(
     seed: int,
     num_shapes: Tuple[int, int],
     progress: bool,
+    size_range: Tuple[float, float] = _SIZE_RANGE,
+    distractors: Tuple[int, int] = (0, 0),
 ) -> None:
     """Writes the images and the annotation JSON of one split."""
     paths = coco_shapes_paths(root)[split]
@@ -490,7 +593,7 @@ def _generate_split(
         iterator = tqdm(iterator, desc="gradaug shapes {}".format(split), unit="img", leave=False)
     for image_id in iterator:
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], image_id])
-        image, instances = _render_image(rng, image_size, num_shapes)
+        image, instances = _render_image(rng, image_size, num_shapes, size_range, distractors)
         file_name = "{:06d}.png".format(image_id)
         names.add(file_name)
         _atomic_write_image(os.path.join(image_dir, file_name), image)
@@ -528,6 +631,8 @@ def generate_coco_shapes(
     seed: int = 0,
     num_shapes: Tuple[int, int] = (1, 4),
     progress: bool = True,
+    size_range: Tuple[float, float] = _SIZE_RANGE,
+    distractors: Tuple[int, int] = (0, 0),
 ) -> Dict[str, Dict[str, str]]:
     """Generates (or reuses) the synthetic COCO-format shapes dataset under ``root``.
 
@@ -554,6 +659,14 @@ def generate_coco_shapes(
             earlier one (after 12 attempts) is skipped, so an image can contain
             fewer shapes, rarely none.
         progress: show a tqdm progress bar.
+        size_range: ``(min, max)`` characteristic shape size (diameter / side) as a
+            fraction of ``image_size``, drawn log-uniformly; ``0 < min <= max <= 1``.
+            The default (0.047, 0.66) spans COCO's small, medium and large buckets at
+            256 px.
+        distractors: inclusive ``(min, max)`` number of unannotated clutter glyphs
+            (``DISTRACTOR_GLYPHS``: cross, ring, star; sizes from ``size_range``)
+            painted on the background before the shapes, so a detector must learn
+            to ignore shape-like objects of other kinds. Default none.
 
     Returns:
         ``{"train": {"json_file": ..., "image_root": ...}, "val": {...}}``, as
@@ -577,6 +690,27 @@ def generate_coco_shapes(
     hi = _check_int("num_shapes[1]", hi, 1)
     if lo > hi:
         raise ValueError("num_shapes must satisfy min <= max, got {!r}".format(num_shapes))
+    try:
+        size_lo, size_hi = (float(v) for v in size_range)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "size_range must be a (min, max) pair of numbers, got {!r}".format(size_range)
+        ) from None
+    if not 0 < size_lo <= size_hi <= 1:
+        raise ValueError(
+            "size_range must satisfy 0 < min <= max <= 1 (fractions of image_size), "
+            "got {!r}".format(size_range)
+        )
+    try:
+        d_lo, d_hi = distractors
+    except (TypeError, ValueError):
+        raise ValueError(
+            "distractors must be a (min, max) pair of integers, got {!r}".format(distractors)
+        ) from None
+    d_lo = _check_int("distractors[0]", d_lo, 0)
+    d_hi = _check_int("distractors[1]", d_hi, 0)
+    if d_lo > d_hi:
+        raise ValueError("distractors must satisfy min <= max, got {!r}".format(distractors))
 
     params = {
         "generator": "gradaug_det.data.synthetic_coco",
@@ -587,6 +721,11 @@ def generate_coco_shapes(
         "seed": seed,
         "num_shapes": [lo, hi],
     }
+    # Recorded only when not the defaults, so markers of earlier versions stay valid.
+    if (size_lo, size_hi) != tuple(_SIZE_RANGE):
+        params["size_range"] = [size_lo, size_hi]
+    if (d_lo, d_hi) != (0, 0):
+        params["distractors"] = [d_lo, d_hi]
     paths = coco_shapes_paths(root)
     if _read_marker(root) == params and all(
         os.path.isfile(p["json_file"]) for p in paths.values()
@@ -598,6 +737,7 @@ def generate_coco_shapes(
     os.makedirs(root, exist_ok=True)
     _remove_marker(root)
     for split, count in (("train", num_train), ("val", num_val)):
-        _generate_split(root, split, count, image_size, seed, (lo, hi), progress)
+        _generate_split(root, split, count, image_size, seed, (lo, hi), progress,
+                        (size_lo, size_hi), (d_lo, d_hi))
     _write_marker(root, params)
     return paths

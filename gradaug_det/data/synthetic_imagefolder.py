@@ -15,6 +15,9 @@ ids in order) and is learnable: it is a fixed shape (circle, square, triangle,
 cross, ring, diamond, bar, star, cycling) drawn in a fixed hue, with random
 position, size, rotation, hue/brightness jitter and a noisy textured
 background. Classes sharing a shape (``num_classes > 8``) differ by hue.
+With ``style="shapes"`` the images look like the detection data of
+:mod:`~gradaug_det.data.synthetic_coco` and only the shape tells the class
+(the quickstart's classification pretraining).
 """
 
 import logging
@@ -28,6 +31,9 @@ from tqdm import tqdm
 
 from .synthetic_coco import (
     _atomic_write_image,
+    _contrasting_color,
+    _textured_background,
+    draw_glyph,
     _check_int,
     _read_marker,
     _remove_marker,
@@ -35,7 +41,7 @@ from .synthetic_coco import (
     _write_marker,
 )
 
-__all__ = ["generate_imagefolder", "imagefolder_wnids"]
+__all__ = ["QUICKSTART_CLASSES", "generate_imagefolder", "imagefolder_wnids"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,16 @@ _SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "s
 _SPLIT_CODES = {"train": 0, "val": 1}
 _FILE_RE = re.compile(r"^n\d{8}_\d{5}\.JPEG$")
 _WNID_RE = re.compile(r"^n\d{8}$")
+#: The quickstart's classification pretraining data (``gradaug_quickstart_cls_*``): the
+#: 8 glyphs in the detection data's look, 64 px, 300 training / 25 validation images each.
+QUICKSTART_CLASSES: Dict[str, Any] = {
+    "num_classes": 8,
+    "train_per_class": 300,
+    "val_per_class": 25,
+    "image_size": 64,
+    "seed": 0,
+    "style": "shapes",
+}
 # Golden-ratio hue spacing keeps the hues of consecutive classes far apart.
 _GOLDEN = 0.6180339887498949
 
@@ -72,69 +88,43 @@ def _class_color(class_id: int, rng: np.random.Generator) -> tuple:
     return tuple(float(v) for v in bgr)
 
 
-def _star_points(cx: float, cy: float, r: float, angle: float) -> np.ndarray:
-    """Returns the vertices of a five-pointed star."""
-    angles = angle + np.arange(10) * np.pi / 5
-    radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
-    return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
-
-
-def _render(rng: np.random.Generator, class_id: int, size: int) -> np.ndarray:
+def _render(rng: np.random.Generator, class_id: int, size: int, style: str = "hue") -> np.ndarray:
     """Renders one uint8 BGR image of the given class.
 
     Args:
         rng: random generator for this image.
         class_id: class index.
         size: image side in pixels.
+        style: ``"hue"`` (a dim gradient background; the class has a fixed hue) or
+            ``"shapes"`` (the detection data's textured background; random colour, so
+            only the glyph's shape tells the class).
 
     Returns:
         uint8 array of shape (size, size, 3).
     """
-    # Background: dim random gradient + uniform noise, independent of the class.
-    coords = np.arange(size, dtype=np.float32) / size
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.float32(np.cos(angle)) * coords[None, :] + np.float32(np.sin(angle)) * coords[:, None]
-    c0, c1 = rng.uniform(30, 140, size=3), rng.uniform(30, 140, size=3)
-    image = cv2.merge([np.float32(c0[i]) + np.float32((c1[i] - c0[i]) / 1.5) * t for i in range(3)])
-
     shape = _SHAPES[class_id % len(_SHAPES)]
-    color = _class_color(class_id, rng)
-    r = size * rng.uniform(0.2, 0.33)
-    cx, cy = size / 2 + rng.uniform(-0.15, 0.15, size=2) * size
-    rot = rng.uniform(0, 2 * np.pi)
-    thick = max(int(round(r * 0.35)), 2)
-
-    def poly(points: np.ndarray) -> None:
-        cv2.fillPoly(image, [np.round(points).astype(np.int32)], color, lineType=cv2.LINE_AA)
-
-    def rotated(offsets: np.ndarray) -> np.ndarray:
-        c, s = np.cos(rot), np.sin(rot)
-        x = cx + c * offsets[:, 0] - s * offsets[:, 1]
-        y = cy + s * offsets[:, 0] + c * offsets[:, 1]
-        return np.stack([x, y], 1)
-
-    center = (int(round(cx)), int(round(cy)))
-    if shape == "circle":
-        cv2.circle(image, center, int(round(r)), color, -1, cv2.LINE_AA)
-    elif shape == "ring":
-        cv2.circle(image, center, int(round(r)), color, thick, cv2.LINE_AA)
-    elif shape == "square":
-        poly(rotated(np.array([[-r, -r], [r, -r], [r, r], [-r, r]]) * 0.8))
-    elif shape == "diamond":
-        poly(rotated(np.array([[0, -r], [0.6 * r, 0], [0, r], [-0.6 * r, 0]])))
-    elif shape == "triangle":
-        a = rot + np.arange(3) * 2 * np.pi / 3
-        poly(np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1))
-    elif shape == "cross":
-        w = thick / 2
-        poly(rotated(np.array([[-r, -w], [r, -w], [r, w], [-r, w]])))
-        poly(rotated(np.array([[-w, -r], [w, -r], [w, r], [-w, r]])))
-    elif shape == "bar":
-        poly(rotated(np.array([[-r, -r * 0.22], [r, -r * 0.22], [r, r * 0.22], [-r, r * 0.22]])))
-    else:  # star
-        poly(_star_points(cx, cy, r, rot))
-
-    amp = int(rng.integers(6, 21))
+    if style == "shapes":
+        image = _textured_background(rng, size)
+        r = size * rng.uniform(0.15, 0.4)
+        cx, cy = size / 2 + rng.uniform(-0.2, 0.2, size=2) * size
+        rot = rng.uniform(0, 2 * np.pi)
+        ref = image[int(np.clip(cy, 0, size - 1)), int(np.clip(cx, 0, size - 1))]
+        color = _contrasting_color(rng, ref)
+        draw_glyph(image, shape, (cx, cy), r, rot, color, cv2.LINE_8)
+        amp = int(rng.integers(4, 17))
+    else:
+        # Background: dim random gradient + uniform noise, independent of the class.
+        coords = np.arange(size, dtype=np.float32) / size
+        angle = rng.uniform(0, 2 * np.pi)
+        t = np.float32(np.cos(angle)) * coords[None, :] + np.float32(np.sin(angle)) * coords[:, None]
+        c0, c1 = rng.uniform(30, 140, size=3), rng.uniform(30, 140, size=3)
+        image = cv2.merge([np.float32(c0[i]) + np.float32((c1[i] - c0[i]) / 1.5) * t for i in range(3)])
+        color = _class_color(class_id, rng)
+        r = size * rng.uniform(0.2, 0.33)
+        cx, cy = size / 2 + rng.uniform(-0.15, 0.15, size=2) * size
+        rot = rng.uniform(0, 2 * np.pi)
+        draw_glyph(image, shape, (cx, cy), r, rot, color, cv2.LINE_AA)
+        amp = int(rng.integers(6, 21))
     noise = rng.integers(-amp, amp + 1, size=image.shape, dtype=np.int16)
     return cv2.add(image, noise, dtype=cv2.CV_8U)
 
@@ -147,6 +137,7 @@ def generate_imagefolder(
     image_size: int = 64,
     seed: int = 0,
     progress: bool = False,
+    style: str = "hue",
 ) -> Dict[str, str]:
     """Generates (or reuses) a tiny, learnable ImageFolder dataset under ``root``.
 
@@ -168,6 +159,12 @@ def generate_imagefolder(
         image_size: side of the square images in pixels (>= 16).
         seed: non-negative random seed.
         progress: show a tqdm progress bar.
+        style: ``"hue"`` (default): each class is a glyph in its own hue on a dim
+            gradient. ``"shapes"``: the look of the detection data
+            (:mod:`~gradaug_det.data.synthetic_coco`: textured background, random
+            contrasting colour, glyph 30-80 % of the side, off-centre), so only the
+            glyph tells the class -- pretraining on it gives a backbone that knows the
+            detection data's shapes and clutter. At most 8 classes (one per glyph).
 
     Returns:
         ``{"train": root/train, "val": root/val}``.
@@ -183,6 +180,13 @@ def generate_imagefolder(
     }
     image_size = _check_int("image_size", image_size, 16)
     seed = _check_int("seed", seed, 0)
+    if style not in ("hue", "shapes"):
+        raise ValueError("style must be 'hue' or 'shapes', got {!r}".format(style))
+    if style == "shapes" and len(wnids) > len(_SHAPES):
+        raise ValueError(
+            "style='shapes' has one class per glyph, so at most {} classes; got num_classes={}"
+            .format(len(_SHAPES), len(wnids))
+        )
     params: Dict[str, Any] = {
         "generator": "gradaug_det.data.synthetic_imagefolder",
         "version": _FORMAT_VERSION,
@@ -192,6 +196,8 @@ def generate_imagefolder(
         "image_size": image_size,
         "seed": seed,
     }
+    if style != "hue":  # recorded only when not the default: earlier markers stay valid
+        params["style"] = style
     paths = {split: os.path.join(root, split) for split in _SPLIT_CODES}
     if _read_marker(root) == params:
         return paths
@@ -211,7 +217,7 @@ def generate_imagefolder(
         if index == 0:
             os.makedirs(class_dir, exist_ok=True)
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], class_id, index])
-        image = _render(rng, class_id, image_size)
+        image = _render(rng, class_id, image_size, style)
         name = "{}_{:05d}.JPEG".format(wnids[class_id], index)
         _atomic_write_image(
             os.path.join(class_dir, name), image, (cv2.IMWRITE_JPEG_QUALITY, 95)

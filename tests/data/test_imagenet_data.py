@@ -227,3 +227,32 @@ def test_subsample_bad_records_and_seed():
         subsample_per_class([{"file_name": "x"}], 0.5)
     with pytest.raises(ValueError, match="seed .* got -2"):
         subsample_per_class(_records([3]), 0.5, seed=-2)
+
+
+def test_shapes_style(tmp_path):
+    """style='shapes': another look, recorded in the marker (the default's marker unchanged);
+    more than 8 classes or an unknown style refused before writing."""
+    import json
+
+    from gradaug_det.data import generate_imagefolder
+
+    hue, shapes = str(tmp_path / "hue"), str(tmp_path / "shapes")
+    generate_imagefolder(hue, num_classes=2, train_per_class=6, val_per_class=1, image_size=32)
+    generate_imagefolder(shapes, num_classes=2, train_per_class=6, val_per_class=1, image_size=32, style="shapes")
+    with open(os.path.join(shapes, "DONE")) as f:
+        assert json.load(f)["style"] == "shapes"
+    with open(os.path.join(hue, "DONE")) as f:
+        assert "style" not in json.load(f)
+
+    for wnid in ("n00000000", "n00000001"):
+        names = sorted(os.listdir(os.path.join(shapes, "train", wnid)))
+        assert len(names) == 6
+        for n in names:
+            img = cv2.imread(os.path.join(shapes, "train", wnid, n))
+            assert img.shape == (32, 32, 3)
+            assert not np.array_equal(img, cv2.imread(os.path.join(hue, "train", wnid, n)))
+    with pytest.raises(ValueError, match="at most 8 classes"):
+        generate_imagefolder(str(tmp_path / "bad"), num_classes=9, style="shapes")
+    with pytest.raises(ValueError, match="style must be"):
+        generate_imagefolder(str(tmp_path / "bad"), style="plain")
+    assert not os.path.exists(str(tmp_path / "bad"))

@@ -9,7 +9,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from pycocotools.coco import COCO
 
-from gradaug_det.data.datasets import QUICKSTART_TRAIN, QUICKSTART_VAL, register_quickstart
+from gradaug_det.data.datasets import (
+    QUICKSTART_CLS_TRAIN,
+    QUICKSTART_CLS_VAL,
+    QUICKSTART_TRAIN,
+    QUICKSTART_VAL,
+    register_quickstart,
+)
 from gradaug_det.data.synthetic_coco import (
     COCO_SHAPES_CATEGORIES,
     coco_shapes_paths,
@@ -43,7 +49,7 @@ def clean_quickstart():
     """Unregisters the quickstart names before and after a test."""
 
     def clean():
-        for name in (QUICKSTART_TRAIN, QUICKSTART_VAL):
+        for name in (QUICKSTART_TRAIN, QUICKSTART_VAL, QUICKSTART_CLS_TRAIN, QUICKSTART_CLS_VAL):
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
             if name in MetadataCatalog.list():
@@ -178,8 +184,12 @@ def test_bad_arguments(tmp_path, kwargs, match):
 
 def test_register_quickstart_lazy(tmp_path, clean_quickstart):
     root = str(tmp_path / "qs")
-    names = register_quickstart(root, num_train=4, num_val=2, image_size=128, progress=False)
-    assert names == {"train": QUICKSTART_TRAIN, "val": QUICKSTART_VAL}
+    names = register_quickstart(root, num_train=4, num_val=2, image_size=128, progress=False,
+                                cls_root=str(tmp_path / "cls"))
+    assert names == {"train": QUICKSTART_TRAIN, "val": QUICKSTART_VAL,
+                     "cls_train": QUICKSTART_CLS_TRAIN, "cls_val": QUICKSTART_CLS_VAL}
+    assert MetadataCatalog.get(QUICKSTART_CLS_TRAIN).evaluator_type == "classification"
+    assert MetadataCatalog.get(QUICKSTART_CLS_VAL).image_root == str(tmp_path / "cls" / "val")
     assert not os.path.exists(root)  # lazy: nothing generated yet
     register_quickstart(root, num_train=4, num_val=2, image_size=128, progress=False)  # no raise
 
@@ -204,6 +214,56 @@ def test_register_quickstart_lazy(tmp_path, clean_quickstart):
 def test_register_quickstart_default_root_and_eager(tmp_path, monkeypatch, clean_quickstart):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     register_quickstart(num_train=2, num_val=1, image_size=64, eager=True, progress=False)
-    root = os.path.join(str(tmp_path), "gradaug_quickstart")
+    root = os.path.join(str(tmp_path), "gradaug_quickstart_shapes")
     assert MetadataCatalog.get(QUICKSTART_TRAIN).image_root == os.path.join(root, "train")
     assert os.path.isfile(os.path.join(root, "DONE"))
+
+
+def test_distractors_and_size_range(tmp_path):
+    """Clutter is drawn but never annotated; sizes follow size_range; the marker records both."""
+    kwargs = dict(num_train=12, num_val=1, image_size=128, seed=3, progress=False, size_range=(0.2, 0.4))
+    clean, cluttered = str(tmp_path / "clean"), str(tmp_path / "cluttered")
+    generate_coco_shapes(clean, **kwargs)
+    generate_coco_shapes(cluttered, distractors=(2, 2), **kwargs)
+    ann = {}
+    for name, root in (("clean", clean), ("cluttered", cluttered)):
+        with open(coco_shapes_paths(root)["train"]["json_file"]) as f:
+            ann[name] = json.load(f)["annotations"]
+    # clutter glyphs are never annotated: only the three categories appear
+    assert {a["category_id"] for a in ann["cluttered"]} <= {1, 2, 3}
+    for a in ann["clean"]:
+        side = max(a["bbox"][2], a["bbox"][3])
+        assert side <= 0.4 * 128 * 2 ** 0.5 + 2  # a rotated rectangle: its diagonal, <= sqrt(2) x size
+    with open(os.path.join(cluttered, "DONE")) as f:
+        marker = json.load(f)
+    assert marker["distractors"] == [2, 2] and marker["size_range"] == [0.2, 0.4]
+    images = []
+    for root in (clean, cluttered):
+        import cv2
+
+        images.append(cv2.imread(os.path.join(coco_shapes_paths(root)["train"]["image_root"], "000001.png")))
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_default_marker_unchanged(tmp_path):
+    """Default parameters write the marker keys of earlier versions only (their data stays valid)."""
+    generate_coco_shapes(str(tmp_path), num_train=1, num_val=1, image_size=64, progress=False)
+    with open(os.path.join(str(tmp_path), "DONE")) as f:
+        assert set(json.load(f)) == {"generator", "version", "num_train", "num_val", "image_size", "seed",
+                                     "num_shapes"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(size_range=(0.5, 0.2)), r"0 < min <= max <= 1"),
+        (dict(size_range=(0.0, 0.2)), r"0 < min <= max <= 1"),
+        (dict(size_range=3), "size_range must be a"),
+        (dict(distractors=(2, 1)), r"distractors must satisfy min <= max"),
+        (dict(distractors=(-1, 1)), r"distractors\[0\] must be an integer >= 0"),
+    ],
+)
+def test_bad_new_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate_coco_shapes(str(tmp_path), progress=False, **kwargs)
+    assert not os.listdir(str(tmp_path))

@@ -1,0 +1,312 @@
+"""Running the command-line tools as a pipeline and reading back what they wrote.
+
+``tools/quickstart.py`` (``make demo``) and ``tools/compare.py`` (``make compare``) chain the
+documented tools -- ``train_net.py``, ``convert_pretrained.py``, ``prune.py``, ``demo.py``,
+``plot_metrics.py`` -- each in its own process, exactly as a user would type them, and read
+the results from the files those tools write (detectron2's ``log.txt`` and
+``metrics.json``). This module holds the few helpers both need; nothing here trains.
+"""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "auto_device",
+    "run_tool",
+    "parse_copypaste",
+    "read_final_results",
+    "read_eval_curve",
+    "read_training_speed",
+    "flatten_config_opts",
+    "pretrain_and_convert",
+    "schedule_opts",
+]
+
+# detectron2's print_csv_format: "copypaste: Task: bbox", "copypaste: AP,AP50,...",
+# "copypaste: 50.1,60.2,..." (detectron2/evaluation/testing.py).
+_COPYPASTE_RE = re.compile(r"copypaste: (.*)$")
+# detectron2's IterationTimer.after_train: "Overall training speed: 98 iterations in
+# 0:01:02 (0.6327 s / it)" -- hooks (evaluation, checkpointing) excluded.
+_SPEED_RE = re.compile(r"Overall training speed: (\d+) iterations in (\S+) \(([0-9.]+) s / it\)")
+
+
+def auto_device(requested: str = "auto") -> str:
+    """Returns the ``MODEL.DEVICE`` to use.
+
+    Args:
+        requested: ``"auto"`` (``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"``)
+            or an explicit device string, returned unchanged (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+
+    Raises:
+        SystemExit: if a CUDA device is requested but torch sees none.
+    """
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {requested}: torch sees no CUDA device (torch {torch.__version__}); "
+                         "use --device cpu or auto")
+    return requested
+
+
+def run_tool(tool: str, args: Sequence[str], stage: str, log_file: Optional[str] = None,
+             env: Optional[Dict[str, str]] = None, quiet: bool = False) -> float:
+    """Runs ``python <tool> <args>`` in a child process, as a user would, and waits for it.
+
+    The child's output goes to the terminal (detectron2's progress and ETA lines), or with
+    ``quiet`` only to ``log_file``; the command line is printed first and appended to
+    ``log_file`` (the pipeline's record of what ran).
+
+    Args:
+        tool: path of the tool script.
+        args: its arguments.
+        stage: a short name of the stage, for messages.
+        log_file: file the command (and with ``quiet`` the output) is appended to.
+        env: environment of the child (default: this process's).
+        quiet: do not show the child's output, only keep it in ``log_file``.
+
+    Returns:
+        The wall-clock seconds the tool took.
+
+    Raises:
+        SystemExit: if the tool exits with an error (naming the stage and the command).
+    """
+    cmd = [sys.executable, tool, *[str(a) for a in args]]
+    line = " ".join(shlex.quote(c) for c in cmd)
+    print(f"\n[{stage}] {line}", flush=True)
+    out = None
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        with open(log_file, "a") as f:
+            f.write(f"[{stage}] {line}\n")
+        if quiet:
+            out = open(log_file, "a")
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+    finally:
+        if out is not None:
+            out.close()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        where = f" (its output is in {log_file})" if quiet and log_file else ""
+        raise SystemExit(f"[{stage}] failed with exit code {proc.returncode}{where}:\n  {line}")
+    return seconds
+
+
+def parse_copypaste(text: str) -> "OrderedDict[str, Dict[str, float]]":
+    """Reads the results detectron2's ``print_csv_format`` logged, the last of each task.
+
+    Args:
+        text: log text holding ``copypaste: Task: <task>`` / ``copypaste: <names>`` /
+            ``copypaste: <values>`` triples (``<task>`` as ``"bbox"`` or ``"bbox@w0.75"``).
+
+    Returns:
+        ``task -> {metric -> value}`` (AP in percent, as detectron2 prints it); a task
+        printed several times keeps its last values.
+    """
+    lines = [m.group(1).strip() for m in map(_COPYPASTE_RE.search, text.splitlines()) if m]
+    results: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("Task: ") and i + 2 < len(lines):
+            task = lines[i][len("Task: "):]
+            names, values = lines[i + 1].split(","), lines[i + 2].split(",")
+            try:
+                results[task] = {n: float(v) for n, v in zip(names, values)}
+                results.move_to_end(task)
+            except ValueError:  # not a results triple
+                pass
+            i += 3
+        else:
+            i += 1
+    return results
+
+
+# Evaluation scalars in metrics.json: "<task>/<metric>" or "<task>@w<width>/<metric>"
+# (gradaug_det.evaluation.widths), task one of detectron2's evaluators' names.
+_EVAL_KEY_RE = re.compile(
+    r"^(?P<task>(?:bbox|segm|keypoints|classification|sem_seg|panoptic_seg)(?:@w[0-9.]+)?)/(?P<metric>[^/]+)$")
+
+
+def _read_metrics_rows(output_dir: str) -> List[dict]:
+    path = os.path.join(output_dir, "metrics.json")
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    return rows
+
+
+def read_final_results(output_dir: str) -> "OrderedDict[str, Dict[str, float]]":
+    """The last evaluation results of a ``train_net.py`` run in ``output_dir``.
+
+    A training run's evaluations are read from ``metrics.json`` (the EvalHook's scalars,
+    ``bbox/AP``, ``bbox@w0.75/AP``, ``classification/top1``, ...), an ``--eval-only`` run's
+    from the ``copypaste:`` lines of ``log.txt`` (it writes no metrics.json).
+
+    Returns:
+        ``task -> {metric -> value}`` of the last evaluation, tasks as in
+        :func:`parse_copypaste`.
+
+    Raises:
+        SystemExit: if neither file holds results.
+    """
+    results: "OrderedDict[str, Dict[str, float]]" = OrderedDict()
+    for row in reversed(_read_metrics_rows(output_dir)):
+        for key, value in row.items():
+            m = _EVAL_KEY_RE.match(key)
+            if m:
+                results.setdefault(m.group("task"), {})[m.group("metric")] = float(value)
+        if results:
+            return results
+    path = os.path.join(output_dir, "log.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            results = parse_copypaste(f.read())
+    if not results:
+        raise SystemExit(f"no evaluation results in {output_dir} (metrics.json, or the 'copypaste:' "
+                         "lines of log.txt): did the run finish?")
+    return results
+
+
+def read_eval_curve(output_dir: str, key: str = "bbox/AP") -> List[Tuple[int, float]]:
+    """``(iterations done, value)`` of every evaluation of ``key`` in ``<output_dir>/metrics.json``.
+
+    detectron2 logs a periodic evaluation after the ``i``-th iteration (0-based) under
+    ``iteration = i`` and the final one (after training) under ``iteration = MAX_ITER``;
+    both are returned as the number of iterations done.
+    """
+    rows = [r for r in _read_metrics_rows(output_dir) if "iteration" in r]
+    last = max((int(r["iteration"]) for r in rows), default=0)
+    curve = []
+    for r in rows:
+        if key in r:
+            it = int(r["iteration"])
+            curve.append((it if it == last else it + 1, float(r[key])))
+    return curve
+
+
+def read_training_speed(output_dir: str) -> Tuple[int, float]:
+    """``(iterations, seconds)`` of a finished ``train_net.py`` run, hooks excluded.
+
+    Read from detectron2's "Overall training speed" line in ``<output_dir>/log.txt``
+    (``IterationTimer``: the time of the iterations alone, without evaluation and
+    checkpointing, and without the first few warm-up iterations it leaves out).
+
+    Raises:
+        SystemExit: if the line is missing (the run did not finish).
+    """
+    path = os.path.join(output_dir, "log.txt")
+    match = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            for match_ in map(_SPEED_RE.search, f):
+                match = match_ or match
+    if match is None:
+        raise SystemExit(f"{path} has no 'Overall training speed' line: did the run finish?")
+    iters, per_iter = int(match.group(1)), float(match.group(3))
+    return iters, iters * per_iter
+
+
+def schedule_opts(cfg, iters: Optional[int], eval_points: int = 0) -> List[str]:
+    """``KEY VALUE`` overrides that shorten or lengthen a config's schedule to ``iters``.
+
+    ``SOLVER.STEPS`` scale with ``SOLVER.MAX_ITER`` (each kept inside ``[1, iters - 1]``),
+    ``SOLVER.WARMUP_ITERS`` is capped at ``iters - 1``; with ``eval_points > 0``,
+    ``TEST.EVAL_PERIOD`` is set to evaluate that many times (the last at the end).
+
+    Args:
+        cfg: the config being shortened (its ``SOLVER`` is read).
+        iters: the new ``SOLVER.MAX_ITER``; None keeps the config's (then only the
+            evaluation period is set).
+        eval_points: evaluations during the run; 0 leaves ``TEST.EVAL_PERIOD`` alone.
+
+    Returns:
+        The overrides, e.g. ``["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "(240,)", ...]``.
+    """
+    opts: List[str] = []
+    if iters is not None:
+        scale = iters / cfg.SOLVER.MAX_ITER
+        steps = tuple(sorted({max(1, min(iters - 1, int(round(s * scale)))) for s in cfg.SOLVER.STEPS}))
+        opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", repr(steps if iters > 1 else ()),
+                 "SOLVER.WARMUP_ITERS", str(min(cfg.SOLVER.WARMUP_ITERS, max(0, iters - 1)))]
+    if eval_points > 0:
+        n = cfg.SOLVER.MAX_ITER if iters is None else iters
+        opts += ["TEST.EVAL_PERIOD", str(max(1, n // eval_points))]
+    return opts
+
+
+def flatten_config_opts(yaml_file: str) -> List[str]:
+    """Turns a YAML file of config overrides into ``KEY VALUE`` command-line pairs.
+
+    Args:
+        yaml_file: nested mapping, e.g. what ``tools/convert_pretrained.py --emit-config``
+            writes (``MODEL: {WEIGHTS: ..., PIXEL_MEAN: [...]}``).
+
+    Returns:
+        ``["MODEL.WEIGHTS", "...", "MODEL.PIXEL_MEAN", "[123.675, ...]", ...]``; values are
+        written so that yacs' ``merge_from_list`` (``literal_eval``) reads them back.
+    """
+    import yaml
+
+    with open(yaml_file) as f:
+        tree = yaml.safe_load(f) or {}
+    opts: List[str] = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                opts.extend([name, value if isinstance(value, str) else repr(value)])
+
+    walk(tree, "")
+    return opts
+
+
+def pretrain_and_convert(tools_dir: str, config_file: str, output_dir: str, opts: Sequence[str] = (),
+                         log_file: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+                         quiet: bool = False) -> Dict[str, object]:
+    """Classification pretraining (``train_net.py``) and conversion (``convert_pretrained.py``).
+
+    Runs ``train_net.py --config-file <config_file> OUTPUT_DIR <output_dir> <opts>`` (a
+    ``SlimmableClassifier`` config, e.g. ``configs/quickstart/pretrain_r18_gradaug.yaml``),
+    then ``convert_pretrained.py --source classifier <output_dir>/model_final.pth
+    <output_dir>/backbone_d2.pkl --emit-config <output_dir>/backbone_d2.yaml``.
+
+    Args:
+        tools_dir: the repository's ``tools/`` directory.
+        config_file: the classification config.
+        output_dir: the pretraining's ``OUTPUT_DIR``; the converted files go there too.
+        opts: further ``KEY VALUE`` overrides of the pretraining.
+        log_file, env, quiet: as :func:`run_tool`.
+
+    Returns:
+        ``{"weights": .pkl path, "opts": the KEY VALUE overrides that go with it (from the
+        emitted YAML: MODEL.WEIGHTS, pixel mean/std, input format, ResNet layout),
+        "results": the classifier's final evaluation, "seconds": pretraining wall-clock}``.
+    """
+    seconds = run_tool(os.path.join(tools_dir, "train_net.py"),
+                       ["--config-file", config_file, "OUTPUT_DIR", output_dir, *opts],
+                       "pretrain", log_file, env, quiet)
+    results = read_final_results(output_dir)
+    pkl = os.path.join(output_dir, "backbone_d2.pkl")
+    emitted = os.path.join(output_dir, "backbone_d2.yaml")
+    run_tool(os.path.join(tools_dir, "convert_pretrained.py"),
+             ["--source", "classifier", os.path.join(output_dir, "model_final.pth"), pkl,
+              "--config-file", os.path.join(output_dir, "config.yaml"), "--emit-config", emitted],
+             "convert", log_file, env, quiet)
+    return {"weights": pkl, "opts": flatten_config_opts(emitted), "results": results, "seconds": seconds}
