@@ -149,7 +149,8 @@ def report(args, results, plan):
                      f"{it['model_s']:.3f}", f"{it['time_over_model']:.2f}", f"{it['peak_mb']:.0f}",
                      f"{it['memory_ratio']:.3f}"])
     kind = base["memory_kind"]
-    text = [f"{args.config_file}, batch {args.batch} ({'random ' + 'x'.join(map(str, args.synthetic)) if args.synthetic else 'dataset images'}), "
+    images = "random " + "x".join(map(str, args.synthetic)) if args.synthetic else "dataset images"
+    text = [f"{args.config_file}, batch {args.batch} ({images}), "
             f"{args.amp}, {args.iters} timed iterations after {args.warmup} warm-up, {device}",
             "", markdown_table(["mode", "divisor", "median s/iter", "time / baseline", "cost model s",
                                 "time / model", f"{kind} MiB", "memory / baseline"], rows)]

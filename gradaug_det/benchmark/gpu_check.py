@@ -22,7 +22,6 @@ Sections:
   peak, time / cost model (:mod:`.iteration`);
 * ``backbone``: the backbone benchmark (:mod:`.backbone`) at widths 1.0 / 0.9 / 0.75 / 0.5.
 """
-import contextlib
 import itertools
 import json
 import os
@@ -32,7 +31,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
@@ -424,7 +423,8 @@ def run_sections(ctx: CheckContext, sections: List[str]) -> Dict[str, Dict]:
             _free(ctx.device)
         res["seconds"] = time.perf_counter() - t0
         out[name] = res
-        ctx.progress(f"[{ctx.elapsed():5.0f} s] {name}: {res['status']} ({res['seconds']:.0f} s) {res.get('summary', '')}")
+        ctx.progress(f"[{ctx.elapsed():5.0f} s] {name}: {res['status']} ({res['seconds']:.0f} s) "
+                     f"{res.get('summary', '')}")
     return out
 
 

@@ -2,7 +2,7 @@
 import json
 import os
 import platform
-from typing import Any, List, Sequence
+from typing import Any, Sequence
 
 import torch
 
