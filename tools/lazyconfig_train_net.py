@@ -30,6 +30,7 @@ from gradaug_det.engine.launch import launch_tool
 from gradaug_det.engine.lazy import (build_lazy_step_trainer, lazy_test, lazy_test_widths,
                                      needs_unused_parameter_search_lazy)
 from gradaug_det.engine.slurm import preemption_hook
+from gradaug_det.slim.settings import strict_slimmable_settings
 
 logger = logging.getLogger("gradaug_det")
 
@@ -72,7 +73,9 @@ def main(args):
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
         model = create_ddp_model(model)
-        GradAugCheckpointer(model).load(cfg.train.init_checkpoint)
+        # sub-widths of weights trained with other slimmable settings would be other networks
+        with strict_slimmable_settings("--eval-only at test.slim_widths", enabled=len(lazy_test_widths(cfg)) > 1):
+            GradAugCheckpointer(model).load(cfg.train.init_checkpoint)
         res = lazy_test(cfg, model)
         print(res)
         return res
