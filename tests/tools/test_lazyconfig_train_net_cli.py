@@ -93,25 +93,44 @@ def test_lazy_tool_rejects_bad_widths_before_work(tmp_path, tool):
 
 def test_lazy_tool_two_gloo_processes(tmp_path, tiny_coco):
     """``--num-gpus 2`` on a CPU machine: detectron2's launch starts two gloo processes,
-    reading the config's own datasets (coco_2017_train/val) from a tiny generated root."""
+    reading the config's own datasets (coco_2017_train/val) from a tiny generated root:
+    train, --resume, --eval-only at test.slim_widths."""
     out = tmp_path / "out"
     env = dict(os.environ, DETECTRON2_DATASETS=tiny_coco[0], OMP_NUM_THREADS="1")
-    cmd = [sys.executable, TOOL, "--config-file", LAZY, "--num-gpus", "2", *TINY, f"train.output_dir={out}",
-           "train.max_iter=2", "train.checkpointer.period=100", "train.ddp.fp16_compression=True",
-           "test.slim_widths=[0.5]"]
-    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def run(*argv):
+        cmd = [sys.executable, TOOL, "--config-file", LAZY, "--num-gpus", "2", "--dist-url", "auto", *argv, *TINY,
+               "train.checkpointer.period=100", "train.ddp.fp16_compression=True", "test.slim_widths=[0.5]"]
+        proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    run(f"train.output_dir={out}", "train.max_iter=2")
     log = (out / "log.txt").read_text()
-    assert "world size: 2" in log.lower() or "Rank of current process: 0. World size: 2" in log
+    assert "Rank of current process: 0. World size: 2" in log
     # train.ddp honoured: the soft sub-network loss needs find_unused_parameters (one line says why);
     # fp16_compression is a GPU option, skipped on CPU with one line
     assert log.count("find_unused_parameters=True (instead of False) because GradAug's sub-network loss 'soft'") == 1
     assert log.count("fp16_compression ignored for a CPU model") == 1
-    rows = _rows(out)
-    assert [r["iteration"] for r in rows if "total_loss" in r] == [0, 1]
-    ap = [r for r in rows if "bbox/AP" in r][-1]
-    assert math.isfinite(ap["bbox/AP"]) and math.isfinite(ap["segm@w0.5/AP"])
+    assert [r["iteration"] for r in _rows(out) if "total_loss" in r] == [0, 1]
     assert (out / "model_final.pth").is_file()
+
+    run("--resume", f"train.output_dir={out}", "train.max_iter=3")
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows if "total_loss" in r] == [0, 1, 2]
+    final_ap = [r for r in rows if "bbox/AP" in r][-1]
+    assert math.isfinite(final_ap["bbox/AP"]) and math.isfinite(final_ap["segm@w0.5/AP"])
+
+    # --eval-only on two processes reproduces the resumed run's final (distributed) evaluation
+    proc = run("--eval-only", f"train.output_dir={tmp_path / 'eval'}",
+               f"train.init_checkpoint={out / 'model_final.pth'}")
+    eval_log = (tmp_path / "eval" / "log.txt").read_text()
+    assert "Rank of current process: 0. World size: 2" in eval_log
+    for task in ("bbox", "segm", "bbox@w0.5", "segm@w0.5"):
+        ap = final_ap[f"{task}/AP"]
+        assert f"copypaste: Task: {task}\n" in proc.stdout
+        row = proc.stdout.split(f"copypaste: Task: {task}\n", 1)[1].splitlines()[1]
+        assert float(row.split("copypaste: ")[1].split(",")[0]) == pytest.approx(ap, abs=1e-4), task
 
 
 def test_every_shipped_lazy_config_is_run_here():
