@@ -126,4 +126,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
+
+    exit_on_weights_error(main)

@@ -77,4 +77,6 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
+
+    exit_on_weights_error(main, get_parser().parse_args())

@@ -12,7 +12,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import gradaug_det  # noqa: F401  (registers backbones, meta-architectures, datasets)
-from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
+from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer, exit_on_weights_error
 from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.engine import GradAugTrainer, setup
 from gradaug_det.slim.settings import strict_slimmable_settings
@@ -45,5 +45,6 @@ def get_parser():
 if __name__ == "__main__":
     args = get_parser().parse_args()
     set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    # a weights file refused or unreadable: the message names it and the fix (no traceback)
+    exit_on_weights_error(launch, main, args.num_gpus, num_machines=args.num_machines,
+                          machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))

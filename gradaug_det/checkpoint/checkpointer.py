@@ -29,9 +29,17 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .io import CheckpointFileError, atomic_torch_save, atomic_write, is_complete_torch_file, load_weights_file
+from .io import (
+    CheckpointFileError,
+    UntrustedPickleError,
+    atomic_torch_save,
+    atomic_write,
+    is_complete_torch_file,
+    load_weights_file,
+)
 
-__all__ = ["GradAugCheckpointer", "BackboneShapeMismatchError", "CheckpointRecord", "backbone_mismatch_message"]
+__all__ = ["GradAugCheckpointer", "BackboneShapeMismatchError", "CheckpointRecord", "backbone_mismatch_message",
+           "WEIGHTS_ERRORS", "exit_on_weights_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,19 @@ _BACKBONE_PREFIXES = ("backbone.", "roi_heads.res5.")
 
 class BackboneShapeMismatchError(ValueError):
     """Backbone tensors of a weights file have other shapes than the model's."""
+
+
+#: Errors that name a weights file and the fix; tools print them without a traceback.
+WEIGHTS_ERRORS = (UntrustedPickleError, CheckpointFileError, BackboneShapeMismatchError)
+
+
+def exit_on_weights_error(fn: Callable, *args, **kwargs):
+    """Call ``fn``; turn a :data:`WEIGHTS_ERRORS` error into ``SystemExit("error: ...")`` (a
+    tool's command line: the message names the file and the fix, a traceback adds nothing)."""
+    try:
+        return fn(*args, **kwargs)
+    except WEIGHTS_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 class CheckpointRecord(NamedTuple):

@@ -119,3 +119,20 @@ def test_convert_checks_outputs_before_work(tmp_path):
     # and a good run leaves only complete files, no temporaries
     convert([str(src), str(out), "--source", "torchvision", "--emit-config", str(tmp_path / "r18.yaml")])
     assert sorted(os.listdir(tmp_path)) == ["r18.pkl", "r18.pth", "r18.yaml"]
+
+
+def test_train_net_command_line_prints_the_error_without_traceback(tmp_path, malicious):
+    """As a user runs it: exit status 1, one line naming the file and the opt-in, nothing created."""
+    import subprocess
+    import sys
+
+    path, target = malicious("pkl")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
+                           os.path.join(REPO, "configs", "quickstart", "mask_rcnn_gradaug.yaml"), "MODEL.WEIGHTS", path,
+                           "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.DEVICE", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != TRUST_PICKLE_ENV})
+    assert proc.returncode == 1
+    assert f"error: {path}: refused to load the object" in proc.stderr and "--trust-pickle" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not target.exists()
