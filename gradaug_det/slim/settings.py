@@ -83,10 +83,9 @@ def model_slimmable_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
 
     Returns:
         The settings dict (as :func:`slimmable_settings`), or None when the model has no
-        slimmable layer (a stock model: its widths cannot change).
-
-    Raises:
-        ValueError: if the slimmable layers disagree on the rule or the divisor.
+        slimmable layer (a stock model: its widths cannot change). Where layers disagree
+        (e.g. an mmdet backbone and neck given different ``channel_divisor``), the value is
+        the sorted list of what they use.
     """
     model = getattr(model, "module", model)
     rules, divisors, fpn = set(), set(), None
@@ -101,11 +100,10 @@ def model_slimmable_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
             fpn = bool(fpn) or any(isinstance(c, SlimmableModule) for c in convs)
     if not rules and not divisors:
         return None
-    if len(rules) > 1 or len(divisors) > 1:
-        raise ValueError(f"the model's slimmable layers mix channel rules {sorted(rules)} / divisors "
-                         f"{sorted(divisors)}; build it from one MODEL.SLIMMABLE")
-    return {"channel_rule": rules.pop() if rules else "round", "channel_divisor": divisors.pop() if divisors else 1,
-            "slim_fpn": fpn}
+    def one(values, default):
+        return default if not values else values.pop() if len(values) == 1 else sorted(values)
+
+    return {"channel_rule": one(rules, "round"), "channel_divisor": one(divisors, 1), "slim_fpn": fpn}
 
 
 def _as_settings(current) -> Optional[Dict[str, Any]]:

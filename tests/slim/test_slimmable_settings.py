@@ -97,6 +97,11 @@ def test_check_compares_only_known_settings(make_rcnn_cfg):
     assert check_slimmable_settings(saved, torch.nn.Linear(2, 2), strict=True)  # a stock model: nothing to compare
     with pytest.raises(SlimmableSettingsMismatch, match="damaged"):
         check_slimmable_settings("round", cfg, strict=False)
+    # layers built with different divisors are recorded as such (saving never fails)
+    from gradaug_det.slim import SlimConv2d
+
+    mixed = torch.nn.Sequential(SlimConv2d(3, 8, 1, slim_in=False, divisor=8), SlimConv2d(8, 8, 1))
+    assert model_slimmable_settings(mixed) == {"channel_rule": "round", "channel_divisor": [1, 8], "slim_fpn": None}
 
 
 def test_prune_tool_refuses_mismatch_and_records(tmp_path, trained_with_divisor_8, make_rcnn_cfg):
