@@ -61,3 +61,21 @@ def test_bad_slim_width_refused_before_work(tmp_path, tiny_rcnn_opts, tool):
     with pytest.raises(ValueError, match="TEST.SLIM_WIDTHS"):
         tool["main"](args)
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_and_plot_a_train_net_run(tmp_path, tiny_coco, tiny_rcnn_opts, tool):
+    """tools/prune.py and tools/plot_metrics.py through their parsers on what train_net wrote."""
+    out = tmp_path / "out"
+    tool["main"](tool["get_parser"]().parse_args(["--config-file", CONFIG, *tiny_rcnn_opts, "OUTPUT_DIR", str(out),
+                                                  "SOLVER.MAX_ITER", "1", "TEST.SLIM_WIDTHS", "[]"]))
+    prune = runpy.run_path(os.path.join(REPO, "tools", "prune.py"))
+    stats = prune["main"](prune["get_parser"]().parse_args([
+        "--config-file", str(out / "config.yaml"), "--weights", str(out / "model_final.pth"), "--width", "0.5",
+        "--output", str(tmp_path / "pruned"), "--no-flops"]))
+    assert stats["params_pruned"] < stats["params"]
+    assert os.path.getsize(stats["checkpoint"]) < os.path.getsize(out / "model_final.pth")
+
+    plot = runpy.run_path(os.path.join(REPO, "tools", "plot_metrics.py"))
+    written = plot["main"](plot["get_parser"]().parse_args([str(out)]))
+    assert [os.path.basename(p) for p in written] == ["losses.png", "gradaug.png", "ap.png"]
+    assert all(os.path.getsize(p) > 1000 for p in written)
