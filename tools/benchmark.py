@@ -98,9 +98,11 @@ def load_batch(cfg, args):
     from detectron2.data import DatasetCatalog
     from detectron2.data.dataset_mapper import DatasetMapper
 
+    from detectron2.utils.env import seed_all_rng
+
     data = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:args.batch]
     mapper = DatasetMapper(cfg, is_train=True)
-    torch.manual_seed(0)
+    seed_all_rng(0)  # the mapper's random resize / flip (numpy's RNG): the same batch in every mode
     return [mapper(d) for d in data]
 
 
