@@ -122,3 +122,61 @@ def test_infinite_soft_weight_in_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="GRADAUG.SOFT_WEIGHT=inf"):
         setup(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_nan_in_first_subnetwork_stops_training_before_a_bad_checkpoint(tmp_path, monkeypatch):
+    """The reported case: NaN in sub-network 1's loss at iteration 1 with SOLVER.CHECKPOINT_PERIOD 1.
+    Training stops there; the only checkpoint is iteration 0's, finite, named in last_checkpoint."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    import gradaug_det
+
+    def unregister():
+        for name in ("gradaug_quickstart_train", "gradaug_quickstart_val"):
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+                MetadataCatalog.remove(name)
+
+    unregister()
+    gradaug_det.register_quickstart(root=str(tmp_path / "data"), num_train=8, num_val=2, progress=False)
+    try:
+        _train_until_nan(tmp_path, monkeypatch)
+    finally:  # the default (lazy) registration again, for the tests after this one
+        unregister()
+        gradaug_det.register_quickstart(progress=False)
+
+
+def _train_until_nan(tmp_path, monkeypatch):
+    from detectron2.engine.defaults import default_argument_parser
+
+    from gradaug_det.engine import GradAugTrainer, setup
+    from gradaug_det.gradaug.tasks import DetectionTask
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "out"
+    cfg = setup(default_argument_parser().parse_args([
+        "--config-file", os.path.join(root, "configs", "quickstart", "mask_rcnn_gradaug.yaml"),
+        "OUTPUT_DIR", str(out), "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+        "INPUT.MAX_SIZE_TRAIN", "128", "DATASETS.TEST", "()", "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1",
+        "SOLVER.IMS_PER_BATCH", "2", "GRADAUG.NUM_SUBNETS", "2", "GRADAUG.SUBNET_LOSS", "gt", "TEST.SLIM_WIDTHS", "[]",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.FPN.OUT_CHANNELS", "32"]))
+    calls = []
+    subnet_pass = DetectionTask.subnet_pass
+
+    def nan_in_iteration_1_subnet_1(self, model, batch, teacher, spec):
+        losses = subnet_pass(self, model, batch, teacher, spec)
+        calls.append(spec)
+        if len(calls) == 3:  # iteration 1 (2 sub-networks per iteration), sub-network 1
+            losses = {k: v * float("nan") if k == "loss_cls" else v for k, v in losses.items()}
+        return losses
+
+    monkeypatch.setattr(DetectionTask, "subnet_pass", nan_in_iteration_1_subnet_1)
+    trainer = GradAugTrainer(cfg)
+    with pytest.raises(FloatingPointError, match=r"iteration 1 in sub-network 1 \(width .*loss_cls=nan"):
+        trainer.train()
+    assert sorted(f for f in os.listdir(out) if f.endswith(".pth")) == ["model_0000000.pth"]
+    assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
+    saved = torch.load(out / "model_0000000.pth", weights_only=True)["model"]
+    assert all(bool(torch.isfinite(v).all()) for v in saved.values() if v.is_floating_point())
+    for k, v in trainer.model.state_dict().items():  # and no step was taken in iteration 1
+        assert torch.equal(v, saved[k]), k
