@@ -1,4 +1,5 @@
 """Pruning to a width: the pruned stock model computes what the slimmed model computes."""
+import copy
 import os
 import runpy
 
@@ -8,6 +9,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes
 
 import gradaug_det
 from gradaug_det.checkpoint.prune import (
@@ -60,16 +62,42 @@ def _inputs():
     return [{"image": (torch.rand(3, 96, 128, generator=g) * 255).to(torch.uint8)}]
 
 
+def _head_outputs(model, w, proposals):
+    """What the detector computes before its first threshold / top-k / sort (RPN objectness
+    and anchor deltas on every anchor; box scores, box deltas and mask logits on the given
+    proposals), at width ``w``. Everything after (box decoding, NMS, top-k) is a
+    discontinuous function of these, so equality is claimed here, not on the detections."""
+    images = model.preprocess_image(_inputs())
+    with torch.no_grad(), gradaug_det.width(model, w):
+        features = model.backbone(images.tensor)
+        rpn, roi = model.proposal_generator, model.roi_heads
+        objectness, anchor_deltas = rpn.rpn_head([features[f] for f in rpn.in_features])
+        boxes = [Boxes(p.proposal_boxes.tensor.to(images.tensor.dtype)) for p in proposals]
+        scores, box_deltas = roi.box_predictor(
+            roi.box_head(roi.box_pooler([features[f] for f in roi.box_in_features], boxes)))
+        masks = roi.mask_head.layers(roi.mask_pooler([features[f] for f in roi.mask_in_features], boxes))
+    return {"objectness": objectness, "anchor_deltas": anchor_deltas, "scores": [scores],
+            "box_deltas": [box_deltas], "mask_logits": [masks]}
+
+
 def _assert_same_outputs(model, pruned, w):
+    """The pruned model computes what the slimmed one computes: checked in float64 on every
+    quantity before a threshold / top-k (so the verdict does not depend on which float32 CPU
+    kernels run, issue 10 §1); the float32 detections are then only required to exist."""
     with torch.no_grad():
         with gradaug_det.width(model, w):
             a = model(_inputs())[0]["instances"]
+            images = model.preprocess_image(_inputs())
+            proposals, _ = model.proposal_generator(images, model.backbone(images.tensor))
         b = pruned(_inputs())[0]["instances"]
-    assert len(a) == len(b) > 0
-    torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, atol=1e-2, rtol=1e-3)  # pixels
-    torch.testing.assert_close(b.scores, a.scores, atol=1e-4, rtol=1e-3)
-    assert torch.equal(a.pred_classes, b.pred_classes)
-    assert (a.pred_masks != b.pred_masks).float().mean() < 1e-3
+    assert len(a) > 0 and len(b) > 0
+    slim64, pruned64 = copy.deepcopy(model).double(), copy.deepcopy(pruned).double()
+    out_a, out_b = _head_outputs(slim64, w, proposals), _head_outputs(pruned64, 1.0, proposals)
+    for key in out_a:
+        for x, y in zip(out_a[key], out_b[key]):
+            # float64: rounding ~1e-16 per operation, amplified by at most ~1e3 through the
+            # network; a wrongly sliced channel moves these by >1e-3 of their magnitude
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-10 * max(1.0, x.abs().max().item()), msg=key)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +122,8 @@ def test_pruned_equals_slimmed(make_rcnn_cfg, depth, w, slim_fpn, groups, diviso
     assert pruned_cfg.MODEL.FPN.OUT_CHANNELS == ch["fpn"]
     assert (ch["fpn"] < ch["fpn_full"]) == slim_fpn
     assert count_parameters(pruned) < count_parameters(model)
-    assert feature_difference(model, pruned, w, 64, 96) < 1e-5
+    # float64: the same sums in another order (float32 would give ~1e-6, kernel-dependent)
+    assert feature_difference(copy.deepcopy(model).double(), copy.deepcopy(pruned).double(), w, 64, 96) < 1e-12
     _assert_same_outputs(model, pruned, w)
     if depth == 18 and slim_fpn:  # FLOPs really shrink, by as much as the slimmed network's
         with gradaug_det.width(model, w):
