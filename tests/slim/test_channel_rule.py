@@ -243,3 +243,24 @@ def test_lazyconfig_model_takes_the_rule():
     with pytest.raises(ValueError, match="divisor to 1"):
         make_lazy_model_slimmable(get_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.py").model,
                                   rule="reference", divisor=8)
+
+
+def test_reference_rule_prunes_to_the_same_network(make_rcnn_cfg):
+    """Pruning asks the layers which channels they use, so it follows the reference rule too."""
+    from gradaug_det.checkpoint.prune import feature_difference, prune_model, pruned_channels
+
+    cfg = make_rcnn_cfg(depth=50)
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.WIDTH_PER_GROUP = 16
+    cfg.MODEL.SLIMMABLE.CHANNEL_RULE = "reference"
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    w = 0.97  # stem: 16 * 0.97 = 15.52 -> reference floor(round(62.08) / 4) = 15, round 16
+    ch = pruned_channels(model, w)
+    assert ch["stem"] == reference_count(16, w, 0.25) == 15
+    assert ch["bottleneck"] == [reference_count(16 * 2 ** s, w, 0.25) for s in range(4)]
+    assert ch["out"] == [reference_count(64 * 2 ** s, w, 1.0) for s in range(4)]
+    _, pruned = prune_model(model, cfg, w)
+    assert pruned.backbone.bottom_up.stem.conv1.out_channels == 15
+    assert feature_difference(model, pruned.eval(), w, 64, 64) < 1e-4
