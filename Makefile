@@ -13,7 +13,7 @@ VENV_FLAGS ?=
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-mmdet demo test test-mmdet env clean-venv
+.PHONY: install install-mmdet demo compare test test-mmdet env clean-venv
 
 install: $(STAMP)
 
@@ -34,9 +34,19 @@ $(MMDET_STAMP): $(STAMP) tools/install_mmdet.py
 env: $(STAMP)
 	$(PY) -m gradaug_det.env
 
+# The paper's pipeline in miniature on generated data (tools/quickstart.py: GradAug
+# pretraining -> convert -> GradAug Mask R-CNN -> AP at widths -> prune -> pictures).
+# DEMO_ARGS / COMPARE_ARGS pass flags, e.g. DEMO_ARGS="--device cpu --seed 1".
+DEMO_ARGS ?=
+COMPARE_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m gradaug_det.env
-	$(PY) tools/quickstart.py
+	$(PY) tools/quickstart.py $(DEMO_ARGS)
+
+# Baseline vs GradAug, 3 seeds, equal iterations and equal training time (tools/compare.py).
+compare: $(STAMP)
+	$(PY) -m gradaug_det.env
+	$(PY) tools/compare.py $(COMPARE_ARGS)
 
 # The detectron2 suite; the MMDetection adapter's tests run in `make test-mmdet`.
 test: $(STAMP)

@@ -183,7 +183,7 @@ def main(args) -> dict:
         except ImportError as e:
             raise SystemExit(f"--register {args.register!r}: cannot import it ({e})")
     import gradaug_det  # noqa: F401  (registers the quickstart datasets)
-    from gradaug_det.data import register_quickstart
+    from detectron2.data import DatasetCatalog
     from gradaug_det.engine.pipeline import (
         auto_device,
         pretrain_and_convert,
@@ -212,6 +212,8 @@ def main(args) -> dict:
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "runs.log")
     tool, prefix = _tool_command(args, os.path.join(TOOLS, "train_net.py"))
+    for name in {*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST}:  # generated data: now, with progress bars
+        DatasetCatalog.get(name)
     common = ["MODEL.DEVICE", device, "TEST.SLIM_WIDTHS", "[]", *data_opts]
 
     init_opts = []
@@ -219,8 +221,6 @@ def main(args) -> dict:
     if args.weights:
         init_opts = ["MODEL.WEIGHTS", args.weights]
     elif quickstart:
-        names = register_quickstart(eager=True)
-        del names
         pre_dir = os.path.join(out, "pretrain")
         emitted = os.path.join(pre_dir, "backbone_d2.yaml")
         if os.path.isfile(emitted) and os.path.isfile(os.path.join(pre_dir, "backbone_d2.pkl")):

@@ -59,6 +59,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-pictures", type=int, default=6, help="validation images in the picture grid")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="score threshold of the drawn predictions (default 0.5)")
+    parser.add_argument("--pretrain-opts", default=[], nargs="*", metavar="KEY VALUE",
+                        help="pretraining config overrides as KEY VALUE pairs (put --opts last)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="detection config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01")
     return parser
@@ -85,8 +87,10 @@ def _check_args(args) -> None:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.num_pictures < 1:
         raise SystemExit(f"--num-pictures must be >= 1, got {args.num_pictures}")
-    if len(args.opts) % 2:
-        raise SystemExit(f"--opts needs KEY VALUE pairs, got an odd count: {args.opts}")
+    for flag in ("pretrain_opts", "opts"):
+        if len(getattr(args, flag)) % 2:
+            raise SystemExit(f"--{flag.replace('_', '-')} needs KEY VALUE pairs, got an odd count: "
+                             f"{getattr(args, flag)}")
     if args.prune_width is not None and not 0.0 < args.prune_width < 1.0:
         raise SystemExit(f"--prune-width must be in (0, 1), got {args.prune_width}")
 
@@ -158,7 +162,7 @@ def main(args) -> dict:
     _check_args(args)
     start = time.perf_counter()
     import gradaug_det  # noqa: F401  (registers the quickstart datasets)
-    from gradaug_det.data import register_quickstart
+    from detectron2.data import DatasetCatalog
     from gradaug_det.engine.pipeline import (
         auto_device,
         pretrain_and_convert,
@@ -178,18 +182,23 @@ def main(args) -> dict:
     common = ["MODEL.DEVICE", device, *seed]
     print(f"gradaug-det quickstart: MODEL.DEVICE {device}, outputs in {out}")
 
-    # 1. data (both sets, with progress bars; the tools then find them up to date)
-    names = register_quickstart(eager=True)
+    # 1. data: generated now, with progress bars (the tools then find it up to date)
+    pre_cfg = _load_cfg(args.pretrain_config, args.pretrain_opts)
+    det_cfg = _load_cfg(args.config_file, args.opts)
+    for name in {*pre_cfg.DATASETS.TRAIN, *pre_cfg.DATASETS.TEST, *det_cfg.DATASETS.TRAIN, *det_cfg.DATASETS.TEST}:
+        if name not in DatasetCatalog.list():
+            raise SystemExit(f"dataset {name!r} (DATASETS of the configs) is not registered")
+        DatasetCatalog.get(name)
+    val_name = det_cfg.DATASETS.TEST[0]
 
     # 2-3. GradAug pretraining of the backbone (classification), conversion to detectron2
-    pre_cfg = _load_cfg(args.pretrain_config)
     pre_dir = os.path.join(out, "pretrain")
     pre = pretrain_and_convert(TOOLS, args.pretrain_config, pre_dir,
-                               [*common, *schedule_opts(pre_cfg, args.pretrain_iters)], commands)
+                               [*common, *schedule_opts(pre_cfg, args.pretrain_iters), *args.pretrain_opts],
+                               commands)
     pre_results, t_pre, pkl = pre["results"], pre["seconds"], pre["weights"]
 
     # 4. GradAug fine-tuning of Mask R-CNN, COCO AP at width 1.0 and TEST.SLIM_WIDTHS
-    det_cfg = _load_cfg(args.config_file, args.opts)
     det_dir = os.path.join(out, "mask_rcnn")
     det_opts = [*pre["opts"], "OUTPUT_DIR", det_dir, *common,
                 *schedule_opts(det_cfg, args.iters), *args.opts]
@@ -216,12 +225,10 @@ def main(args) -> dict:
     pruned_results = read_final_results(pruned_eval)
 
     # 6. pictures and plots
-    from detectron2.data import DatasetCatalog
-
-    val = sorted(DatasetCatalog.get(names["val"]), key=lambda d: d["image_id"])[: args.num_pictures]
+    val = sorted(DatasetCatalog.get(val_name), key=lambda d: d["image_id"])[: args.num_pictures]
     files = [d["file_name"] for d in val]
     pic_dir = os.path.join(out, "pictures")
-    columns = [draw_ground_truth(names["val"], files, os.path.join(pic_dir, "ground_truth"))]
+    columns = [draw_ground_truth(val_name, files, os.path.join(pic_dir, "ground_truth"))]
     for w in (1.0, prune_width):
         w_dir = os.path.join(pic_dir, f"w{w:g}")
         run_tool(os.path.join(TOOLS, "demo.py"),

@@ -19,6 +19,7 @@ _DETECTRON2_NAMES = (
     "QUICKSTART_VAL",
     "QUICKSTART_CLS_TRAIN",
     "QUICKSTART_CLS_VAL",
+    "QUICKSTART_TINY",
     "imagenet_frac_name",
     "list_imagefolder_classes",
     "load_imagefolder",

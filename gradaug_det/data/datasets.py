@@ -48,6 +48,7 @@ __all__ = [
     "QUICKSTART_VAL",
     "QUICKSTART_CLS_TRAIN",
     "QUICKSTART_CLS_VAL",
+    "QUICKSTART_TINY",
     "IMAGENET_TRAIN",
     "IMAGENET_VAL",
     "IMAGENET_FRACTIONS",
@@ -67,6 +68,17 @@ QUICKSTART_TRAIN = "gradaug_quickstart_train"
 QUICKSTART_VAL = "gradaug_quickstart_val"
 QUICKSTART_CLS_TRAIN = "gradaug_quickstart_cls_train"
 QUICKSTART_CLS_VAL = "gradaug_quickstart_cls_val"
+#: Smoke-size twins of the four quickstart sets (same look; 8 / 4 detection images, 8 / 2
+#: classification images per class), for checking the pipeline in seconds (the tools' tests):
+#: ``gradaug_quickstart_tiny_{train,val}``, ``gradaug_quickstart_tiny_cls_{train,val}``.
+QUICKSTART_TINY = {
+    "train": "gradaug_quickstart_tiny_train",
+    "val": "gradaug_quickstart_tiny_val",
+    "cls_train": "gradaug_quickstart_tiny_cls_train",
+    "cls_val": "gradaug_quickstart_tiny_cls_val",
+}
+_TINY_SHAPES = {"num_train": 8, "num_val": 4}
+_TINY_CLASSES = {"train_per_class": 8, "val_per_class": 2}
 IMAGENET_TRAIN = "imagenet_train"
 IMAGENET_VAL = "imagenet_val"
 #: Percentages for which ``imagenet_train_frac{P}`` is registered.
@@ -112,6 +124,7 @@ def register_quickstart(
     eager: bool = False,
     progress: bool = True,
     cls_root: Optional[str] = None,
+    tiny: bool = False,
 ) -> Dict[str, str]:
     """Registers ``gradaug_quickstart_{train,val}`` and ``gradaug_quickstart_cls_{train,val}``.
 
@@ -150,25 +163,32 @@ def register_quickstart(
         progress: show a progress bar while generating.
         cls_root: classification data directory; default
             ``$DETECTRON2_DATASETS/gradaug_quickstart_classes``.
+        tiny: register the smoke-size twins instead (``QUICKSTART_TINY`` names, roots
+            with a ``_tiny`` suffix). A call with neither ``root`` nor ``cls_root``
+            registers them too.
 
     Returns:
         ``{"train": "gradaug_quickstart_train", "val": "gradaug_quickstart_val",
         "cls_train": ..., "cls_val": ...}``.
     """
+    suffix = "_tiny" if tiny else ""
+    defaults = root is None and cls_root is None
     if root is None:
-        root = os.path.join(default_datasets_root(), "gradaug_quickstart_shapes")
+        root = os.path.join(default_datasets_root(), "gradaug_quickstart_shapes" + suffix)
     if cls_root is None:
-        cls_root = os.path.join(default_datasets_root(), "gradaug_quickstart_classes")
+        cls_root = os.path.join(default_datasets_root(), "gradaug_quickstart_classes" + suffix)
     root, cls_root = os.fspath(root), os.fspath(cls_root)
     paths = coco_shapes_paths(root)
     given = {"num_train": num_train, "num_val": num_val, "image_size": image_size, "seed": seed}
-    shapes_params = dict(QUICKSTART_SHAPES, **{k: v for k, v in given.items() if v is not None})
+    shapes_params = dict(QUICKSTART_SHAPES, **(_TINY_SHAPES if tiny else {}))
+    shapes_params.update({k: v for k, v in given.items() if v is not None})
+    classes_params = dict(QUICKSTART_CLASSES, **(_TINY_CLASSES if tiny else {}))
 
     def generate() -> None:
         generate_coco_shapes(root, progress=progress, **shapes_params)
 
     def generate_classes() -> None:
-        generate_imagefolder(cls_root, progress=progress, **QUICKSTART_CLASSES)
+        generate_imagefolder(cls_root, progress=progress, **classes_params)
 
     cats = sorted(COCO_SHAPES_CATEGORIES, key=lambda c: c["id"])
     thing_classes = [c["name"] for c in cats]
@@ -182,6 +202,10 @@ def register_quickstart(
         return load
 
     names = {"train": QUICKSTART_TRAIN, "val": QUICKSTART_VAL}
+    cls_names = {"cls_train": QUICKSTART_CLS_TRAIN, "cls_val": QUICKSTART_CLS_VAL}
+    if tiny:
+        names = {k: QUICKSTART_TINY[k] for k in names}
+        cls_names = {k: QUICKSTART_TINY[k] for k in cls_names}
     for split, name in names.items():
         json_file, image_root = paths[split]["json_file"], paths[split]["image_root"]
         if _skip_if_registered(name, json_file=json_file):
@@ -205,7 +229,6 @@ def register_quickstart(
 
         return load
 
-    cls_names = {"cls_train": QUICKSTART_CLS_TRAIN, "cls_val": QUICKSTART_CLS_VAL}
     for key, name in cls_names.items():
         split = key[len("cls_"):]
         if _skip_if_registered(name, image_root=cls_dirs[split]):
@@ -215,6 +238,8 @@ def register_quickstart(
     if eager:
         generate()
         generate_classes()
+    if defaults and not tiny:
+        register_quickstart(progress=progress, tiny=True)
     return dict(names, **cls_names)
 
 
