@@ -23,11 +23,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import gradaug_det  # noqa: F401  (registers datasets and components)
-from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
+from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer, exit_on_weights_error
 from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.engine import create_ddp_model
 from gradaug_det.engine.launch import launch_tool
-from gradaug_det.engine.lazy import (build_lazy_step_trainer, lazy_test, lazy_test_widths,
+from gradaug_det.engine.lazy import (build_lazy_step_trainer, check_lazy_paths, lazy_test, lazy_test_widths,
                                      needs_unused_parameter_search_lazy)
 from gradaug_det.engine.slurm import preemption_hook
 from gradaug_det.slim.settings import strict_slimmable_settings
@@ -65,7 +65,8 @@ def main(args):
     """The tool: returns the evaluation results for ``--eval-only``, else the trainer."""
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    lazy_test_widths(cfg)  # a bad test.slim_widths fails here, before any work
+    lazy_test_widths(cfg)  # a bad test.slim_widths or a missing weights file fails here, before any work
+    check_lazy_paths(cfg, args.eval_only, args.resume)
     default_setup(cfg, args)
     # gradaug-det's own messages (DDP settings, per-width tables) go to the same log
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gradaug_det", abbrev_name="ga")
@@ -92,4 +93,5 @@ def get_parser():
 if __name__ == "__main__":
     args = get_parser().parse_args()
     set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
-    launch_tool(main, args)
+    # a weights file refused or unreadable: the message names it and the fix (no traceback)
+    exit_on_weights_error(launch_tool, main, args)

@@ -7,7 +7,7 @@
 Standard detectron2 flags: --num-gpus, --num-machines, --machine-rank, --dist-url, --resume,
 --eval-only, and config overrides as trailing KEY VALUE pairs.
 """
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
@@ -15,6 +15,7 @@ import gradaug_det  # noqa: F401  (registers backbones, meta-architectures, data
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer, exit_on_weights_error
 from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.engine import GradAugTrainer, setup
+from gradaug_det.engine.launch import launch_tool
 from gradaug_det.slim.settings import strict_slimmable_settings
 
 
@@ -46,5 +47,4 @@ if __name__ == "__main__":
     args = get_parser().parse_args()
     set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
     # a weights file refused or unreadable: the message names it and the fix (no traceback)
-    exit_on_weights_error(launch, main, args.num_gpus, num_machines=args.num_machines,
-                          machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    exit_on_weights_error(launch_tool, main, args)  # detectron2's launch; clean gloo worker exit

@@ -12,6 +12,7 @@ and evaluates at extra widths (``TEST.SLIM_WIDTHS`` of the yacs configs) with a 
 
     test = dict(slim_widths=[0.75, 0.5])   # or on the command line: test.slim_widths=[0.5]
 """
+import os
 from typing import List, Optional
 
 from detectron2.config import instantiate
@@ -25,7 +26,7 @@ from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 from .trainer import unused_parameters_reason
 
 __all__ = ["gradaug_enabled", "needs_unused_parameter_search_lazy", "build_lazy_step_trainer", "lazy_test_widths",
-           "lazy_test"]
+           "check_lazy_paths", "lazy_test"]
 
 
 def gradaug_enabled(cfg) -> bool:
@@ -64,6 +65,21 @@ def lazy_test_widths(cfg) -> List[float]:
         ValueError: naming ``test.slim_widths`` if a width is outside (0, 1].
     """
     return normalize_widths(cfg.get("test", {}).get("slim_widths", []), key="test.slim_widths")
+
+
+def check_lazy_paths(cfg, eval_only: bool, resume: bool) -> None:
+    """Refuse a local ``train.init_checkpoint`` that does not exist, before any work.
+
+    Checked where the file will be read: ``--eval-only``, and training without ``--resume``.
+    URLs (``detectron2://``, ``https://`` ...) are left to the checkpointer.
+
+    Raises:
+        FileNotFoundError: naming ``train.init_checkpoint`` and what to set.
+    """
+    path = cfg.train.get("init_checkpoint", "")
+    if path and "://" not in path and (eval_only or not resume) and not os.path.isfile(path):
+        raise FileNotFoundError(f"train.init_checkpoint={path!r} is not a file; set train.init_checkpoint=<a .pth "
+                                "or .pkl file> (or train.init_checkpoint= to start from random weights)")
 
 
 def lazy_test(cfg, model):
