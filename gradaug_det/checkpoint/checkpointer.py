@@ -298,3 +298,5 @@ from ..slim import settings as _slim_settings  # noqa: E402
 
 GradAugCheckpointer.register_record(_slim_settings.RECORD_KEY, _slim_settings.model_slimmable_settings,
                                     _slim_settings.check_record)
+# a refused mismatch names the file, the keys and the fix: tools print it without a traceback
+WEIGHTS_ERRORS = WEIGHTS_ERRORS + (_slim_settings.SlimmableSettingsMismatch,)
