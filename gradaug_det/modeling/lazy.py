@@ -1,6 +1,8 @@
 """LazyConfig support: make a detectron2 LazyConfig R-CNN model slimmable in place."""
 from ..slim import check_channel_rule
-from .fpn import SlimmableFPN
+from detectron2.modeling.backbone.fpn import LastLevelP6P7
+
+from .fpn import SlimLastLevelP6P7, SlimmableFPN
 from .resnet import SlimBasicBlock, SlimBasicStem, SlimBottleneckBlock, SlimmableResNet
 
 __all__ = ["make_lazy_model_slimmable", "make_slimmable_default_stages"]
@@ -40,8 +42,9 @@ def make_lazy_model_slimmable(model, *, divisor: int = 1, slim_fpn: bool = True,
 
     Works on detectron2's ``common/models/{mask,fast}_rcnn_fpn.py`` style nodes:
     ``model.backbone`` an ``L(FPN)`` over ``L(ResNet)`` with ``L(BasicStem)`` and
-    ``L(ResNet.make_default_stages)``. Names, shapes and arguments stay those of
-    detectron2, so checkpoints remain interchangeable.
+    ``L(ResNet.make_default_stages)``; RetinaNet's ``L(LastLevelP6P7)`` top block
+    (``common/models/retinanet.py``) becomes :class:`SlimLastLevelP6P7`. Names, shapes and
+    arguments stay those of detectron2, so checkpoints remain interchangeable.
 
     Args:
         model: the ``model`` node of a LazyConfig (edited in place and returned).
@@ -63,6 +66,11 @@ def make_lazy_model_slimmable(model, *, divisor: int = 1, slim_fpn: bool = True,
         backbone.slim = slim_fpn
         backbone.divisor = divisor
         backbone.rule = rule
+        top_block = backbone.get("top_block")
+        if top_block is not None and top_block.get("_target_") is LastLevelP6P7:
+            top_block._target_ = SlimLastLevelP6P7
+            top_block.slim = slim_fpn
+            top_block.divisor = divisor
     bottom_up._target_ = SlimmableResNet
     bottom_up.stem._target_ = SlimBasicStem
     bottom_up.stem.divisor = divisor

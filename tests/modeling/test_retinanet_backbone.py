@@ -124,3 +124,28 @@ def test_model_zoo_retinanet_with_twin_loads_stock_weights_and_matches():
         with gradaug_det.width(slim, 0.5):
             c = slim(inputs)[0]["instances"]
     assert len(c) > 0 and torch.isfinite(c.scores).all()
+
+
+def test_lazy_retinanet_twin():
+    """detectron2's LazyConfig RetinaNet made slimmable: same state dict as the stock model,
+    P6/P7 slimmable, a sub-width forward runs."""
+    from detectron2.config import instantiate
+    from detectron2.model_zoo import get_config
+
+    from gradaug_det.modeling.lazy import make_lazy_model_slimmable
+
+    node = get_config("COCO-Detection/retinanet_R_50_FPN_1x.py").model
+    torch.manual_seed(0)
+    stock = instantiate(node).backbone
+    make_lazy_model_slimmable(node)
+    torch.manual_seed(0)
+    slim = instantiate(node).backbone
+    assert isinstance(slim.top_block, SlimLastLevelP6P7)
+    assert [(k, v.shape) for k, v in stock.state_dict().items()] == [(k, v.shape) for k, v in slim.state_dict().items()]
+    slim.load_state_dict(stock.state_dict())
+    x = _input()
+    a, b = stock.eval()(x), slim.eval()(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad(), gradaug_det.width(slim, 0.5):
+        c = slim(x)
+    assert c["p7"].shape == a["p7"].shape and torch.count_nonzero(c["p7"][:, 128:]) == 0
