@@ -20,7 +20,13 @@ from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from ..evaluation.widths import evaluate_at_widths, log_width_results, merge_width_results, normalize_widths
+from ..evaluation.widths import (
+    evaluate_at_widths,
+    log_width_results,
+    make_bn_calibration,
+    merge_width_results,
+    normalize_widths,
+)
 from ..gradaug import ClassificationTask, DetectionTask, SubnetSampler
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 from .trainer import unused_parameters_reason
@@ -104,7 +110,10 @@ def lazy_test(cfg, model):
     if widths == [1.0]:
         ret = inference_on_dataset(model, loader, evaluator)
     else:
-        per_width = evaluate_at_widths(model, loader, evaluator, widths)
+        # test.bn_calibration_batches (TEST.BN_CALIBRATION_BATCHES): also with BN calibrated per width
+        calibration = make_bn_calibration(cfg.get("test", {}).get("bn_calibration_batches", 0), model,
+                                          lambda: instantiate(cfg.dataloader.train), "test.bn_calibration_batches")
+        per_width = evaluate_at_widths(model, loader, evaluator, widths, calibration)
         if comm.is_main_process():
             log_width_results(per_width, str(cfg.dataloader.test.get("dataset", {}).get("names", "")))
         ret = merge_width_results(per_width)

@@ -41,6 +41,7 @@ __all__ = [
     "run_at_widths",
     "BNCalibration",
     "bn_calibration_from_config",
+    "make_bn_calibration",
     "calibrated_task",
     "CALIBRATED_SUFFIX",
     "width_task_key",
@@ -106,32 +107,44 @@ def calibrated_task(task: str) -> str:
     return task + CALIBRATED_SUFFIX
 
 
+def make_bn_calibration(num_batches: int, model: nn.Module, build_train_loader: Callable[[], Iterable],
+                        key: str = "TEST.BN_CALIBRATION_BATCHES") -> Optional[BNCalibration]:
+    """The calibration of ``num_batches`` training batches per sub-width, or None.
+
+    None when ``num_batches`` is 0 (off, the default) or when ``model`` has no BN layer
+    with running statistics (FrozenBN / GN models need no calibration; one log line says
+    so); only then is no training loader built.
+
+    Args:
+        num_batches: batches per width (the value of ``key``).
+        model: the model to evaluate (DDP wrapper allowed).
+        build_train_loader: ``() -> loader`` of training batches.
+        key: the setting's name, for messages.
+
+    Raises:
+        ValueError: if ``num_batches`` is negative or not an int.
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0:
+        raise ValueError(f"{key}={num_batches!r} is invalid: 0 (off) or a number of training batches")
+    if num_batches == 0:
+        return None
+    if not batch_norm_layers(getattr(model, "module", model)):
+        logger.info("%s=%d: the model has no BN layer with running statistics (FrozenBN / GN), so no "
+                    "calibration is needed; skipped", key, num_batches)
+        return None
+    return BNCalibration(iter(build_train_loader()), num_batches)
+
+
 def bn_calibration_from_config(cfg, model: nn.Module, build_train_loader: Callable[[Any], Iterable]
                                ) -> Optional[BNCalibration]:
-    """The calibration ``TEST.BN_CALIBRATION_BATCHES`` asks for, or None.
-
-    None when the key is 0 (off, the default) or when ``model`` has no BN layer with
-    running statistics (FrozenBN / GN models need no calibration; one log line says so);
-    only then is no training loader built.
+    """:func:`make_bn_calibration` for ``TEST.BN_CALIBRATION_BATCHES`` of a yacs config.
 
     Args:
         cfg: the config.
         model: the model to evaluate (DDP wrapper allowed).
         build_train_loader: ``cfg -> loader`` of training batches (the trainer's).
-
-    Raises:
-        ValueError: if ``TEST.BN_CALIBRATION_BATCHES`` is negative.
     """
-    n = int(cfg.TEST.get("BN_CALIBRATION_BATCHES", 0))
-    if n < 0:
-        raise ValueError(f"TEST.BN_CALIBRATION_BATCHES={n} is invalid: 0 (off) or a number of training batches")
-    if n == 0:
-        return None
-    if not batch_norm_layers(getattr(model, "module", model)):
-        logger.info("TEST.BN_CALIBRATION_BATCHES=%d: the model has no BN layer with running statistics "
-                    "(FrozenBN / GN), so no calibration is needed; skipped", n)
-        return None
-    return BNCalibration(iter(build_train_loader(cfg)), n)
+    return make_bn_calibration(cfg.TEST.get("BN_CALIBRATION_BATCHES", 0), model, lambda: build_train_loader(cfg))
 
 
 def run_at_widths(

@@ -274,3 +274,39 @@ def test_prune_tool_writes_calibrated_statistics(tmp_path, make_rcnn_cfg):
     for k in out[0]:
         if k not in stat_keys and not k.endswith("num_batches_tracked"):
             assert torch.equal(out[0][k], out[2][k]), k
+
+
+def _listed(items):
+    return list(items)
+
+
+def test_lazy_test_calibrates(make_rcnn_cfg, make_batch):
+    """LazyConfig evaluation (engine/lazy.py) with test.bn_calibration_batches."""
+    from detectron2.config import LazyCall as L
+    from detectron2.evaluation import DatasetEvaluator
+    from omegaconf import OmegaConf
+
+    from gradaug_det.engine.lazy import lazy_test
+
+    class Count(DatasetEvaluator):
+        def reset(self):
+            self.total = 0.0
+
+        def process(self, inputs, outputs):
+            self.total += sum(o["instances"].scores.sum().item() for o in outputs)
+
+        def evaluate(self):
+            return {"det": {"AP": self.total}}
+
+    cfg = make_rcnn_cfg(norm="BN")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    torch.manual_seed(0)
+    model = _trained_like(build_model(cfg)).float()
+    test_data = [[{k: v for k, v in d.items() if k != "instances"}] for d in make_batch(1, 64, seed=3)]
+    lazy = OmegaConf.create({"test": {"slim_widths": [0.5], "bn_calibration_batches": 2}})
+    lazy.dataloader = OmegaConf.create({
+        "test": L(_listed)(items=test_data), "evaluator": L(Count)(),
+        "train": L(_listed)(items=[make_batch(2, 64, seed=s) for s in range(2)])})
+    res = lazy_test(lazy, model)
+    assert set(res) == {"det", "det@w0.5", "det+bncal@w0.5"}
+    assert res["det+bncal@w0.5"] != res["det@w0.5"]
