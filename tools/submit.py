@@ -40,7 +40,8 @@ def get_parser():
     p.add_argument("--account", default=None, help="Slurm account")
     p.add_argument("--qos", default=None, help="Slurm quality of service")
     p.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit at which Slurm signals the job to checkpoint")
+                   help="seconds before the time limit at which Slurm signals the job to checkpoint: enough for "
+                        "one iteration, a periodic evaluation if one may run then, and a checkpoint")
     p.add_argument("--max-requeues", type=int, default=3, help="how many time-outs may requeue the job")
     p.add_argument("--name", default=None, help="job name (default: gradaug-<tool>)")
     p.add_argument("--cluster", choices=["slurm", "local"], default="slurm",

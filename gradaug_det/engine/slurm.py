@@ -261,7 +261,9 @@ class PreemptionHook(HookBase):
     same iteration. The checkpoint is ``model_<iter>.pth`` written like detectron2's
     ``PeriodicCheckpointer`` writes it (``iteration`` plus whatever the checkpointer's
     checkpointables hold: model, optimizer, scheduler, trainer state). On the last iteration
-    it does nothing: training ends normally. Register it last (after the LR scheduler hook).
+    it does not stop: training ends normally. Register it last (after the LR scheduler hook).
+    A step that includes a periodic evaluation ends only after it: the signal delay
+    (``tools/submit.py --signal-delay``) must cover a step, an evaluation and a checkpoint.
 
     Args:
         checkpointer: the trainer's checkpointer (``trainer.checkpointer``).
@@ -279,10 +281,16 @@ class PreemptionHook(HookBase):
             _STATE.in_loop = False
 
     def after_step(self):
-        if _STATE is None or not _any_rank(_STATE.requested):
+        if _STATE is None:
             return
+        stop = _any_rank(_STATE.requested)
         it = self.trainer.iter
         if it + 1 >= self.trainer.max_iter:
+            # the training steps are done: a signal from now on (final checkpoint, evaluation)
+            # goes to submitit's handler at once; a request during this step is dropped
+            _STATE.in_loop = False
+            return
+        if not stop:
             return
         from detectron2.utils import comm
 

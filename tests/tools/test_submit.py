@@ -140,9 +140,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_same_weights(env, lau
     assert_same_weights(job_dir, launch_run)
 
 
-def test_bad_arguments_fail_before_submission(tmp_path):
+def test_bad_arguments_fail_before_submission(tmp_path, monkeypatch):
     import runpy
 
+    monkeypatch.chdir(REPO)  # the tools are given as users give them, relative to the repository
     main = runpy.run_path(os.path.join(REPO, "tools", "submit.py"))["main"]
     job_dir = str(tmp_path / "j")
     cases = [
