@@ -176,8 +176,10 @@ def main(args) -> dict:
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
     commands = os.path.join(out, "commands.txt")
-    if os.path.exists(commands):
-        os.remove(commands)
+    tool_log = os.path.join(out, "tools_output.log")  # the drawing and plotting tools' output
+    for path in (commands, tool_log):
+        if os.path.exists(path):
+            os.remove(path)
     seed = [] if args.seed is None else ["SEED", str(args.seed)]
     common = ["MODEL.DEVICE", device, *seed]
     print(f"gradaug-det quickstart: MODEL.DEVICE {device}, outputs in {out}")
@@ -235,16 +237,16 @@ def main(args) -> dict:
                  ["--config-file", det_config, "--input", *files, "--output", w_dir, "--width", w,
                   "--confidence-threshold", args.confidence_threshold,
                   "--opts", "MODEL.WEIGHTS", det_weights, "MODEL.DEVICE", device], f"draw w{w:g}", commands,
-                 quiet=True)
+                 quiet=True, output_file=tool_log)
         columns.append([os.path.join(w_dir, os.path.basename(f)) for f in files])
     grid = picture_grid(columns, ["ground truth", "width 1.0", f"width {prune_width:g}"],
                         os.path.join(out, "predictions.png"))
     plots = os.path.join(out, "plots")
     run_tool(os.path.join(TOOLS, "plot_metrics.py"), [det_dir, "--smooth", "5", "--output", plots],
-             "plot", commands, quiet=True)
+             "plot", commands, quiet=True, output_file=tool_log)
     run_tool(os.path.join(TOOLS, "plot_metrics.py"),
              [pre_dir, "--smooth", "5", "--output", os.path.join(plots, "pretrain")], "plot pretrain",
-             commands, quiet=True)
+             commands, quiet=True, output_file=tool_log)
 
     # summary
     print("\n" + "=" * 78)
@@ -274,6 +276,7 @@ def main(args) -> dict:
     print(f"\nTime: {total:.0f} s in all (pretraining {t_pre:.0f} s, fine-tuning with evaluation {t_det:.0f} s).")
     outputs = [
         ("commands run", commands),
+        ("drawing/plot logs", tool_log),
         ("pretraining", pre_dir),
         ("converted backbone", pkl),
         ("detector", det_weights),

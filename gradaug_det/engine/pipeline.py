@@ -57,12 +57,13 @@ def auto_device(requested: str = "auto") -> str:
 
 
 def run_tool(tool: str, args: Sequence[str], stage: str, log_file: Optional[str] = None,
-             env: Optional[Dict[str, str]] = None, quiet: bool = False) -> float:
+             env: Optional[Dict[str, str]] = None, quiet: bool = False,
+             output_file: Optional[str] = None) -> float:
     """Runs ``python <tool> <args>`` in a child process, as a user would, and waits for it.
 
     The child's output goes to the terminal (detectron2's progress and ETA lines), or with
-    ``quiet`` only to ``log_file``; the command line is printed first and appended to
-    ``log_file`` (the pipeline's record of what ran).
+    ``quiet`` only to ``output_file`` (default ``log_file``); the command line is printed
+    first and appended to ``log_file`` (the pipeline's record of what ran).
 
     Args:
         tool: path of the tool script.
@@ -70,7 +71,8 @@ def run_tool(tool: str, args: Sequence[str], stage: str, log_file: Optional[str]
         stage: a short name of the stage, for messages.
         log_file: file the command (and with ``quiet`` the output) is appended to.
         env: environment of the child (default: this process's).
-        quiet: do not show the child's output, only keep it in ``log_file``.
+        quiet: do not show the child's output, only keep it in ``output_file``.
+        output_file: where a quiet child's output is appended (default ``log_file``).
 
     Returns:
         The wall-clock seconds the tool took.
@@ -86,8 +88,10 @@ def run_tool(tool: str, args: Sequence[str], stage: str, log_file: Optional[str]
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
         with open(log_file, "a") as f:
             f.write(f"[{stage}] {line}\n")
-        if quiet:
-            out = open(log_file, "a")
+    output_file = output_file or log_file
+    if quiet and output_file:
+        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+        out = open(output_file, "a")
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
@@ -96,7 +100,7 @@ def run_tool(tool: str, args: Sequence[str], stage: str, log_file: Optional[str]
             out.close()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        where = f" (its output is in {log_file})" if quiet and log_file else ""
+        where = f" (its output is in {output_file})" if out is not None else ""
         raise SystemExit(f"[{stage}] failed with exit code {proc.returncode}{where}:\n  {line}")
     return seconds
 
