@@ -4,8 +4,8 @@
 Example::
 
     python tools/demo.py --config-file configs/quickstart/mask_rcnn_gradaug.yaml \\
-        --input 'datasets/gradaug_quickstart/val/*.png' --output output/demo --width 0.75 \\
-        --opts MODEL.WEIGHTS output/quickstart_gradaug/model_final.pth
+        --input 'datasets/gradaug_quickstart_shapes/val/*.png' --output output/demo --width 0.75 \\
+        --opts MODEL.WEIGHTS output/quickstart/mask_rcnn/model_final.pth
 
 ``--input`` takes files and glob patterns. ``--output`` is a directory (one image per
 input, same file name) or, for a single input, an image file name (.png / .jpg).
