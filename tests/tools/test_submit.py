@@ -2,7 +2,7 @@
 ``launch`` run, and a job preempted mid-run requeues, resumes and ends at the same weights.
 
 The jobs are the quickstart config (configs/quickstart/mask_rcnn_gradaug.yaml) shrunk to 3
-iterations at 64 px; submitit's local executor runs the tasks as processes, with the same
+iterations at 64 px on its 8-image data twin; submitit's local executor runs the tasks as processes, with the same
 signal handling and requeue path as on Slurm (requeue = exit status 144, the controller
 starts the tasks again from the stored checkpoint() submission).
 """
@@ -24,17 +24,19 @@ MAX_ITER = 3
 PREEMPT_AFTER = 1  # the signal reaches every task during iteration 1 of the first run
 TINY = ["SOLVER.MAX_ITER", str(MAX_ITER), "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
         "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
-        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()", "TEST.SLIM_WIDTHS", "[]"]
+        "DATALOADER.NUM_WORKERS", "0", "DATASETS.TRAIN", "('gradaug_quickstart_tiny_train',)", "DATASETS.TEST", "()",
+        "TEST.SLIM_WIDTHS", "[]"]
 TIMEOUT_S = 400
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """Environment of the jobs: the quickstart data generated once (as the tools register it)."""
+    """Environment of the jobs: the quickstart data's smoke-size twin (8 images) generated once,
+    as the tools register it."""
     root = str(tmp_path_factory.mktemp("datasets"))
     e = dict(os.environ, DETECTRON2_DATASETS=root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     subprocess.run([sys.executable, "-c", "import gradaug_det; from detectron2.data import DatasetCatalog; "
-                    "DatasetCatalog.get('gradaug_quickstart_train')"], env=e, check=True, timeout=300,
+                    "DatasetCatalog.get('gradaug_quickstart_tiny_train')"], env=e, check=True, timeout=300,
                    capture_output=True)
     return e
 
