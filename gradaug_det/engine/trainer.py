@@ -27,6 +27,7 @@ from ..checkpoint.checkpointer import GradAugCheckpointer
 from ..gradaug import SubnetSampler, build_task, validate_sampler_args
 from ..gradaug.sampler import validate_loss_args
 from ..slim import check_width, linear_keep_probs, residual_blocks
+from ..slim.calibration import check_calibration_batches
 from .checks import check_gradaug_trainable
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
@@ -48,10 +49,7 @@ def validate_config(cfg) -> None:
             check_width(w)
         except ValueError:
             raise ValueError(f"TEST.SLIM_WIDTHS contains {w!r}; every width must be in (0, 1]") from None
-    calibration = cfg.TEST.get("BN_CALIBRATION_BATCHES", 0)
-    if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
-        raise ValueError(f"TEST.BN_CALIBRATION_BATCHES={calibration!r} is invalid: 0 (off) or a number of "
-                         "training batches")
+    check_calibration_batches(cfg.TEST.get("BN_CALIBRATION_BATCHES", 0))
     if not g.ENABLED:
         return
     validate_sampler_args(num_subnets=g.NUM_SUBNETS, min_width=g.MIN_WIDTH, max_width=g.MAX_WIDTH,

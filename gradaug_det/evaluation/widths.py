@@ -33,7 +33,7 @@ from torch import nn
 from detectron2.evaluation import inference_on_dataset
 
 from ..slim import SlimmableModule, check_width, width
-from ..slim.calibration import batch_norm_layers, calibrated_bn
+from ..slim.calibration import batch_norm_layers, calibrated_bn, check_calibration_batches
 
 __all__ = [
     "normalize_widths",
@@ -124,9 +124,7 @@ def make_bn_calibration(num_batches: int, model: nn.Module, build_train_loader: 
     Raises:
         ValueError: if ``num_batches`` is negative or not an int.
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0:
-        raise ValueError(f"{key}={num_batches!r} is invalid: 0 (off) or a number of training batches")
-    if num_batches == 0:
+    if check_calibration_batches(num_batches, key) == 0:
         return None
     if not batch_norm_layers(getattr(model, "module", model)):
         logger.info("%s=%d: the model has no BN layer with running statistics (FrozenBN / GN), so no "

@@ -34,9 +34,20 @@ from torch import nn
 from . import functional
 from .control import width as width_ctx
 
-__all__ = ["batch_norm_layers", "calibrate_bn", "calibrated_bn", "save_bn_buffers", "restore_bn_buffers"]
+__all__ = ["check_calibration_batches", "batch_norm_layers", "calibrate_bn", "calibrated_bn", "save_bn_buffers", "restore_bn_buffers"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_calibration_batches(num_batches, key: str = "TEST.BN_CALIBRATION_BATCHES") -> int:
+    """Validate a number of calibration batches per width (0 = calibration off).
+
+    Raises:
+        ValueError: naming ``key``, if it is not an int >= 0.
+    """
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0:
+        raise ValueError(f"{key}={num_batches!r} is invalid: 0 (off) or a number of training batches")
+    return num_batches
 
 
 def batch_norm_layers(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:

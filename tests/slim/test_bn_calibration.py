@@ -310,3 +310,13 @@ def test_lazy_test_calibrates(make_rcnn_cfg, make_batch):
     res = lazy_test(lazy, model)
     assert set(res) == {"det", "det@w0.5", "det+bncal@w0.5"}
     assert res["det+bncal@w0.5"] != res["det@w0.5"]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_calibration_batches_refused_before_work(bad):
+    from gradaug_det.engine.trainer import validate_config
+
+    cfg = _cfg()
+    cfg.TEST.BN_CALIBRATION_BATCHES = bad
+    with pytest.raises(ValueError, match=r"TEST.BN_CALIBRATION_BATCHES=.* is invalid: 0 \(off\)"):
+        validate_config(cfg)
