@@ -36,6 +36,7 @@ def main(argv=None):
     from gradaug_det.mmdet.checkpoint import allow_full_checkpoints
     from gradaug_det.mmdet.config import load_runner_config
     from gradaug_det.slim import check_width, width
+    from gradaug_det.slim.settings import strict_slimmable_settings
 
     for w in args.widths:
         try:
@@ -50,10 +51,13 @@ def main(argv=None):
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     results = {}
-    for w in args.widths:
-        runner.logger.info(f"Evaluating at width {w} ...")
-        with width(model, w):
-            results[w] = runner.test()
+    # the checkpoint loads in the first runner.test(); at sub-widths its slimmable settings must
+    # be the model's (GradAugSamplerStateHook checks them), or other sub-networks would run
+    with strict_slimmable_settings("tools/mmdet_test.py at --widths below 1.0", enabled=min(args.widths) < 1.0):
+        for w in args.widths:
+            runner.logger.info(f"Evaluating at width {w} ...")
+            with width(model, w):
+                results[w] = runner.test()
     keys = sorted({k for r in results.values() for k in r if isinstance(r[k], (int, float))})
     print("width  " + "  ".join(keys))
     for w, r in results.items():

@@ -152,7 +152,8 @@ def check_slimmable_settings(saved: Optional[Mapping], current: Union[nn.Module,
     listed = ", ".join(f"{_KEYS[n]} {a!r} in the file, {b!r} here" for n, a, b in diffs)
     fix = " ".join(f"{_KEYS[n]} {a!r}" for n, a, _ in diffs)
     message = (f"{source} was trained with other slimmable settings ({listed}): its sub-networks keep "
-               f"other channels here. Set {fix} to evaluate the sub-networks it was trained with.")
+               f"other channels here. Set {fix} to evaluate the sub-networks it was trained with (in an "
+               "MMDetection config: channel_rule / channel_divisor of model.backbone and model.neck).")
     if strict:
         reason = _STRICT.get()
         raise SlimmableSettingsMismatch(message + (f" (refused: {reason})" if reason else ""))
