@@ -2,16 +2,27 @@
 
 mmdet models see a preprocessed batch: one normalised, padded tensor (N, C, H, W) and a
 list of ``DetDataSample`` (boxes, masks, image metadata). A sub-network of relative scale
-``s`` gets the whole tensor resized bilinearly (``align_corners=True``, as the GradAug
-reference resizes its crops) to ``round(H * s) x round(W * s)``, padded again to the data
-preprocessor's size divisor, with boxes, masks, image shapes and the full network's
-RoIs mapped by the same factors. A rotation by ``angle`` degrees (mmdet's convention:
+``s`` gets the whole tensor resized bilinearly to ``round(H * s) x round(W * s)`` with the
+geometry of mmdet's own ``Resize`` (``mmcv.imresize``: ``cv2.resize``, pixel centres at
+``i + 0.5``, i.e. ``align_corners=False``, so a point ``x`` goes to ``x * new_w / W`` exactly
+as the boxes do), padded again to the data preprocessor's size divisor, with boxes, masks,
+image shapes and the full network's RoIs mapped by the same factors. A rotation by ``angle`` degrees (mmdet's convention:
 positive is clockwise) turns each image about the centre of its valid region
 (``img_shape``), keeping its size; boxes become the boxes enclosing their rotated corners
 (clipped to the image; instances left without area are dropped), masks rotate with mmdet's
 own ``rotate``, and the full network's RoIs map like boxes (dropped with their logits
 when nothing is left). Rescale comes first, as on the detectron2 side. The input batch is
 never modified.
+
+Everything runs where the batch lives (the model's device after mmdet's data preprocessor):
+images are resampled in one ``interpolate`` call per pass and one ``grid_sample`` call per
+pass and image size; boxes and RoIs move by the affine map with its coefficients passed as
+Python numbers (no host-to-device copy of a matrix). mmdet's instance masks
+(``BitmapMasks`` / ``PolygonMasks``) are numpy data on the host by nature and move with mmdet's
+own ``resize`` / ``rotate``. Host synchronisations left (rotation only; mmdet's preprocessor
+puts the annotations on the device): deciding whether an image's instances lost one to the
+rotation (once per image) and dropping the RoIs left without area (boolean indexing, as
+mmdet's own samplers do; once per pass).
 """
 import math
 from dataclasses import dataclass
@@ -39,11 +50,12 @@ def _scaled_size(h: int, w: int, scale: float) -> Tuple[int, int]:
 
 
 def _scale_boxes(boxes, sx: float, sy: float):
-    if hasattr(boxes, "rescale_"):  # mmdet BaseBoxes (HorizontalBoxes)
-        boxes = boxes.clone()
-        boxes.rescale_((sx, sy))
-        return boxes
-    return boxes * boxes.new_tensor([sx, sy, sx, sy])
+    """(R, 4) boxes (a tensor or mmdet's HorizontalBoxes) scaled like ``HorizontalBoxes.rescale_``
+    (float32 products), with the factors as Python numbers (no host-to-device copy)."""
+    t = getattr(boxes, "tensor", boxes)
+    x1, y1, x2, y2 = t.unbind(-1)
+    moved = torch.stack([x1 * sx, y1 * sy, x2 * sx, y2 * sy], -1)
+    return type(boxes)(moved) if hasattr(boxes, "tensor") else moved
 
 
 def _scale_instances(instances, sx: float, sy: float, mask_size: Tuple[int, int], pad_size: Tuple[int, int]):
@@ -78,7 +90,7 @@ def rescale_batch(inputs: torch.Tensor, data_samples: List, scale: float,
     h, w = inputs.shape[-2:]
     nh, nw = _scaled_size(h, w, scale)
     sx, sy = nw / w, nh / h
-    out = F.interpolate(inputs, size=(nh, nw), mode="bilinear", align_corners=True)
+    out = F.interpolate(inputs, size=(nh, nw), mode="bilinear", align_corners=False)  # cv2.resize's geometry
     ph = int(math.ceil(nh / size_divisor)) * size_divisor
     pw = int(math.ceil(nw / size_divisor)) * size_divisor
     if (ph, pw) != (nh, nw):
@@ -106,7 +118,7 @@ def rescale_rois(rois: torch.Tensor, factors: Optional[Tuple[float, float]]) -> 
     if factors is None or factors == (1.0, 1.0):
         return rois
     sx, sy = factors
-    return rois * rois.new_tensor([1.0, sx, sy, sx, sy])
+    return torch.cat([rois[:, :1], _scale_boxes(rois[:, 1:], sx, sy)], 1)
 
 
 def _no_autocast(t: torch.Tensor):
@@ -128,20 +140,20 @@ def _has_area(boxes: torch.Tensor) -> torch.Tensor:
     return ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
 
 
-def _rotate_image(img: torch.Tensor, matrix: np.ndarray, valid: Tuple[int, int], pad_value: float) -> torch.Tensor:
-    """Rotate one (C, H, W) image by ``matrix`` (bilinear); pixels from outside the valid
-    region, and the padding, become ``pad_value``."""
-    c, hp, wp = img.shape
+def _rotate_images(imgs: torch.Tensor, matrix: np.ndarray, valid: Tuple[int, int], pad_value: float) -> torch.Tensor:
+    """Rotate (N, C, H, W) images that share their valid region by ``matrix`` (bilinear, one
+    ``grid_sample`` call); pixels from outside the valid region, and the padding, become
+    ``pad_value``. The source grid is computed on the images' device in float64."""
+    n, c, hp, wp = imgs.shape
     h, w = valid
-    inverse = torch.as_tensor(cv2.invertAffineTransform(matrix), dtype=img.dtype, device=img.device)
-    ys, xs = torch.meshgrid(torch.arange(hp, dtype=img.dtype, device=img.device),
-                            torch.arange(wp, dtype=img.dtype, device=img.device), indexing="ij")
-    src = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ inverse.T  # (H, W, 2) source x, y
-    inside = (src[..., 0] >= -0.5) & (src[..., 0] <= w - 0.5) & (src[..., 1] >= -0.5) & (src[..., 1] <= h - 0.5)
-    inside &= (xs < w) & (ys < h)
-    grid = torch.stack([src[..., 0] * 2 / max(wp - 1, 1) - 1, src[..., 1] * 2 / max(hp - 1, 1) - 1], -1)
-    out = F.grid_sample(img[None], grid[None], mode="bilinear", padding_mode="border", align_corners=True)[0]
-    return torch.where(inside, out, out.new_tensor(pad_value))
+    (a, b, cx), (d, e, cy) = cv2.invertAffineTransform(matrix).tolist()
+    ys = torch.arange(hp, dtype=torch.float64, device=imgs.device)[:, None].expand(hp, wp)
+    xs = torch.arange(wp, dtype=torch.float64, device=imgs.device)[None, :].expand(hp, wp)
+    src_x, src_y = xs * a + ys * b + cx, xs * d + ys * e + cy  # (H, W) source x, y in pixels
+    inside = (src_x >= -0.5) & (src_x <= w - 0.5) & (src_y >= -0.5) & (src_y <= h - 0.5) & (xs < w) & (ys < h)
+    grid = torch.stack([src_x * 2 / max(wp - 1, 1) - 1, src_y * 2 / max(hp - 1, 1) - 1], -1).to(imgs.dtype)
+    out = F.grid_sample(imgs, grid.expand(n, hp, wp, 2), mode="bilinear", padding_mode="border", align_corners=True)
+    return torch.where(inside, out, torch.full((), pad_value, dtype=out.dtype, device=out.device))
 
 
 def _rotate_instances(instances, img_shape, angle: float, pad_shape):
@@ -162,14 +174,15 @@ def _rotate_instances(instances, img_shape, angle: float, pad_shape):
 
 
 def _rotate_boxes(boxes: torch.Tensor, matrix: np.ndarray, img_shape) -> torch.Tensor:
-    """(R, 4) boxes -> the boxes enclosing their corners moved by ``matrix``, clipped."""
-    m = boxes.new_tensor(matrix)
+    """(R, 4) boxes -> the boxes enclosing their corners moved by ``matrix``, clipped (in the
+    boxes' dtype, as mmdet's ``HorizontalBoxes.rotate_``; coefficients as Python numbers)."""
+    (a, b, c), (d, e, f) = matrix.tolist()
     x1, y1, x2, y2 = boxes.unbind(-1)
-    corners = torch.stack([torch.stack(c, -1) for c in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))], 1)  # (R, 4, 2)
-    moved = corners @ m[:, :2].T + m[:, 2]
+    xs, ys = torch.stack([x1, x2, x1, x2], -1), torch.stack([y1, y1, y2, y2], -1)  # (R, 4) corners
+    mx, my = xs * a + ys * b + c, xs * d + ys * e + f
     h, w = img_shape[:2]
-    lo, hi = moved.min(1).values, moved.max(1).values
-    return torch.stack([lo[:, 0].clamp(0, w), lo[:, 1].clamp(0, h), hi[:, 0].clamp(0, w), hi[:, 1].clamp(0, h)], -1)
+    return torch.stack([mx.min(-1).values.clamp(0, w), my.min(-1).values.clamp(0, h),
+                        mx.max(-1).values.clamp(0, w), my.max(-1).values.clamp(0, h)], -1)
 
 
 def rotate_batch(inputs: torch.Tensor, data_samples: List, angle: float, pad_value: float = 0.0):
@@ -187,11 +200,19 @@ def rotate_batch(inputs: torch.Tensor, data_samples: List, angle: float, pad_val
     if angle == 0.0:
         return inputs, data_samples
     _check_fields(data_samples)
-    out, samples = torch.empty_like(inputs), []
+    samples, rotated = [], [None] * len(data_samples)
     pad_shape = tuple(inputs.shape[-2:])
+    groups = {}
+    for i, sample in enumerate(data_samples):
+        groups.setdefault(tuple(sample.metainfo["img_shape"][:2]), []).append(i)
+    for img_shape, idx in groups.items():  # one grid_sample per image size
+        x = inputs[idx[0]][None] if len(idx) == 1 else torch.stack([inputs[i] for i in idx])
+        y = _rotate_images(x, _rotation_matrix(img_shape, angle), img_shape, pad_value)
+        for k, i in enumerate(idx):
+            rotated[i] = y[k]
+    out = torch.stack(rotated)
     for i, sample in enumerate(data_samples):
         img_shape = sample.metainfo["img_shape"][:2]
-        out[i] = _rotate_image(inputs[i], _rotation_matrix(img_shape, angle), img_shape, pad_value)
         new = sample.clone()
         for key in ("gt_instances", "ignored_instances"):
             if key in sample:
@@ -220,13 +241,17 @@ class BatchGeometry:
         rois = rescale_rois(rois, self.factors)
         if self.angle == 0.0:
             return rois, logits
-        out = rois.clone()
+        boxes = rois[:, 1:]
         with _no_autocast(rois):
+            groups = {}
             for i, img_shape in enumerate(self.img_shapes):
-                sel = rois[:, 0] == i
-                if bool(sel.any()):
-                    out[sel, 1:] = _rotate_boxes(rois[sel, 1:], _rotation_matrix(img_shape, self.angle), img_shape)
-        keep = _has_area(out[:, 1:])
+                groups.setdefault(tuple(img_shape[:2]), []).append(i)
+            for img_shape, idx in groups.items():  # every RoI moved by each image size's map, kept where it belongs
+                moved = _rotate_boxes(rois[:, 1:], _rotation_matrix(img_shape, self.angle), img_shape)
+                sel = sum((rois[:, 0] == i) for i in idx)[:, None].bool()
+                boxes = torch.where(sel, moved, boxes)
+        out = torch.cat([rois[:, :1], boxes], 1)
+        keep = _has_area(boxes)
         return out[keep], logits[keep]
 
 

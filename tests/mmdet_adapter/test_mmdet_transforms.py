@@ -146,3 +146,39 @@ def test_semantic_maps_are_refused_by_every_transform(scale, angle):
     sample.gt_sem_seg = PixelData(sem_seg=torch.zeros(1, 64, 96, dtype=torch.long))
     with pytest.raises(NotImplementedError, match="semantic/panoptic"):
         transform_batch(torch.zeros(1, 3, 64, 96), [sample], scale=scale, angle=angle)
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.857, 0.714])
+def test_rescale_equals_mmdet_resize(scale):
+    """A sub-network's rescale is mmdet's own ``Resize`` (``mmcv.imresize``: cv2 bilinear, pixel
+    centres at i + 0.5) on the image and its boxes. Both interpolate the same float image; cv2
+    computes its float weights in float32, so values agree to ~1e-5 relative (inputs 0..255)."""
+    from mmdet.datasets.transforms import Resize
+
+    h, w = 64, 96
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, h, w, generator=g) * 255
+    boxes = [[10.0, 8.0, 40.0, 30.0], [50.5, 20.25, 90.0, 60.0]]
+    out, samples, _ = transform_batch(img[None], [_sample((h, w), boxes, (h, w))], scale=scale)
+    nh, nw = out.shape[-2:]
+    assert (nh, nw) == (int(round(h * scale)), int(round(w * scale)))
+    ref = Resize(scale=(nw, nh), keep_ratio=False).transform(
+        dict(img=img.permute(1, 2, 0).numpy().copy(), img_shape=(h, w), gt_bboxes=HorizontalBoxes(torch.tensor(boxes))))
+    assert ref["img_shape"] == (nh, nw) == samples[0].metainfo["img_shape"][:2]
+    torch.testing.assert_close(out[0].permute(1, 2, 0), torch.from_numpy(ref["img"]), rtol=0, atol=2e-3)
+    torch.testing.assert_close(samples[0].gt_instances.bboxes.tensor, ref["gt_bboxes"].tensor, rtol=0, atol=0)
+
+
+def test_rotation_is_batched_per_image_size():
+    """Images that share their valid region are rotated in one call; the result equals rotating
+    each image alone, and images of another size get their own centre."""
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.rand(3, 3, 64, 96, generator=g) * 100
+    samples = [_sample((64, 96), [[10.0, 8.0, 40.0, 30.0]], (64, 96)), _sample((40, 60), [[5.0, 5.0, 20.0, 20.0]], (64, 96)),
+               _sample((64, 96), [[30.0, 20.0, 60.0, 50.0]], (64, 96))]
+    out, new = rotate_batch(inputs, samples, 21.0, pad_value=7.0)
+    for i, s in enumerate(samples):
+        alone, alone_new = rotate_batch(inputs[i:i + 1], [s], 21.0, pad_value=7.0)
+        torch.testing.assert_close(out[i], alone[0], rtol=0, atol=0)
+        torch.testing.assert_close(new[i].gt_instances.bboxes.tensor, alone_new[0].gt_instances.bboxes.tensor)
+    assert torch.all(out[1, :, 40:, :] == 7.0) and torch.all(out[1, :, :, 60:] == 7.0)
