@@ -52,6 +52,16 @@ def get_parser():
     return p
 
 
+def build_executor(args, job_dir):
+    """The submitit executor for the parsed options (``make_executor``)."""
+    return make_executor(
+        job_dir, cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
+        partition=args.partition, mem=args.mem, constraint=args.constraint, account=args.account,
+        qos=args.qos, signal_delay_s=args.signal_delay, max_requeues=args.max_requeues,
+        name=args.name or "gradaug-" + os.path.splitext(os.path.basename(args.tool))[0])
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     job_dir = os.path.abspath(args.job_dir)
@@ -61,12 +71,7 @@ def main(argv=None):
         if not resume and os.path.exists(os.path.join(job_dir, "last_checkpoint")):
             raise ValueError(f"{job_dir} already holds a run (last_checkpoint): pass the tool's --resume to "
                              "continue it, or choose another --job-dir")
-        executor = make_executor(
-            job_dir, cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-            tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
-            partition=args.partition, mem=args.mem, constraint=args.constraint, account=args.account,
-            qos=args.qos, signal_delay_s=args.signal_delay, max_requeues=args.max_requeues,
-            name=args.name or "gradaug-" + os.path.splitext(os.path.basename(args.tool))[0])
+        executor = build_executor(args, job_dir)
     except ValueError as e:
         sys.exit(f"error: {e}")
     os.makedirs(job_dir, exist_ok=True)

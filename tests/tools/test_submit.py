@@ -199,3 +199,26 @@ def test_slurm_task_environment_gives_rank_world_and_rendezvous(monkeypatch):
     _slurm_task_env(monkeypatch, procid=1, nodeid=1, localid=0)
     with pytest.raises(RuntimeError, match="ranked node by node"):
         slurm.distributed_env()
+
+
+def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """tools/submit.py's options as submitit writes them for Slurm (sbatch/srun faked on PATH)."""
+    import runpy
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for exe in ("sbatch", "srun"):
+        (bin_dir / exe).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / exe).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    tool = runpy.run_path(os.path.join(REPO, "tools", "submit.py"))
+    args = tool["get_parser"]().parse_args(["--nodes", "2", "--gpus-per-node", "8", "--partition", "learnfair", "--timeout",
+                                "600", "--mem", "480G", "--constraint", "volta32gb", "--job-dir", str(tmp_path / "j"),
+                                "tools/train_net.py", "--config-file", "c.yaml"])
+    executor = tool["build_executor"](args, args.job_dir)
+    script = executor._executor._make_submission_file_text("python -m submitit.core._submit", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --partition=learnfair", "#SBATCH --mem=480G",
+                 "#SBATCH --constraint=volta32gb", "#SBATCH --time=600", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --job-name=gradaug-train_net"):
+        assert line in script, (line, script)
