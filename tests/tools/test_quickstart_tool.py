@@ -37,7 +37,11 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     assert tools == ["train_net", "convert_pretrained", "train_net", "prune", "train_net", "demo", "demo",
                      "plot_metrics", "plot_metrics"]
     pkl = str(out / "pretrain" / "backbone_d2.pkl")
-    assert "pretrain_r18_gradaug.yaml" in commands[0] and "MODEL.DEVICE cpu" in commands[0]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
+    assert "pretrain_r18_gradaug.yaml" in commands[0] and f"MODEL.DEVICE {device}" in commands[0]
+    assert all(f"MODEL.DEVICE {device}" in commands[i] for i in (0, 2, 3, 4, 5, 6))  # not the converter
     assert f"MODEL.WEIGHTS {pkl}" in commands[2] and "mask_rcnn_gradaug.yaml" in commands[2]
     assert "INPUT.FORMAT RGB" in commands[2]  # the converter's emitted conventions
     assert "--width 0.75" in commands[3] and "--eval-only" in commands[4]
