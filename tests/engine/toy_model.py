@@ -27,12 +27,12 @@ class ToyClassifier(nn.Module):
         self.head = nn.Linear(512, NUM_CLASSES)
 
     def forward(self, batched_inputs):
-        x = torch.stack([d["image"] for d in batched_inputs]).float() / 255.0
+        x = torch.stack([d["image"] for d in batched_inputs]).to(self.head.weight.dtype) / 255.0
         logits = self.head(self.backbone(x)["res5"].mean(dim=(2, 3)))
         if not self.training:
             return logits
         if "soft_label" in batched_inputs[0]:
-            soft = torch.stack([d["soft_label"] for d in batched_inputs])
+            soft = torch.stack([d["soft_label"] for d in batched_inputs]).to(logits.dtype)
             return {"loss_cls": F.kl_div(F.log_softmax(logits, 1), soft, reduction="batchmean")}
         labels = torch.tensor([d["class_id"] for d in batched_inputs])
         return {"loss_cls": F.cross_entropy(logits, labels)}
