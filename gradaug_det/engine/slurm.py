@@ -320,7 +320,7 @@ class TrainingJob:
             ``tools/mmdet_train.py``.
         tool_args: the tool's arguments, from :func:`prepare_tool_args`.
         job_dir: the job directory (the tool's output directory).
-        resume: add the tool's ``--resume`` (set on the requeued job).
+        resume: add the tool's ``--resume`` (set on the job that :meth:`checkpoint` requeues).
     """
 
     tool: str
@@ -333,9 +333,13 @@ class TrainingJob:
         return tool_kind(self.tool)
 
     def argv(self) -> List[str]:
-        """The tool's arguments for this run."""
+        """The tool's arguments for this run: with ``--resume`` when requeued by
+        :meth:`checkpoint`, and also when the job directory holds a checkpoint (written by this
+        job: ``tools/submit.py`` refuses a directory holding a run without ``--resume``), so a
+        job that Slurm itself requeues (node failure, ``PreemptMode=REQUEUE``) continues too."""
         argv = list(self.tool_args)
-        if self.resume and "--resume" not in argv:
+        resume = self.resume or os.path.isfile(os.path.join(self.job_dir, "last_checkpoint"))
+        if resume and "--resume" not in argv:
             argv.insert(0, "--resume")
         return argv
 

@@ -167,6 +167,11 @@ def test_bad_arguments_fail_before_submission(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="already holds a run"):
         main(["--cluster", "local", "--job-dir", job_dir, "tools/train_net.py", "--config-file", CONFIG])
     assert os.listdir(job_dir) == ["last_checkpoint"]  # nothing was submitted
+    # a job directory holding this job's checkpoint: a run Slurm requeues by itself resumes
+    job = slurm.TrainingJob(os.path.join(REPO, "tools", "train_net.py"), ["--config-file", CONFIG], job_dir)
+    assert job.argv() == ["--resume", "--config-file", CONFIG]
+    job = slurm.TrainingJob(job.tool, job.tool_args, str(tmp_path / "fresh"))
+    assert job.argv() == ["--config-file", CONFIG] and job.checkpoint().function.argv()[0] == "--resume"
     # the tool's own flags pass through; the output goes to the job directory
     tool = os.path.join(REPO, "tools", "train_net.py")
     assert slurm.prepare_tool_args(tool, ["--config-file", CONFIG, "--trust-pickle", "SOLVER.MAX_ITER", "5"],
