@@ -18,7 +18,7 @@ the benchmark's channel counts):
 The ratio of a layer is structural (which role it plays in the network, see
 :func:`resnet_channel_ratios`); only ``"reference"`` reads it.
 """
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 __all__ = [
     "CHANNEL_RULES",
@@ -168,7 +168,7 @@ def resnet_channel_ratios(bottleneck: bool, stem_feeds_identity: bool = False) -
 
 
 def resnet_channel_counts(depth: int, width: float, divisor: int = 1, rule: str = "round", *,
-                          stem_out: int = 64, res2_out: int = None,
+                          stem_out: int = 64, res2_out: Optional[int] = None,
                           bottleneck_channels: int = 64, num_groups: int = 1) -> Dict[str, object]:
     """Channel counts of a slimmable ResNet's sub-network at ``width``, without building it.
 
