@@ -139,6 +139,12 @@ class SlimmableResNet(ResNet, SlimmableModule):
         x = slim_conv2d(self.conv1, x, self.width, self.divisor, rule=self.rule, ratio=ratio)
         return self.relu(norm_to_input(self.norm1, x))
 
+    def train(self, mode: bool = True):
+        """mmdet's ``ResNet.train`` (frozen stages, ``norm_eval``), returning ``self`` as
+        ``nn.Module.train`` does (mmdet's returns None, so ``.eval()`` would too)."""
+        super().train(mode)
+        return self
+
     def forward(self, x):
         """Feature maps of ``out_indices``, each at its full channel count."""
         x = self.maxpool(self._stem(x))
