@@ -152,7 +152,9 @@ def test_semantic_maps_are_refused_by_every_transform(scale, angle):
 def test_rescale_equals_mmdet_resize(scale):
     """A sub-network's rescale is mmdet's own ``Resize`` (``mmcv.imresize``: cv2 bilinear, pixel
     centres at i + 0.5) on the image and its boxes. Both interpolate the same float image; cv2
-    computes its float weights in float32, so values agree to ~1e-5 relative (inputs 0..255)."""
+    computes its source positions and weights in float32 (positions < 96 px: 2 ulp < 1.6e-5 px),
+    so on a random image (slopes up to 255 per px) values agree within 255 * 1.6e-5 + float32
+    rounding < 5e-3."""
     from mmdet.datasets.transforms import Resize
 
     h, w = 64, 96
@@ -165,7 +167,7 @@ def test_rescale_equals_mmdet_resize(scale):
     ref = Resize(scale=(nw, nh), keep_ratio=False).transform(
         dict(img=img.permute(1, 2, 0).numpy().copy(), img_shape=(h, w), gt_bboxes=HorizontalBoxes(torch.tensor(boxes))))
     assert ref["img_shape"] == (nh, nw) == samples[0].metainfo["img_shape"][:2]
-    torch.testing.assert_close(out[0].permute(1, 2, 0), torch.from_numpy(ref["img"]), rtol=0, atol=2e-3)
+    torch.testing.assert_close(out[0].permute(1, 2, 0), torch.from_numpy(ref["img"]), rtol=0, atol=5e-3)
     torch.testing.assert_close(samples[0].gt_instances.bboxes.tensor, ref["gt_bboxes"].tensor, rtol=0, atol=0)
 
 
