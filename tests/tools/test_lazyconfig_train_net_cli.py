@@ -56,7 +56,7 @@ def test_lazy_tool_trains_resumes_and_evaluates_at_widths(tmp_path, tiny_coco, t
     _, train_name, val_name = tiny_coco
     out = str(tmp_path / "out")
     data = [f"dataloader.train.dataset.names={train_name}", f"dataloader.test.dataset.names={val_name}",
-            "test.slim_widths=[0.5]", f"train.output_dir={out}", "train.checkpointer.period=1"]
+            "test.slim_widths=[0.5]", f"train.output_dir={out}", "train.checkpointer.period=100"]
     trainer = _run(tool, *TINY, *data, "train.max_iter=2")
     assert type(trainer).__name__ == "GradAugSimpleTrainer" and trainer.iter == 2  # max_iter once done
     rows = _rows(out)

@@ -30,7 +30,7 @@ def test_train_resume_eval_only_at_widths(tmp_path, tiny_coco, tiny_rcnn_opts, t
         return tool["main"](args)
 
     # the config's TEST.SLIM_WIDTHS [0.9]: the final evaluation reports widths 1.0 and 0.9
-    run(*tiny_rcnn_opts, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1")
+    run(*tiny_rcnn_opts, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2")
     rows = _rows(out)
     losses = [r for r in rows if "total_loss" in r]
     assert [r["iteration"] for r in losses] == [1]  # detectron2 writes every 20 iterations and the last
@@ -39,7 +39,7 @@ def test_train_resume_eval_only_at_widths(tmp_path, tiny_coco, tiny_rcnn_opts, t
 
     saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
     assert saved["iteration"] == 1 and "gradaug_sampler" in saved["trainer"]["_trainer"]
-    run("--resume", *tiny_rcnn_opts, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "1")
+    run("--resume", *tiny_rcnn_opts, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "3")
     rows = _rows(out)
     assert [r["iteration"] for r in rows if "total_loss" in r] == [1, 2]
     with open(os.path.join(out, "log.txt")) as f:
