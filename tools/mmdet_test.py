@@ -13,6 +13,8 @@ import os.path as osp
 
 from mmengine.config import DictAction
 
+from gradaug_det.checkpoint.io import add_trust_pickle_argument
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
                    help="override config keys")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    add_trust_pickle_argument(p)
     return p.parse_args(argv)
 
 
@@ -33,7 +36,8 @@ def main(argv=None):
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
 
-    from gradaug_det.mmdet.checkpoint import allow_full_checkpoints
+    from gradaug_det.checkpoint.io import CheckpointFileError, UntrustedPickleError, set_trust_pickle
+    from gradaug_det.mmdet.checkpoint import use_safe_checkpoint_loading
     from gradaug_det.mmdet.config import load_runner_config
     from gradaug_det.slim import check_width, width
     from gradaug_det.slim.settings import strict_slimmable_settings
@@ -45,7 +49,8 @@ def main(argv=None):
             raise SystemExit(f"--widths: {e}")
     if not osp.isfile(args.checkpoint):
         raise SystemExit(f"checkpoint not found: {args.checkpoint}")
-    allow_full_checkpoints(f"loading {args.checkpoint}")
+    set_trust_pickle(args.trust_pickle)
+    use_safe_checkpoint_loading()  # no code runs from the checkpoint (or --trust-pickle)
     cfg = load_runner_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     cfg.load_from = args.checkpoint
     runner = Runner.from_cfg(cfg)
@@ -57,7 +62,10 @@ def main(argv=None):
         for w in args.widths:
             runner.logger.info(f"Evaluating at width {w} ...")
             with width(model, w):
-                results[w] = runner.test()
+                try:
+                    results[w] = runner.test()
+                except (UntrustedPickleError, CheckpointFileError) as e:
+                    raise SystemExit(f"error: {e}") from None
     keys = sorted({k for r in results.values() for k in r if isinstance(r[k], (int, float))})
     print("width  " + "  ".join(keys))
     for w, r in results.items():

@@ -15,6 +15,8 @@ import os
 
 from mmengine.config import DictAction
 
+from gradaug_det.checkpoint.io import add_trust_pickle_argument
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -28,6 +30,7 @@ def parse_args(argv=None):
                    help="override config keys, e.g. train_cfg.max_iters=20")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--local-rank", "--local_rank", type=int, default=0)
+    add_trust_pickle_argument(p)
     return p.parse_args(argv)
 
 
@@ -37,22 +40,26 @@ def main(argv=None):
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     from mmengine.runner import Runner
 
+    from gradaug_det.checkpoint.io import CheckpointFileError, UntrustedPickleError, set_trust_pickle
+    from gradaug_det.mmdet.checkpoint import use_safe_checkpoint_loading
     from gradaug_det.mmdet.config import load_runner_config
+
+    set_trust_pickle(args.trust_pickle)
+    use_safe_checkpoint_loading()  # load_from / --resume / Pretrained paths: no code runs from a file
 
     cfg = load_runner_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.amp:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.loss_scale = "dynamic"
     cfg.resume = args.resume
-    if args.resume or cfg.get("load_from"):
-        from gradaug_det.mmdet.checkpoint import allow_full_checkpoints
-
-        allow_full_checkpoints("resuming" if args.resume else f"loading {cfg.load_from}")
     if args.generate_shapes:
         from gradaug_det.data.synthetic_coco import generate_coco_shapes
 
         generate_coco_shapes(cfg.data_root)
-    Runner.from_cfg(cfg).train()
+    try:
+        Runner.from_cfg(cfg).train()
+    except (UntrustedPickleError, CheckpointFileError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -157,7 +157,7 @@ def _numpy_safe_globals():
     for core in ("core", "_core"):
         try:
             mod = __import__(f"numpy.{core}.multiarray", fromlist=["_reconstruct"])
-            found.append(mod._reconstruct)
+            found += [mod._reconstruct, mod.scalar]  # arrays; numpy scalars (e.g. mmengine's logs)
         except (ImportError, AttributeError):
             pass
     return found + [np.ndarray, np.dtype] + [type(np.dtype(t)) for t in "?bBhHiIlLqQefdgFDG"]
@@ -170,7 +170,7 @@ def _expected(path: str) -> str:
     return "a PyTorch checkpoint written by torch.save (e.g. model_final.pth) or a state dict"
 
 
-def load_weights_file(path: str, *, trusted: Optional[bool] = None) -> Any:
+def load_weights_file(path: str, *, trusted: Optional[bool] = None, safe_globals: Sequence[Any] = ()) -> Any:
     """Load a weights file without running code from it.
 
     ``.pkl``: :class:`RestrictedUnpickler` (detectron2 model-zoo and converted weights);
@@ -180,6 +180,9 @@ def load_weights_file(path: str, *, trusted: Optional[bool] = None) -> Any:
     Args:
         path: a local path or a detectron2 ``PathManager`` URL.
         trusted: fully unpickle; None reads ``GRADAUG_DET_TRUST_PICKLE``.
+        safe_globals: further classes/functions a ``.pth`` may reference, in
+            ``torch.serialization.safe_globals`` form (e.g. mmengine's ``HistoryBuffer``,
+            :mod:`gradaug_det.mmdet.checkpoint`).
 
     Returns:
         What the file holds (usually a dict).
@@ -200,7 +203,7 @@ def load_weights_file(path: str, *, trusted: Optional[bool] = None) -> Any:
         with _open(path) as f:
             if trusted:
                 return torch.load(f, map_location="cpu", weights_only=False)
-            with torch.serialization.safe_globals(_numpy_safe_globals()):
+            with torch.serialization.safe_globals(_numpy_safe_globals() + list(safe_globals)):
                 return torch.load(f, map_location="cpu", weights_only=True)
     except (FileNotFoundError, UntrustedPickleError):
         raise
