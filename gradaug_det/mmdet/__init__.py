@@ -21,9 +21,11 @@ from .resnet import SlimBasicBlock, SlimBottleneck, SlimmableResNet  # noqa: E40
 from .fpn import SlimConvModule, SlimmableFPN  # noqa: E402
 from .detector import (  # noqa: E402
     GRADAUG_DEFAULTS,
+    GradAugCascadeRCNN,
     GradAugDetectorMixin,
     GradAugFasterRCNN,
     GradAugMaskRCNN,
+    GradAugRetinaNet,
     MMDetTask,
     gradaug_train_step,
 )

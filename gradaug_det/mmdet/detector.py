@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmdet.models.detectors import FasterRCNN, MaskRCNN
+from mmdet.models.detectors import CascadeRCNN, FasterRCNN, MaskRCNN, RetinaNet
 from mmdet.registry import MODELS
 
 from ..gradaug import SubnetSampler, gradaug_step, soft_label_kl, subnet_metrics, unwrap_model
@@ -39,6 +39,7 @@ from ..slim import SlimmableModule, residual_blocks
 from .transforms import transform_batch
 
 __all__ = ["GRADAUG_DEFAULTS", "GradAugDetectorMixin", "GradAugMaskRCNN", "GradAugFasterRCNN",
+           "GradAugCascadeRCNN", "GradAugRetinaNet",
            "MMDetTask", "gradaug_train_step"]
 
 #: ``model.gradaug`` keys and their defaults (the paper's ImageNet setting; the meaning of
@@ -310,3 +311,17 @@ class GradAugMaskRCNN(GradAugDetectorMixin, MaskRCNN):
 @MODELS.register_module()
 class GradAugFasterRCNN(GradAugDetectorMixin, FasterRCNN):
     """mmdet ``FasterRCNN`` trained with GradAug (``model.gradaug``: :data:`GRADAUG_DEFAULTS`)."""
+
+
+@MODELS.register_module()
+class GradAugCascadeRCNN(GradAugDetectorMixin, CascadeRCNN):
+    """mmdet ``CascadeRCNN`` (also Cascade Mask R-CNN) trained with GradAug. Sub-networks
+    learn from the rescaled annotations: ``model.gradaug.subnet_loss='gt'`` ("soft" needs one
+    RoI box classifier and is refused when the model is built)."""
+
+
+@MODELS.register_module()
+class GradAugRetinaNet(GradAugDetectorMixin, RetinaNet):
+    """mmdet ``RetinaNet`` trained with GradAug. Sub-networks learn from the rescaled
+    annotations: ``model.gradaug.subnet_loss='gt'`` (no RoIs, so "soft" is refused when the
+    model is built)."""
