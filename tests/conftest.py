@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Mask R-CNN config and synthetic detection batches."""
 import importlib.util
 import json
+import logging
 import os
 import shutil
 
@@ -59,6 +60,18 @@ def detection_batch(n: int = 2, size: int = 96, seed: int = 0):
         inst.gt_masks = PolygonMasks([[b[[0, 1, 2, 1, 2, 3, 0, 3]].numpy()] for b in boxes])
         out.append({"image": img, "instances": inst, "height": size, "width": size})
     return out
+
+
+@pytest.fixture(autouse=True)
+def _project_logs_reach_caplog():
+    """Tools call detectron2's ``setup_logger(name="gradaug_det")``, which stops the
+    project's logger from propagating to the root logger, where pytest's ``caplog`` listens:
+    a test that reads log records would then pass or fail depending on which test ran first."""
+    logger = logging.getLogger("gradaug_det")
+    propagate = logger.propagate
+    logger.propagate = True
+    yield
+    logger.propagate = propagate
 
 
 @pytest.fixture
