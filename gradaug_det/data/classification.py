@@ -94,7 +94,7 @@ class ClassificationDatasetMapper:
     dict has them).
 
     Randomness comes from torch's global generator, which detectron2 seeds per data
-    loader worker.
+    loader worker (the resumable loader: per stream position).
     """
 
     @configurable
@@ -194,6 +194,10 @@ def build_classification_train_loader(cfg, mapper=None, dataset=None):
     Uses detectron2's ``TrainingSampler`` (infinite, sharded across workers), batches
     of ``SOLVER.IMS_PER_BATCH`` in total (divided by the number of processes) and
     ``DATALOADER.NUM_WORKERS`` workers; no aspect-ratio grouping (crops are square).
+    With ``DATALOADER.RESUMABLE`` (default) it is a
+    :class:`~gradaug_det.data.resumable.ResumableTrainLoader`: the stream position is
+    saved in every checkpoint and each image's random crop / flip / jitter / lighting is
+    seeded by its stream position, so ``--resume`` continues the same batches.
 
     Args:
         cfg: the config.
@@ -213,6 +217,10 @@ def build_classification_train_loader(cfg, mapper=None, dataset=None):
             f"DATALOADER.SAMPLER_TRAIN={sampler_name!r} needs detection annotations; use "
             "'TrainingSampler' for classification"
         )
+    if cfg.DATALOADER.get("RESUMABLE", False):  # the stream position is checkpointed (data/resumable.py)
+        from .resumable import build_resumable_train_loader
+
+        return build_resumable_train_loader(cfg, mapper, dataset=dataset, aspect_ratio_grouping=False)
     return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, aspect_ratio_grouping=False)
 
 

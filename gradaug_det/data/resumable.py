@@ -33,7 +33,8 @@ import torch.utils.data as torchdata
 
 from detectron2.utils import comm
 
-__all__ = ["ResumableTrainLoader", "build_resumable_train_loader", "seeded_rng", "seed_global_rng"]
+__all__ = ["ResumableTrainLoader", "build_resumable_train_loader", "instantiate_lazy_train_loader", "seeded_rng",
+           "seed_global_rng"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +192,27 @@ class ResumableTrainLoader:
                 yield self.collate_fn(batch) if self.collate_fn is not None else batch
 
 
-def build_resumable_train_loader(cfg, mapper=None) -> ResumableTrainLoader:
+def build_resumable_train_loader(cfg, mapper=None, *, dataset=None,
+                                 aspect_ratio_grouping: Optional[bool] = None) -> ResumableTrainLoader:
     """:class:`ResumableTrainLoader` from a config, with the dataset, sampler, mapper and
-    batch size detectron2's ``build_detection_train_loader(cfg)`` would use."""
+    batch size detectron2's ``build_detection_train_loader(cfg, mapper, dataset=dataset)``
+    would use (the detection loader and the classification loader both build it here).
+
+    Args:
+        cfg: the config (``DATASETS.TRAIN``, ``DATALOADER.*``, ``SOLVER.IMS_PER_BATCH``).
+        mapper: the dataset mapper; None: detectron2's ``DatasetMapper(cfg, True)``.
+        dataset: list of dataset dicts; None: those of ``DATASETS.TRAIN``.
+        aspect_ratio_grouping: None: ``DATALOADER.ASPECT_RATIO_GROUPING``.
+
+    Raises:
+        ValueError: an iterable dataset, or a total batch size that is not a positive
+            multiple of the number of processes.
+    """
     from detectron2.data.build import _train_loader_from_config
 
-    kw = _train_loader_from_config(cfg, mapper)
+    kw = _train_loader_from_config(cfg, mapper, dataset=dataset)
+    if aspect_ratio_grouping is not None:
+        kw["aspect_ratio_grouping"] = aspect_ratio_grouping
     if isinstance(kw["dataset"], torchdata.IterableDataset):
         raise ValueError("DATALOADER.RESUMABLE needs a map-style training dataset (a list of dicts); set "
                          "DATALOADER.RESUMABLE False for an iterable dataset")
@@ -207,3 +223,45 @@ def build_resumable_train_loader(cfg, mapper=None) -> ResumableTrainLoader:
                          f"({world})")
     return ResumableTrainLoader(kw["dataset"], kw["mapper"], kw["sampler"], batch_size=total // world,
                                 aspect_ratio_grouping=kw["aspect_ratio_grouping"], num_workers=kw["num_workers"])
+
+
+def instantiate_lazy_train_loader(loader_cfg):
+    """Instantiate a LazyConfig's ``dataloader.train``; detectron2's
+    ``build_detection_train_loader`` over a list of dataset dicts becomes a
+    :class:`ResumableTrainLoader` with the same dataset, mapper, sampler, batch size,
+    aspect-ratio grouping, workers and collate function (any other loader is instantiated
+    as it is, and a resumed run restarts its stream).
+
+    Args:
+        loader_cfg: the ``LazyCall`` node (``cfg.dataloader.train``).
+
+    Returns:
+        The loader; a :class:`ResumableTrainLoader` when it could be made resumable.
+
+    Raises:
+        ValueError: ``total_batch_size`` not a positive multiple of the number of processes.
+    """
+    from detectron2.config import instantiate
+    from detectron2.data import build_detection_train_loader
+    from detectron2.data.samplers import TrainingSampler
+
+    target = loader_cfg.get("_target_") if hasattr(loader_cfg, "get") else None
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        target = locate(target)
+    if target is not build_detection_train_loader:
+        return instantiate(loader_cfg)
+    kw = {k: v for k, v in loader_cfg.items() if k != "_target_"}
+    dataset = instantiate(kw["dataset"])
+    if isinstance(dataset, torchdata.IterableDataset):
+        return instantiate(loader_cfg)
+    mapper = instantiate(kw.get("mapper"))
+    sampler = instantiate(kw["sampler"]) if kw.get("sampler") is not None else TrainingSampler(len(dataset))
+    world, total = comm.get_world_size(), int(kw["total_batch_size"])
+    if total <= 0 or total % world:
+        raise ValueError(f"dataloader.train.total_batch_size={total} must be a positive multiple of the number of "
+                         f"processes ({world})")
+    return ResumableTrainLoader(dataset, mapper, sampler, batch_size=total // world,
+                                aspect_ratio_grouping=kw.get("aspect_ratio_grouping", True),
+                                num_workers=kw.get("num_workers", 0), collate_fn=instantiate(kw.get("collate_fn")))

@@ -63,15 +63,26 @@ class _GradAugRunStep:
             keys = gathered[0].keys()
             storage.put_scalars(cur_iter=self.iter, **{k: float(np.mean([g[k] for g in gathered])) for k in keys})
 
+    def _batch_fn(self):
+        """The task's stateful batch transform (CutMix's generator), or None."""
+        fn = getattr(self.task, "batch_fn", None)
+        return fn if hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict") else None
+
     def state_dict(self):
+        """detectron2's, plus the sub-network sampler's generator and the task's batch
+        transform's (CutMix) generator, so a resumed run draws what the uninterrupted did."""
         ret = super().state_dict()
         ret["gradaug_sampler"] = self.sampler.state_dict()
+        if self._batch_fn() is not None:
+            ret["gradaug_batch_fn"] = self._batch_fn().state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if "gradaug_sampler" in state_dict:
             self.sampler.load_state_dict(state_dict["gradaug_sampler"])
+        if "gradaug_batch_fn" in state_dict and self._batch_fn() is not None:
+            self._batch_fn().load_state_dict(state_dict["gradaug_batch_fn"])
 
 
 class GradAugSimpleTrainer(_GradAugRunStep, SimpleTrainer):
