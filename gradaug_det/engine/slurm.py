@@ -296,7 +296,26 @@ class PreemptionHook(HookBase):
 
         self.checkpointer.save(f"model_{it:07d}", iteration=it)
         comm.synchronize()  # the file is written (rank 0) before any rank leaves
+        self._forget_printed_iteration(it)
         raise TrainingPreempted(it)
+
+    def _forget_printed_iteration(self, it: int) -> None:
+        """Let detectron2's ``PeriodicWriter.after_train`` print iteration ``it`` again.
+
+        After a stop, ``after_train`` writes the stopped iteration once more. When a
+        ``CommonMetricPrinter`` printed it in this step and no iteration time is recorded yet
+        (``IterationTimer``'s first iterations of a run), its ETA estimate divides by the
+        iterations since its last write, zero: the ``ZeroDivisionError`` would replace
+        :class:`TrainingPreempted` and the job would fail instead of requeueing. Forgetting
+        that write makes the printer print the line without an ETA.
+        """
+        from detectron2.engine.hooks import PeriodicWriter
+        from detectron2.utils.events import CommonMetricPrinter
+
+        for hook in self.trainer._hooks:
+            for writer in getattr(hook, "_writers", ()) if isinstance(hook, PeriodicWriter) else ():
+                if isinstance(writer, CommonMetricPrinter) and (getattr(writer, "_last_write", None) or (None,))[0] == it:
+                    writer._last_write = None
 
 
 def preemption_hook(checkpointer) -> Optional[PreemptionHook]:

@@ -1,0 +1,65 @@
+"""tools/submit.py with tools/mmdet_train.py: the shipped mmdet quickstart config as a 1-task
+submitit job (local executor), as a user submits it: it trains in the job directory (the
+tool's --work-dir) and ends without requeueing.
+
+The config is shrunk as in test_mmdet_runner.py (the shapes data of conftest.py, 12 training /
+4 validation images at 128 px, trained at 160 x 128), 2 iterations.
+"""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from gradaug_det.gradaug import SubnetSampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUICKSTART = os.path.join("configs", "mmdet", "quickstart", "mask-rcnn_r18_fpn_gradaug_shapes.py")
+MAX_ITERS = 2
+
+
+def test_submit_mmdet_train_local_job(tmp_path, shapes_root):
+    job_dir = tmp_path / "job"
+    data_options = [
+        f"data_root={shapes_root}/", f"train_dataloader.dataset.data_root={shapes_root}/",
+        f"val_dataloader.dataset.data_root={shapes_root}/",
+        f"val_evaluator.ann_file={shapes_root}/annotations/instances_val.json",
+        "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
+        "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
+        "val_dataloader.dataset.pipeline.1.scale=(160,128)"]
+    data_options += [o.replace("val_", "test_", 1) for o in data_options if o.startswith("val_")]
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "submit.py"), "--cluster", "local", "--gpus-per-node", "0",
+           "--tasks-per-node", "1", "--timeout", "10", "--job-dir", str(job_dir), "--wait",
+           "tools/mmdet_train.py", QUICKSTART, "--cfg-options", *data_options,
+           f"train_cfg.max_iters={MAX_ITERS}", f"train_cfg.val_interval={MAX_ITERS}",
+           "default_hooks.logger.interval=1", f"default_hooks.checkpoint.interval={MAX_ITERS}",
+           "train_pipeline.2.scales=[(160,128)]", "train_dataloader.dataset.pipeline.2.scales=[(160,128)]"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Submitted job" in proc.stdout and "finished" in proc.stdout
+
+    # the tool's --work-dir is the job directory: mmengine's checkpoint and logs are there
+    ckpt_path = job_dir / f"iter_{MAX_ITERS}.pth"
+    with open(job_dir / "last_checkpoint") as f:
+        assert f.read().strip() == str(ckpt_path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # written by this test
+    assert ckpt["meta"]["iter"] == MAX_ITERS
+    sampler = SubnetSampler(seed=0)  # the config's GradAug seed: MAX_ITERS draws were made
+    for _ in range(MAX_ITERS):
+        sampler.sample()
+    assert ckpt["gradaug_sampler"] == sampler.state_dict()
+    scalars = glob.glob(str(job_dir / "*" / "vis_data" / "scalars.json"))
+    assert len(scalars) == 1
+    records = [json.loads(line) for line in open(scalars[0])]
+    train = [r for r in records if "loss" in r]
+    assert [r["iter"] for r in train] == list(range(1, MAX_ITERS + 1))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
+    assert len([r for r in records if "coco/bbox_mAP" in r]) == 1  # the final validation ran
+
+    # one start of the task: a job that ends normally is not requeued
+    logs = glob.glob(str(job_dir / "submitit" / "*" / "*_0_log.out"))
+    assert sum(open(p).read().count("Starting with JobEnvironment") for p in logs) == 1
