@@ -29,10 +29,10 @@ TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def tool_args():
     """The lazy tool's arguments: the shipped config, the lazy tool test's tiny overrides
-    (one home: that file), 2 iterations, no periodic checkpoint."""
+    (one home: that file), 2 iterations, no periodic checkpoint, a fixed seed (the data order)."""
     lazy = runpy.run_path(LAZY_TEST)
     return ["--config-file", lazy["LAZY"], *lazy["TINY"], f"train.max_iter={MAX_ITER}",
-            "train.checkpointer.period=100"]
+            "train.checkpointer.period=100", "train.seed=3"]
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,8 @@ def test_preempted_lazyconfig_job_checkpoints_requeues_and_resumes(env, tool_arg
     assert saved["iteration"] == ref["iteration"] == MAX_ITER - 1
     assert saved["trainer"]["gradaug_sampler"] == ref["trainer"]["gradaug_sampler"]
     assert saved["trainer"]["gradaug_sampler"] != early["trainer"]["gradaug_sampler"]
+    # ... and, with the data position restored too, at the uninterrupted job's weights
+    diff = {k: (saved["model"][k].double() - ref["model"][k].double()).abs().max().item()
+            for k in ref["model"] if ref["model"][k].numel()}
+    worst = max(diff, key=diff.get)
+    assert diff[worst] == 0, f"{worst} differs by {diff[worst]}"
