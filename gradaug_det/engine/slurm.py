@@ -312,10 +312,12 @@ class PreemptionHook(HookBase):
         from detectron2.engine.hooks import PeriodicWriter
         from detectron2.utils.events import CommonMetricPrinter
 
-        for hook in self.trainer._hooks:
-            for writer in getattr(hook, "_writers", ()) if isinstance(hook, PeriodicWriter) else ():
-                if isinstance(writer, CommonMetricPrinter) and (getattr(writer, "_last_write", None) or (None,))[0] == it:
-                    writer._last_write = None
+        # detectron2's private fields (as in detectron2 0.6-0.7): the hooks, their writers, the last write
+        writers = [w for h in self.trainer._hooks if isinstance(h, PeriodicWriter) for w in h._writers]
+        for writer in writers:
+            last = getattr(writer, "_last_write", None)  # (iteration, time) or None
+            if isinstance(writer, CommonMetricPrinter) and last is not None and last[0] == it:
+                writer._last_write = None
 
 
 def preemption_hook(checkpointer) -> Optional[PreemptionHook]:
