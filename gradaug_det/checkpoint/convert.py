@@ -32,20 +32,22 @@ with (``PIXEL_MEAN``, ``PIXEL_STD``, ``FORMAT``) and the ResNet shape (``DEPTH``
 config and warns about every difference; :func:`pretrained_config_opts` gives the
 config overrides that match it.
 
+The three namings (classifier, detectron2, torchvision) are related in one place,
+:data:`NAME_TABLE`, read in whichever direction a conversion needs (:func:`rename`).
+
 Nothing is dropped silently: every source tensor that is not converted is logged
-with the reason, unknown names are an error, and :func:`load_pretrained` reports what
-did not load into a model.
+with the reason, and unknown names are an error. detectron2's ``DetectionCheckpointer``
+(:class:`~gradaug_det.checkpoint.GradAugCheckpointer`) logs what did not load into a model.
 """
+import functools
 import logging
 import re
 from collections import OrderedDict
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from torch import nn
 
-from .checkpointer import GradAugCheckpointer
 from .io import atomic_pickle_dump, atomic_torch_save, load_weights_file
 
 __all__ = [
@@ -53,6 +55,9 @@ __all__ = [
     "TORCHVISION_PIXEL_MEAN",
     "TORCHVISION_PIXEL_STD",
     "TORCHVISION_FORMAT",
+    "NAME_TABLE",
+    "NAMINGS",
+    "rename",
     "torchvision_to_d2",
     "classifier_to_d2",
     "d2_to_torchvision",
@@ -65,8 +70,6 @@ __all__ = [
     "read_pretrained_meta",
     "pretrained_config_opts",
     "check_pretrained_config",
-    "LoadReport",
-    "load_pretrained",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,7 +118,154 @@ def _log_dropped(dropped: Dict[str, str]) -> None:
         logger.info("Not converted: %s -- %s", shown, reason)
 
 
+# ---------------------------------------------------------------------------------------
+# The name table: one row per kind of ResNet tensor, read in either direction
+# ---------------------------------------------------------------------------------------
+#: How one ResNet tensor is named by a ``SlimmableClassifier`` (``"classifier"``), by
+#: detectron2's ``ResNet`` (``"detectron2"``, the bare names of :func:`make_d2_checkpoint`)
+#: and by torchvision's ``ResNet`` / ``ResNeXt`` (``"torchvision"``). ``{field}``
+#: placeholders carry the stage, block, conv index and parameter; ``{stage-1}`` writes the
+#: stage minus one (detectron2's ``res2`` is torchvision's ``layer1``). ``None``: the naming
+#: has no such tensor. Rows are tried in order; the first whose pattern matches renames.
+NAME_TABLE: Tuple[Dict[str, Optional[str]], ...] = (
+    {"classifier": "backbone.stem.conv1.weight",
+     "detectron2": "stem.conv1.weight",
+     "torchvision": "conv1.weight"},
+    {"classifier": "backbone.stem.conv1.norm.{bn}",
+     "detectron2": "stem.conv1.norm.{bn}",
+     "torchvision": "bn1.{bn}"},
+    {"classifier": "backbone.res{stage}.{block}.conv{conv}.weight",
+     "detectron2": "res{stage}.{block}.conv{conv}.weight",
+     "torchvision": "layer{stage-1}.{block}.conv{conv}.weight"},
+    {"classifier": "backbone.res{stage}.{block}.conv{conv}.norm.{bn}",
+     "detectron2": "res{stage}.{block}.conv{conv}.norm.{bn}",
+     "torchvision": "layer{stage-1}.{block}.bn{conv}.{bn}"},
+    {"classifier": "backbone.res{stage}.{block}.shortcut.weight",
+     "detectron2": "res{stage}.{block}.shortcut.weight",
+     "torchvision": "layer{stage-1}.{block}.downsample.0.weight"},
+    {"classifier": "backbone.res{stage}.{block}.shortcut.norm.{bn}",
+     "detectron2": "res{stage}.{block}.shortcut.norm.{bn}",
+     "torchvision": "layer{stage-1}.{block}.downsample.1.{bn}"},
+    # any other tensor of the classifier's ResNet keeps its detectron2 name (no torchvision one)
+    {"classifier": "backbone.{other}",
+     "detectron2": "{other}",
+     "torchvision": None},
+    # the ImageNet classifier layer: not part of detectron2's ResNet (kept apart as the "head")
+    {"classifier": "head.{linear}",
+     "detectron2": None,
+     "torchvision": "fc.{linear}"},
+)
+
+#: What each placeholder of :data:`NAME_TABLE` may hold (its value before any offset).
+_FIELDS = {
+    "stage": "[2-5]",
+    "block": r"\d+",
+    "conv": r"\d",
+    "bn": "|".join(_BN_SUFFIXES),
+    "linear": "weight|bias",
+    "other": ".+",
+}
+_PLACEHOLDER = re.compile(r"\{(\w+)(?:-(\d+))?\}")
+NAMINGS = ("classifier", "detectron2", "torchvision")
+
+
+@functools.lru_cache(maxsize=None)
+def _name_regex(template: str) -> "re.Pattern":
+    regex, pos = "", 0
+    for m in _PLACEHOLDER.finditer(template):
+        field = m.group(1)
+        regex += re.escape(template[pos:m.start()])
+        regex += rf"(?P<{field}>\d+)" if m.group(2) else f"(?P<{field}>{_FIELDS[field]})"
+        pos = m.end()
+    return re.compile(regex + re.escape(template[pos:]))
+
+
+def _parse(template: str, name: str) -> Optional[Dict[str, str]]:
+    m = _name_regex(template).fullmatch(name)
+    if m is None:
+        return None
+    fields = m.groupdict()
+    for p in _PLACEHOLDER.finditer(template):
+        if p.group(2):  # "{stage-1}" holds stage - 1
+            fields[p.group(1)] = str(int(fields[p.group(1)]) + int(p.group(2)))
+            if not re.fullmatch(_FIELDS[p.group(1)], fields[p.group(1)]):
+                return None
+    return fields
+
+
+def _format(template: str, fields: Dict[str, str]) -> str:
+    def put(m):
+        value = fields[m.group(1)]
+        return str(int(value) - int(m.group(2))) if m.group(2) else value
+
+    return _PLACEHOLDER.sub(put, template)
+
+
+def rename(name: str, source: str, target: str) -> Tuple[Optional[str], bool]:
+    """The ``target`` name of the ResNet tensor that ``source`` calls ``name``.
+
+    Reads :data:`NAME_TABLE` (the one place the three namings are related) in the
+    direction asked.
+
+    Args:
+        name: a tensor name in the ``source`` naming.
+        source, target: two of :data:`NAMINGS` (``"classifier"``, ``"detectron2"``,
+            ``"torchvision"``).
+
+    Returns:
+        ``(new_name, is_head)``. For the classifier layer (``head.*`` / ``fc.*``) towards
+        ``"detectron2"``, ``new_name`` is the parameter (``"weight"`` / ``"bias"``) and
+        ``is_head`` True: detectron2's ResNet has no such layer, it is kept apart.
+        ``new_name`` is None when ``name`` is not in the table or ``target`` has no such
+        tensor.
+
+    Raises:
+        ValueError: on a naming that is not one of :data:`NAMINGS`.
+    """
+    for n in (source, target):
+        if n not in NAMINGS:
+            raise ValueError(f"unknown naming {n!r}; use one of {list(NAMINGS)}")
+    for row in NAME_TABLE:
+        if row[source] is None:
+            continue
+        fields = _parse(row[source], name)
+        if fields is None:
+            continue
+        if row["detectron2"] is None and target == "detectron2":
+            return fields["linear"], True
+        is_head = row["detectron2"] is None
+        return (None if row[target] is None else _format(row[target], fields)), is_head
+    return None, False
+
+
 _NBT = "BN step counter; detectron2's FrozenBN/BN do not use it"
+
+
+def _short(names: List[str]) -> str:
+    return f"{names[:8]}" + (f" ({len(names)} names)" if len(names) > 8 else "")
+
+
+def _split_to_d2(state_dict: StateDict, naming: str) -> Tuple["OrderedDict[str, torch.Tensor]",
+                                                               Dict[str, torch.Tensor], Dict[str, str], List[str]]:
+    """``state_dict`` (in ``naming``) as bare detectron2 ResNet tensors, the head, what was
+    dropped and the names :data:`NAME_TABLE` does not know."""
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    head: Dict[str, torch.Tensor] = {}
+    dropped: Dict[str, str] = {}
+    unknown = []
+    for name, value in _strip_module_prefix(state_dict).items():
+        value = torch.as_tensor(value)
+        if name.endswith("num_batches_tracked"):
+            dropped[name] = _NBT
+            continue
+        new, is_head = rename(name, naming, "detectron2")
+        if new is None:
+            unknown.append(name)
+        elif is_head:
+            head[new] = value
+        else:
+            out[new] = value
+    return out, head, dropped, unknown
 
 
 def torchvision_to_d2(state_dict: StateDict) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, torch.Tensor],
@@ -124,7 +274,7 @@ def torchvision_to_d2(state_dict: StateDict) -> Tuple["OrderedDict[str, torch.Te
 
     ``conv1`` / ``bn1`` -> ``stem.conv1`` / ``stem.conv1.norm``; ``layer{i}.{b}.conv{j}`` /
     ``bn{j}`` -> ``res{i+1}.{b}.conv{j}`` / ``conv{j}.norm``; ``downsample.0`` / ``.1`` ->
-    ``shortcut`` / ``shortcut.norm``; ``fc`` -> the classifier head.
+    ``shortcut`` / ``shortcut.norm``; ``fc`` -> the classifier head (:data:`NAME_TABLE`).
 
     Returns:
         ``(backbone, head, dropped)``: backbone tensors by bare detectron2 name, the
@@ -134,50 +284,9 @@ def torchvision_to_d2(state_dict: StateDict) -> Tuple["OrderedDict[str, torch.Te
     Raises:
         ValueError: on a name that is not part of a torchvision ResNet.
     """
-    state_dict = _strip_module_prefix(state_dict)
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    head: Dict[str, torch.Tensor] = {}
-    dropped: Dict[str, str] = {}
-    unknown = []
-    for name, value in state_dict.items():
-        value = torch.as_tensor(value)
-        if name.endswith("num_batches_tracked"):
-            dropped[name] = _NBT
-            continue
-        m = re.fullmatch(r"fc\.(weight|bias)", name)
-        if m:
-            head[m.group(1)] = value
-            continue
-        if name == "conv1.weight":
-            out["stem.conv1.weight"] = value
-            continue
-        m = re.fullmatch(r"bn1\.(\w+)", name)
-        if m and m.group(1) in _BN_SUFFIXES:
-            out[f"stem.conv1.norm.{m.group(1)}"] = value
-            continue
-        m = re.fullmatch(r"layer([1-4])\.(\d+)\.(.+)", name)
-        if m:
-            prefix = f"res{int(m.group(1)) + 1}.{m.group(2)}"
-            rest = m.group(3)
-            r = re.fullmatch(r"conv(\d)\.weight", rest)
-            if r:
-                out[f"{prefix}.conv{r.group(1)}.weight"] = value
-                continue
-            r = re.fullmatch(r"bn(\d)\.(\w+)", rest)
-            if r and r.group(2) in _BN_SUFFIXES:
-                out[f"{prefix}.conv{r.group(1)}.norm.{r.group(2)}"] = value
-                continue
-            if rest == "downsample.0.weight":
-                out[f"{prefix}.shortcut.weight"] = value
-                continue
-            r = re.fullmatch(r"downsample\.1\.(\w+)", rest)
-            if r and r.group(1) in _BN_SUFFIXES:
-                out[f"{prefix}.shortcut.norm.{r.group(1)}"] = value
-                continue
-        unknown.append(name)
+    out, head, dropped, unknown = _split_to_d2(state_dict, "torchvision")
     if unknown:
-        raise ValueError(f"not a torchvision ResNet state dict: cannot convert {unknown[:8]}"
-                         + (f" ({len(unknown)} names)" if len(unknown) > 8 else ""))
+        raise ValueError(f"not a torchvision ResNet state dict: cannot convert {_short(unknown)}")
     if not out:
         raise ValueError("no ResNet weights found in the torchvision state dict")
     return out, head, dropped
@@ -193,24 +302,9 @@ def classifier_to_d2(state_dict: StateDict) -> Tuple["OrderedDict[str, torch.Ten
     Raises:
         ValueError: on a name outside ``backbone.*`` / ``head.*``.
     """
-    state_dict = _strip_module_prefix(state_dict)
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    head: Dict[str, torch.Tensor] = {}
-    dropped: Dict[str, str] = {}
-    unknown = []
-    for name, value in state_dict.items():
-        value = torch.as_tensor(value)
-        if name.endswith("num_batches_tracked"):
-            dropped[name] = _NBT
-        elif name.startswith("backbone."):
-            out[name[len("backbone."):]] = value
-        elif name in ("head.weight", "head.bias"):
-            head[name.split(".")[1]] = value
-        else:
-            unknown.append(name)
+    out, head, dropped, unknown = _split_to_d2(state_dict, "classifier")
     if unknown:
-        raise ValueError(f"not a SlimmableClassifier checkpoint: unexpected {unknown[:8]}"
-                         + (f" ({len(unknown)} names)" if len(unknown) > 8 else ""))
+        raise ValueError(f"not a SlimmableClassifier checkpoint: unexpected {_short(unknown)}")
     if not out:
         raise ValueError("no 'backbone.*' weights in the classifier checkpoint")
     return out, head, dropped
@@ -219,7 +313,8 @@ def classifier_to_d2(state_dict: StateDict) -> Tuple["OrderedDict[str, torch.Ten
 def d2_to_torchvision(backbone: StateDict, head: Optional[Dict[str, torch.Tensor]] = None
                       ) -> "OrderedDict[str, torch.Tensor]":
     """Rename bare detectron2 ResNet weights to torchvision's names (the inverse of
-    :func:`torchvision_to_d2`); ``head`` (``weight`` / ``bias``) becomes ``fc``.
+    :func:`torchvision_to_d2`, the same :data:`NAME_TABLE`); ``head`` (``weight`` /
+    ``bias``) becomes ``fc``.
 
     Raises:
         ValueError: on a name that is not part of a detectron2 ResNet.
@@ -227,27 +322,15 @@ def d2_to_torchvision(backbone: StateDict, head: Optional[Dict[str, torch.Tensor
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     unknown = []
     for name, value in backbone.items():
-        value = torch.as_tensor(value)
-        m = re.fullmatch(r"stem\.conv1\.(weight|norm\.(\w+))", name)
-        if m:
-            out["conv1.weight" if m.group(2) is None else f"bn1.{m.group(2)}"] = value
-            continue
-        m = re.fullmatch(r"res([2-5])\.(\d+)\.(conv(\d)|shortcut)\.(weight|norm\.(\w+))", name)
-        if m and (m.group(6) is None or m.group(6) in _BN_SUFFIXES):
-            prefix = f"layer{int(m.group(1)) - 1}.{m.group(2)}"
-            norm = m.group(6)
-            if m.group(3) == "shortcut":
-                out[f"{prefix}.downsample.0.weight" if norm is None else f"{prefix}.downsample.1.{norm}"] = value
-            else:
-                j = m.group(4)
-                out[f"{prefix}.conv{j}.weight" if norm is None else f"{prefix}.bn{j}.{norm}"] = value
-            continue
-        unknown.append(name)
+        new, _ = rename(name, "detectron2", "torchvision")
+        if new is None:
+            unknown.append(name)
+        else:
+            out[new] = torch.as_tensor(value)
     if unknown:
-        raise ValueError(f"not detectron2 ResNet weights: cannot convert {unknown[:8]}"
-                         + (f" ({len(unknown)} names)" if len(unknown) > 8 else ""))
+        raise ValueError(f"not detectron2 ResNet weights: cannot convert {_short(unknown)}")
     for key, value in (head or {}).items():
-        out[f"fc.{key}"] = torch.as_tensor(value)
+        out[rename(f"head.{key}", "classifier", "torchvision")[0]] = torch.as_tensor(value)
     return out
 
 
@@ -567,60 +650,3 @@ def check_pretrained_config(cfg, path: Optional[str] = None) -> List[str]:
     for m in msgs:
         logger.warning(m)
     return msgs
-
-
-class LoadReport(NamedTuple):
-    """What :func:`load_pretrained` loaded.
-
-    Attributes:
-        loaded: model keys loaded from the checkpoint.
-        missing: model keys not in the checkpoint (left as initialised).
-        unexpected: checkpoint keys the model does not have.
-        incorrect_shapes: ``(key, checkpoint shape, model shape)`` not loaded.
-    """
-
-    loaded: List[str]
-    missing: List[str]
-    unexpected: List[str]
-    incorrect_shapes: List[Tuple[str, tuple, tuple]]
-
-
-class _RecordingCheckpointer(GradAugCheckpointer):
-    """DetectionCheckpointer that keeps the incompatible keys of its last load."""
-
-    incompatible = None
-
-    def _load_model(self, checkpoint):
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
-
-
-def load_pretrained(model: nn.Module, path: str, cfg=None) -> LoadReport:
-    """Load weights with detectron2's ``DetectionCheckpointer`` and report the outcome.
-
-    detectron2 logs what it does not load (missing, unused and wrong-shape tensors);
-    this also returns it and logs a one-line summary. With ``cfg``,
-    :func:`check_pretrained_config` runs first.
-
-    Args:
-        model: the model (e.g. a Mask R-CNN built from ``cfg``).
-        path: the weights file.
-        cfg: optional config to check against the weights' conventions.
-
-    Returns:
-        A :class:`LoadReport`.
-    """
-    if cfg is not None:
-        check_pretrained_config(cfg, path)
-    ckpt = _RecordingCheckpointer(model) if cfg is None else _RecordingCheckpointer.from_config(cfg, model)
-    ckpt.load(path)
-    inc = ckpt.incompatible
-    shapes = [(k, tuple(a), tuple(b)) for k, a, b in inc.incorrect_shapes]
-    not_loaded = set(inc.missing_keys) | {k for k, _, _ in shapes}
-    model_keys = list(model.state_dict())
-    loaded = [k for k in model_keys if k not in not_loaded]
-    missing = [k for k in model_keys if k in set(inc.missing_keys)]
-    report = LoadReport(loaded, missing, list(inc.unexpected_keys), shapes)
-    logger.info("Loaded %d of %d model tensors from %s; %d not in the checkpoint, %d unused, %d wrong shape",
-                len(loaded), len(model_keys), path, len(missing), len(report.unexpected), len(shapes))
-    return report

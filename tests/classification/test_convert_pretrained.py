@@ -2,6 +2,7 @@
 import importlib.util
 import pickle
 from pathlib import Path
+from typing import List, NamedTuple, Tuple
 
 import numpy as np
 import pytest
@@ -14,19 +15,45 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from gradaug_det import add_gradaug_config
+from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
 from gradaug_det.checkpoint import (
     check_pretrained_config,
     convert_classifier,
     convert_classifier_to_torchvision,
     convert_torchvision,
     d2_to_torchvision,
-    load_pretrained,
     pretrained_config_opts,
+    rename,
     save_d2_checkpoint,
     torchvision_to_d2,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+class LoadReport(NamedTuple):
+    loaded: List[str]
+    missing: List[str]
+    unexpected: List[str]
+    incorrect_shapes: List[Tuple[str, tuple, tuple]]
+
+
+def load_pretrained(model, path):
+    """Load ``path`` with the checkpointer the tools use, and report what it did not load."""
+    incompatible = []
+
+    class Recording(GradAugCheckpointer):
+        def _load_model(self, checkpoint):
+            incompatible.append(super()._load_model(checkpoint))
+            return incompatible[-1]
+
+    Recording(model).load(path)
+    inc = incompatible[-1]
+    shapes = [(k, tuple(a), tuple(b)) for k, a, b in inc.incorrect_shapes]
+    not_loaded = set(inc.missing_keys) | {k for k, _, _ in shapes}
+    model_keys = list(model.state_dict())
+    return LoadReport([k for k in model_keys if k not in not_loaded],
+                      [k for k in model_keys if k in set(inc.missing_keys)], list(inc.unexpected_keys), shapes)
 
 
 def mask_rcnn_cfg(depth=50, kind="FPN", slimmable=False):
@@ -240,3 +267,18 @@ def test_classifier_to_torchvision_resnet_same_logits(tmp_path):
     clf_cfg.INPUT.FORMAT = "BGR"
     with pytest.raises(ValueError, match="INPUT.FORMAT='BGR'"):
         convert_classifier_to_torchvision(str(tmp_path / "model_final.pth"), cfg=clf_cfg)
+
+
+def test_name_table_both_directions():
+    """One table relates the three namings; every direction reads it."""
+    assert rename("layer4.2.downsample.1.running_var", "torchvision", "detectron2") == (
+        "res5.2.shortcut.norm.running_var", False)
+    assert rename("res5.2.shortcut.norm.running_var", "detectron2", "torchvision")[0] == \
+        "layer4.2.downsample.1.running_var"
+    assert rename("backbone.res3.1.conv2.norm.bias", "classifier", "torchvision")[0] == "layer2.1.bn2.bias"
+    assert rename("fc.weight", "torchvision", "detectron2") == ("weight", True)
+    assert rename("head.bias", "classifier", "torchvision")[0] == "fc.bias"
+    assert rename("layer5.0.conv1.weight", "torchvision", "detectron2")[0] is None
+    assert rename("res2.0.conv2_offset.weight", "detectron2", "torchvision")[0] is None
+    with pytest.raises(ValueError, match="naming"):
+        rename("conv1.weight", "mmdet", "detectron2")
