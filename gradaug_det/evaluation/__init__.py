@@ -1,7 +1,6 @@
 """Evaluation: COCO AP at several widths; classification top-1/top-5."""
 from .widths import (  # noqa: F401
     evaluate_at_widths,
-    flatten_width_results,
     merge_width_results,
     log_width_results,
     normalize_widths,
@@ -10,4 +9,4 @@ from .widths import (  # noqa: F401
     width_results_table,
     width_task_key,
 )
-from .classification import (ClassificationEvaluator, FGSMEvaluator, build_classification_evaluator, evaluate_classifier, fgsm_accuracy, fgsm_correct, fgsm_key)  # noqa: F401,E501
+from .classification import (ClassificationEvaluator, FGSMEvaluator, build_classification_evaluator, evaluate_classifier, fgsm_correct, fgsm_key)  # noqa: F401,E501

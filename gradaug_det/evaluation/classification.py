@@ -3,7 +3,7 @@
 * :class:`ClassificationEvaluator`: top-1 / top-5 (percent) of the ``"logits"`` a
   classifier returns, over the whole dataset and all processes:
   ``{"classification": {"top1": .., "top5": ..}}``.
-* :func:`fgsm_accuracy` / :class:`FGSMEvaluator`: top-1 under the fast gradient sign
+* :class:`FGSMEvaluator`: top-1 under the fast gradient sign
   attack (Goodfellow et al., 2015), ``{"fgsm": {"eps=<eps>": top1}}``.
 * :func:`evaluate_classifier`: both, as configured (``TEST.TOPK``,
   ``TEST.FGSM_EPSILONS``), in one pass over a dataset; what ``--eval-only`` and the
@@ -28,7 +28,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, inference_on_dataset
-from detectron2.evaluation.evaluator import inference_context
 from detectron2.utils import comm
 
 from ..slim import check_width, width as width_context
@@ -38,7 +37,6 @@ __all__ = [
     "FGSMEvaluator",
     "fgsm_key",
     "fgsm_correct",
-    "fgsm_accuracy",
     "build_classification_evaluator",
     "evaluate_classifier",
 ]
@@ -238,38 +236,6 @@ class FGSMEvaluator(DatasetEvaluator):
         )
         logger.info("FGSM top-1 (%d images): %s", count, ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
         return OrderedDict(fgsm=results)
-
-
-def fgsm_accuracy(model: nn.Module, data_loader, epsilons: Sequence[float], width: float = 1.0,
-                  distributed: bool = True) -> Dict[str, float]:
-    """Top-1 accuracy (percent) under an FGSM attack at each epsilon.
-
-    Args:
-        model: a classifier (``SlimmableClassifier`` or any model returning
-            ``[{"logits": ...}]`` in eval mode); GradAug-trained or not.
-        data_loader: yields lists of mapped dicts with ``"image"`` and ``"class_id"``
-            (e.g. :func:`gradaug_det.data.classification.build_classification_test_loader`).
-        epsilons: perturbation sizes in the [0, 1] pixel scale; 0 = clean accuracy.
-        width: network width attacked and evaluated (default the full network).
-        distributed: sum the counts over all processes.
-
-    Returns:
-        ``{"eps=<eps>": top1}`` (all processes get the result when distributed).
-    """
-    epsilons = _check_epsilons(epsilons)
-    correct = torch.zeros(len(epsilons), dtype=torch.long)
-    count = 0
-    with inference_context(model), width_context(model, width):
-        for inputs in data_loader:
-            correct += fgsm_correct(model, inputs, epsilons).sum(1)
-            count += len(inputs)
-    if distributed and comm.get_world_size() > 1:
-        parts = comm.all_gather((correct, count))
-        correct = sum(p[0] for p in parts)
-        count = sum(p[1] for p in parts)
-    if count == 0:
-        raise ValueError("fgsm_accuracy: the data loader yielded no image")
-    return OrderedDict((fgsm_key(e), 100.0 * c / count) for e, c in zip(epsilons, correct.tolist()))
 
 
 def build_classification_evaluator(cfg, dataset_name: str, model: Optional[nn.Module] = None,

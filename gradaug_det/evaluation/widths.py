@@ -50,7 +50,6 @@ __all__ = [
     "split_width_results",
     "width_results_table",
     "log_width_results",
-    "flatten_width_results",
 ]
 
 logger = logging.getLogger(__name__)
@@ -274,10 +273,6 @@ def merge_width_results(results: Mapping[float, Mapping]) -> "OrderedDict[str, d
         for task, metrics in (res or {}).items():
             flat[width_task_key(task, w)] = metrics
     return flat
-
-
-#: Alias of :func:`merge_width_results`.
-flatten_width_results = merge_width_results
 
 
 def split_width_results(flat: Mapping[str, Mapping]) -> "OrderedDict[float, OrderedDict]":

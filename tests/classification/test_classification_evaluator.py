@@ -4,7 +4,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradaug_det.evaluation import ClassificationEvaluator, FGSMEvaluator, fgsm_accuracy, fgsm_key
+from detectron2.config import CfgNode
+
+from gradaug_det.evaluation import ClassificationEvaluator, FGSMEvaluator, evaluate_classifier, fgsm_key
+
+
+def fgsm_accuracy(model, data_loader, epsilons):
+    """FGSM top-1 through evaluate_classifier, what --eval-only and the trainer's test call."""
+    cfg = CfgNode({"TEST": {"TOPK": (1,), "FGSM_EPSILONS": list(epsilons)}})
+    return evaluate_classifier(cfg, model, "generated", data_loader=data_loader)["fgsm"]
 
 
 def test_topk_on_crafted_logits():
@@ -85,7 +93,7 @@ def test_fgsm_eps0_is_clean_and_accuracy_falls(trained):
             ev.process(inputs, trained(inputs))
     clean = ev.evaluate()["classification"]["top1"]
     eps = [0.0, 0.02, 0.05, 0.1, 0.3]
-    acc = fgsm_accuracy(trained, loader, eps, distributed=False)
+    acc = fgsm_accuracy(trained, loader, eps)
     assert list(acc) == [fgsm_key(e) for e in eps]
     values = list(acc.values())
     assert clean > 80.0
@@ -102,7 +110,7 @@ def test_fgsm_evaluator_inside_no_grad(trained):
     with torch.no_grad():  # as in detectron2's inference_on_dataset
         ev.process(data, trained(data))
     res = ev.evaluate()["fgsm"]
-    direct = fgsm_accuracy(trained, [data], [0.0, 0.3], distributed=False)
+    direct = fgsm_accuracy(trained, [data], [0.0, 0.3])
     assert res == pytest.approx(dict(direct))
 
 
