@@ -49,7 +49,7 @@ from ..gradaug import unwrap_model
 from ..modeling import SlimmableFPN, SlimmableResNet
 from ..modeling.fpn import fpn_config_kwargs
 from ..modeling.resnet import BLOCKS_PER_STAGE
-from ..slim import DroppableBlock, SlimConv2d, check_width, select_channels, width
+from ..slim import DroppableBlock, SlimConv2d, check_width, conv_slice, select_channels, sliced_conv_state, width
 from ..slim.calibration import calibrated_bn
 
 __all__ = [
@@ -290,39 +290,26 @@ def prune_config(cfg: CfgNode, model: nn.Module, w: float, weights: str = "") ->
 # State dict of the pruned model
 # ---------------------------------------------------------------------------------------
 def _slice_slim_conv(conv: SlimConv2d) -> Dict[str, torch.Tensor]:
-    """The tensors of ``conv`` (and its norm) that its current width uses."""
-    cin, cout = conv.active_channels()
-    out = {}
-    for key, t in conv.state_dict().items():
-        if key == "weight":
-            if conv.slim_in and cin < conv.in_channels:
-                if conv.groups == 1:
-                    t = select_channels(t, 1, conv.in_layout, cin // conv.in_layout)
-                else:  # each group reads the leading channels of its own group
-                    t = t.narrow(1, 0, cin // conv.groups)
-            if conv.slim_out:
-                t = select_channels(t, 0, conv.out_layout, cout // conv.out_layout)
-        elif conv.slim_out and t.dim() >= 1 and t.shape[0] == conv.out_channels and (
-            key == "bias" or key.startswith("norm.")
-        ):
-            t = select_channels(t, 0, conv.out_layout, cout // conv.out_layout)
-        out[key] = t
-    return out
+    """The tensors of ``conv`` (and its norm) that its current width uses: exactly those
+    its forward convolves and normalises with (:meth:`SlimConv2d.channel_slice`)."""
+    return sliced_conv_state(conv, conv.channel_slice())
 
 
 def _slice_input(layer: nn.Module, channels: int, keep: int) -> Dict[str, torch.Tensor]:
     """Weights of ``layer`` reading only the leading ``keep`` of its ``channels`` input channels."""
     t = layer.weight
-    if isinstance(layer, nn.ConvTranspose2d):
-        t = t[:keep]
+    if isinstance(layer, nn.ConvTranspose2d):  # weight (C_in, C_out / groups, kH, kW)
+        if layer.groups != 1:
+            raise ValueError(f"cannot prune the input of a grouped convolution {layer}")
+        t = select_channels(t, 0, 1, keep)
     elif isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError(f"cannot prune the input of a grouped convolution {layer}")
-        t = t[:, :keep]
+        t = conv_slice(layer, keep, layer.out_channels).weight(t)
     elif isinstance(layer, nn.Linear):
         if layer.in_features % channels:
             raise ValueError(f"{layer} does not read a flattened {channels}-channel feature map")
-        t = t.reshape(t.shape[0], channels, -1)[:, :keep].reshape(t.shape[0], -1)
+        t = select_channels(t.reshape(t.shape[0], channels, -1), 1, 1, keep).reshape(t.shape[0], -1)
     else:
         raise TypeError(f"cannot prune the input of {type(layer).__name__}")
     return {"weight": t}

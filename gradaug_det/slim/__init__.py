@@ -25,7 +25,17 @@ from .control import (
     set_width,
     width,
 )
-from .functional import leading_block, norm_to_input, pad_channels, select_channels, slim_conv2d, slim_norm
+from .functional import (
+    ConvSlice,
+    conv2d_slice,
+    conv_slice,
+    norm_to_input,
+    pad_channels,
+    select_channels,
+    slim_conv2d,
+    slim_norm,
+    sliced_conv_state,
+)
 from .linear import SlimLinear
 
 # detectron2 layers, imported when first accessed

@@ -1,13 +1,15 @@
 """Channel slicing in plain torch: weights, activations and normalisation layers.
 
 Everything a slimmable layer does at width ``w < 1`` besides choosing how many channels
-to keep (:mod:`.channels`): cut the leading block of a weight, keep the leading channels
-of an activation (per channel group for ResNeXt layouts), and normalise the kept
-channels with the matching slice of a BN / SyncBN / FrozenBN / GN layer. Both the
-detectron2 layers (:mod:`.layers`) and the MMDetection adapter
-(:mod:`gradaug_det.mmdet`) use these functions; nothing here imports detectron2.
+to keep (:mod:`.channels`): the part of a convolution a sub-network keeps
+(:class:`ConvSlice`: the one definition of weight slicing, used by the forward of the
+detectron2 layers (:mod:`.layers`), of the MMDetection adapter
+(:mod:`gradaug_det.mmdet`) and by pruning (:mod:`gradaug_det.checkpoint.prune`)), the
+leading channels of an activation (per channel group for ResNeXt layouts), and the
+matching slice of a BN / SyncBN / FrozenBN / GN layer. Nothing here imports detectron2.
 """
 import sys
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,7 +18,10 @@ from torch import nn
 
 from .channels import slim_channels
 
-__all__ = ["select_channels", "leading_block", "slim_norm", "norm_to_input", "slim_conv2d", "pad_channels"]
+__all__ = [
+    "select_channels", "ConvSlice", "conv_slice", "sliced_conv_state", "conv2d_slice", "slim_norm",
+    "norm_to_input", "slim_conv2d", "pad_channels",
+]
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -101,6 +106,136 @@ def _sync_batch_norm(x, weight, bias, eps, group, weighted):
     return out.to(x.dtype)
 
 
+def _kept_view(t: torch.Tensor, dim: int, layout: int, keep: int) -> torch.Tensor:
+    """View of ``t`` with ``dim`` split into ``(layout, dim_size // layout)`` and the second
+    part narrowed to its leading ``keep`` entries (no copy)."""
+    return t.unflatten(dim, (layout, t.shape[dim] // layout)).narrow(dim + 1, 0, keep)
+
+
+def select_channels(t: torch.Tensor, dim: int, layout: int, keep: int) -> torch.Tensor:
+    """Keep the leading ``keep`` channels of each of ``layout`` groups along ``dim``.
+
+    A view for ``layout == 1``; a copy otherwise.
+    """
+    if layout == 1:
+        return t.narrow(dim, 0, keep)
+    return _kept_view(t, dim, layout, keep).flatten(dim, dim + 1)
+
+
+class ConvSlice(NamedTuple):
+    """The part of a convolution a sub-network keeps: the one definition of conv slicing.
+
+    Output channels (weight dim 0, bias, the norm's per-channel tensors): the leading
+    ``keep_out`` of each of ``out_layout`` channel groups. Weight dim 1 (the inputs one
+    convolution group reads): the leading ``keep_in`` of each of ``in_layout`` groups. The
+    runtime layers (:class:`~gradaug_det.slim.SlimConv2d`, :func:`slim_conv2d`) convolve
+    with exactly :meth:`weight` / :meth:`out`, and pruning
+    (:mod:`gradaug_det.checkpoint.prune`) stores exactly them (:func:`sliced_conv_state`).
+    Build one with :func:`conv_slice`.
+    """
+
+    out_layout: int
+    keep_out: int
+    in_layout: int
+    keep_in: int
+
+    @property
+    def plain(self) -> bool:
+        """Whether the kept weight is one leading block ``[:out_channels, :in_channels]``."""
+        return self.out_layout == 1 and self.in_layout == 1
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels kept."""
+        return self.out_layout * self.keep_out
+
+    @property
+    def weight_in_channels(self) -> int:
+        """Size of the kept weight's dim 1."""
+        return self.in_layout * self.keep_in
+
+    def keeps_all(self, weight: torch.Tensor) -> bool:
+        """Whether this slice is all of ``weight`` (width 1.0)."""
+        return (self.out_channels, self.weight_in_channels) == tuple(weight.shape[:2])
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The kept weight, ``(out_channels, weight_in_channels, *kernel)``; a view when
+        :attr:`plain`, else a copy."""
+        t = select_channels(t, 0, self.out_layout, self.keep_out)
+        return select_channels(t, 1, self.in_layout, self.keep_in)
+
+    def out(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The kept entries of a per-output-channel tensor (bias, norm parameters and
+        statistics; dim 0); None stays None."""
+        return None if t is None else select_channels(t, 0, self.out_layout, self.keep_out)
+
+    def full_weight_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A zero gradient of the full weight's ``shape`` holding ``grad`` (the kept weight's
+        gradient) in the kept entries: the inverse of :meth:`weight`."""
+        full = grad.new_zeros(shape)
+        view = _kept_view(_kept_view(full, 0, self.out_layout, self.keep_out), 2, self.in_layout, self.keep_in)
+        view.copy_(grad.reshape(view.shape))
+        return full
+
+
+def conv_slice(conv: nn.Conv2d, cin: int, cout: int, in_layout: int = 1, out_layout: int = 1) -> ConvSlice:
+    """The :class:`ConvSlice` of ``conv`` keeping ``cin`` input and ``cout`` output channels.
+
+    Args:
+        conv: the full-width convolution; weight ``(C_out, C_in / groups, kH, kW)``.
+        cin, cout: channels kept, ``cin <= C_in``, ``cout <= C_out``.
+        in_layout, out_layout: channel groups of the input / output layout (1 = plain
+            leading channels; ResNeXt bottlenecks keep the leading channels of every group).
+            A grouped convolution (``conv.groups > 1``) that is sliced needs the layout of
+            the sliced side equal to ``groups``: each convolution group then reads (and
+            writes) the leading channels of its own group.
+
+    Raises:
+        ValueError: if the counts do not divide into the layouts or groups.
+    """
+    groups = conv.groups
+    full_in, full_out = conv.weight.shape[1] * groups, conv.weight.shape[0]
+    for side, kept, full, layout in (("input", cin, full_in, in_layout), ("output", cout, full_out, out_layout)):
+        if kept == full:
+            continue
+        if kept > full or kept % layout or full % layout or (groups > 1 and layout != groups):
+            raise ValueError(
+                f"cannot keep {kept} of the {full} {side} channels of {conv} with a layout of {layout} "
+                f"group(s) (the layout must divide both, and equal the convolution's groups={groups})"
+            )
+    if cout == full_out:
+        out_layout = 1
+    if groups > 1:  # weight dim 1 holds one convolution group's inputs
+        return ConvSlice(out_layout, cout // out_layout, 1, cin // groups)
+    if cin == full_in:
+        in_layout = 1
+    return ConvSlice(out_layout, cout // out_layout, in_layout, cin // in_layout)
+
+
+def sliced_conv_state(conv: nn.Module, s: ConvSlice) -> Dict[str, torch.Tensor]:
+    """The state of ``conv`` (and of its ``norm``, if any) that the slice ``s`` keeps.
+
+    Args:
+        conv: a convolution with ``weight``, ``bias`` and optionally a ``norm`` submodule
+            (a detectron2 ``Conv2d`` / :class:`~gradaug_det.slim.SlimConv2d`).
+        s: the slice, from :func:`conv_slice`.
+
+    Returns:
+        ``conv.state_dict()`` with the weight cut by :meth:`ConvSlice.weight` and the bias
+        and every per-channel tensor of ``norm`` by :meth:`ConvSlice.out` (views when
+        the slice is plain).
+    """
+    out = {}
+    full_out = conv.weight.shape[0]
+    for key, t in conv.state_dict().items():
+        if key == "weight":
+            t = s.weight(t)
+        elif (key == "bias" or key.startswith("norm.")) and t.dim() >= 1 and t.shape[0] == full_out:
+            t = s.out(t)
+        out[key] = t
+    return out
+
+
 class _LeadingBlock(torch.autograd.Function):
     """``t[:rows, :cols]`` as a new contiguous tensor, its gradient scattered back in one copy.
 
@@ -121,27 +256,27 @@ class _LeadingBlock(torch.autograd.Function):
         return full, None, None
 
 
-def leading_block(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """``t[:rows, :cols]`` of a weight, contiguous, with a one-copy backward.
+def conv2d_slice(conv: nn.Conv2d, x: torch.Tensor, s: ConvSlice) -> torch.Tensor:
+    """Convolve ``x`` with the part ``s`` of ``conv``'s weight and bias (no norm, no activation).
 
-    Under ``torch.jit`` tracing (fvcore FLOP counts, export) it is a plain slice, since
-    the tracer rejects custom autograd Functions.
+    Args:
+        conv: the full-width convolution (its stride, padding, dilation, groups and
+            padding mode are used).
+        x: ``(N, s.weight_in_channels * conv.groups, H, W)`` input.
+        s: the slice, from :func:`conv_slice`.
+
+    Returns:
+        ``(N, s.out_channels, H', W')`` output.
     """
-    if (rows, cols) == tuple(t.shape[:2]):
-        return t
-    if torch.jit.is_tracing():
-        return t[:rows, :cols]
-    return _LeadingBlock.apply(t, rows, cols)
-
-
-def select_channels(t: torch.Tensor, dim: int, layout: int, keep: int) -> torch.Tensor:
-    """Keep the leading ``keep`` channels of each of ``layout`` groups along ``dim``."""
-    if layout == 1:
-        return t.narrow(dim, 0, keep)
-    shape = list(t.shape)
-    grouped = t.reshape(shape[:dim] + [layout, shape[dim] // layout] + shape[dim + 1 :])
-    grouped = grouped.narrow(dim + 1, 0, keep)
-    return grouped.reshape(shape[:dim] + [layout * keep] + shape[dim + 1 :])
+    weight, bias = conv.weight, conv.bias
+    if s.keeps_all(weight):
+        w = weight
+    elif s.plain and not torch.jit.is_tracing():  # the tracer (fvcore FLOPs) rejects custom Functions
+        w = _LeadingBlock.apply(weight, s.out_channels, s.weight_in_channels)
+    else:
+        w = s.weight(weight)
+    b = None if bias is None else (bias if s.out_channels == weight.shape[0] else s.out(bias))
+    return conv._conv_forward(x, w, b)  # nn.Conv2d's own convolution (padding mode included)
 
 
 def slim_norm(norm: nn.Module, x: torch.Tensor, layout: int, keep: int) -> torch.Tensor:
@@ -226,9 +361,7 @@ def slim_conv2d(conv: nn.Conv2d, x: torch.Tensor, width: float, divisor: int = 1
         return conv(x)
     if cin > conv.in_channels:
         raise RuntimeError(f"{type(conv).__name__} has {conv.in_channels} input channels, got {cin}")
-    weight = leading_block(conv.weight, cout, cin)
-    bias = None if conv.bias is None else conv.bias[:cout]
-    return conv._conv_forward(x, weight, bias)
+    return conv2d_slice(conv, x, conv_slice(conv, cin, cout))
 
 
 def pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:

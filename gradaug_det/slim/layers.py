@@ -12,13 +12,11 @@ groups; a sub-network then keeps the leading channels *of every group* (so that 
 grouped convolution stays a true sub-network of the full one). ``in_layout`` /
 ``out_layout`` give that number of groups (1 = plain leading channels).
 """
-import torch.nn.functional as F
-
 from detectron2.layers import Conv2d
 
 from .channels import slim_channels
 from .control import SlimmableModule
-from .functional import leading_block, select_channels, slim_norm
+from .functional import ConvSlice, conv2d_slice, conv_slice, select_channels, slim_norm
 
 __all__ = ["SlimConv2d"]
 
@@ -84,46 +82,28 @@ class SlimConv2d(Conv2d, SlimmableModule):
         )
         return cin, cout
 
+    def channel_slice(self) -> ConvSlice:
+        """The :class:`~gradaug_det.slim.functional.ConvSlice` used at the current width
+        (what the forward convolves with and what pruning keeps)."""
+        cin, cout = self.active_channels()
+        return conv_slice(self, cin, cout, self.in_layout if self.slim_in else 1,
+                          self.out_layout if self.slim_out else 1)
+
     def forward(self, x):
         if self.width == 1.0:
             return super().forward(x)
-        weight = self.weight
-        cin = x.shape[1]
-        if self.slim_in:
-            keep_in = self._keep(self.in_channels, self.in_layout, self.in_ratio)
-            cin = self.in_layout * keep_in
-            if x.shape[1] == self.in_channels and cin < self.in_channels:
-                x = select_channels(x, 1, self.in_layout, keep_in)  # full-size (zero-padded) input
-            elif x.shape[1] != cin:
-                raise RuntimeError(
-                    f"SlimConv2d at width {self.width} expects {cin} or {self.in_channels} input "
-                    f"channels, got {x.shape[1]}"
-                )
-        keep_out = (self._keep(self.out_channels, self.out_layout, self.out_ratio)
-                    if self.slim_out else self.out_channels)
-        cout = self.out_layout * keep_out if self.slim_out else self.out_channels
-        bias = self.bias
-        if self.groups == 1 and (self.out_layout == 1 or not self.slim_out) and (
-                self.in_layout == 1 or not self.slim_in):
-            # plain layout: one leading block of the weight
-            weight = leading_block(weight, cout, cin)
-            if bias is not None and cout < self.out_channels:
-                bias = bias[:cout]
-        else:
-            if self.slim_in:
-                if self.groups == 1:
-                    weight = select_channels(weight, 1, self.in_layout, keep_in)
-                else:  # each convolution group reads the leading channels of its own group
-                    weight = weight.narrow(1, 0, cin // self.groups)
-            if self.slim_out:
-                weight = select_channels(weight, 0, self.out_layout, keep_out)
-                bias = None if bias is None else select_channels(bias, 0, self.out_layout, keep_out)
-        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        cin = self.active_channels()[0]
+        if x.shape[1] == self.in_channels and cin < self.in_channels:
+            x = select_channels(x, 1, self.in_layout, cin // self.in_layout)  # full-size (zero-padded) input
+        elif x.shape[1] != cin:
+            raise RuntimeError(
+                f"SlimConv2d at width {self.width} expects {cin} or {self.in_channels} input "
+                f"channels, got {x.shape[1]}"
+            )
+        s = self.channel_slice()
+        x = conv2d_slice(self, x, s)
         if self.norm is not None:
-            if self.slim_out:
-                x = slim_norm(self.norm, x, self.out_layout, keep_out)
-            else:
-                x = self.norm(x)
+            x = slim_norm(self.norm, x, s.out_layout, s.keep_out) if self.slim_out else self.norm(x)
         if self.activation is not None:
             x = self.activation(x)
         return x
