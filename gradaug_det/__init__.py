@@ -29,8 +29,7 @@ if HAS_DETECTRON2:
         import detectron2.modeling  # noqa: F401
 
     from .config import add_gradaug_config
-    from . import modeling  # noqa: F401  (registers backbones and meta-architectures)
-    from .checkpoint import prune as _prune  # noqa: F401  (registers build_pruned_resnet_fpn_backbone)
+    from . import modeling  # noqa: F401  (registers backbones, the pruned one too, and meta-architectures)
     from .data import register_imagenet, register_quickstart
 
     # Dataset names (lazy: nothing is read or generated until a dataset is first used).

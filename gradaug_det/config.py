@@ -3,7 +3,7 @@ import functools
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_gradaug_config", "slimmable_config"]
+__all__ = ["add_gradaug_config", "add_pruned_config", "slimmable_config"]
 
 
 def add_gradaug_config(cfg: CN) -> CN:
@@ -96,9 +96,34 @@ def add_gradaug_config(cfg: CN) -> CN:
     _add_classification_config(_c)
 
     # ---- Pruned checkpoints (tools/prune.py) -------------------------------------------------
-    from .checkpoint.prune import add_pruned_config
-
     add_pruned_config(_c)  # MODEL.PRUNED_RESNET.*: explicit per-stage channels of a pruned model
+    return cfg
+
+
+def add_pruned_config(cfg: CN) -> CN:
+    """Add the ``MODEL.PRUNED_RESNET`` keys read by ``build_pruned_resnet_fpn_backbone``.
+
+    ``tools/prune.py`` writes them into the config of a pruned model whose per-stage channel
+    counts the stock ``MODEL.RESNETS`` keys cannot express
+    (:mod:`gradaug_det.checkpoint.prune`). Idempotent; :func:`add_gradaug_config` calls it.
+    Call it on ``get_cfg()`` before ``merge_from_file`` of such a config.
+
+    Args:
+        cfg: a detectron2 ``CfgNode``.
+
+    Returns:
+        ``cfg``, for chaining.
+    """
+    if "PRUNED_RESNET" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.PRUNED_RESNET = CN()
+    # Output channels of the stem convolution.
+    cfg.MODEL.PRUNED_RESNET.STEM_OUT_CHANNELS = 64
+    # Output channels of every residual block of res2, res3, res4, res5 (R50 defaults).
+    cfg.MODEL.PRUNED_RESNET.OUT_CHANNELS = [256, 512, 1024, 2048]
+    # Bottleneck (conv1 / conv2) channels of res2..res5, MODEL.RESNETS.NUM_GROUPS groups;
+    # unused by R18/R34, whose blocks have no bottleneck.
+    cfg.MODEL.PRUNED_RESNET.BOTTLENECK_CHANNELS = [64, 128, 256, 512]
     return cfg
 
 

@@ -27,7 +27,6 @@ import gradaug_det  # noqa: F401  (registers backbones and the quickstart datase
 from gradaug_det import add_gradaug_config, width
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
 from gradaug_det.checkpoint.io import add_trust_pickle_argument, atomic_path, set_trust_pickle
-from gradaug_det.checkpoint.prune import add_pruned_config
 from gradaug_det.slim import SlimmableModule
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -49,8 +48,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def setup_cfg(args):
     cfg = get_cfg()
-    add_gradaug_config(cfg)
-    add_pruned_config(cfg)
+    add_gradaug_config(cfg)  # MODEL.PRUNED_RESNET too: pruned configs load
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold

@@ -21,9 +21,10 @@ Per-stage channel counts of a pruned ResNet generally break the stock ResNet rul
 * when the counts still follow the rule (e.g. R50 at width 0.5 or 0.75, or any model at
   width 1.0) the config uses ``build_resnet_fpn_backbone`` and stock keys only: plain
   ``detectron2.config.get_cfg()`` reads it;
-* otherwise it uses :func:`build_pruned_resnet_fpn_backbone` (registered in
-  ``BACKBONE_REGISTRY`` when this module is imported), which reads explicit per-stage
-  channel counts from ``MODEL.PRUNED_RESNET.*`` (:func:`add_pruned_config` adds the keys).
+* otherwise it uses :func:`gradaug_det.modeling.pruned.build_pruned_resnet_fpn_backbone`
+  (registered in ``BACKBONE_REGISTRY`` when ``gradaug_det`` is imported), which reads
+  explicit per-stage channel counts from ``MODEL.PRUNED_RESNET.*``
+  (:func:`gradaug_det.config.add_pruned_config` adds the keys).
 
 In eval mode a BN layer of a sub-network normalises with its sliced running statistics,
 exactly what the pruned BN does, so the pruned model's outputs equal the slimmed model's
@@ -40,21 +41,15 @@ import torch
 from torch import nn
 
 from detectron2.config import CfgNode, get_cfg
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, build_model
-from detectron2.modeling.backbone.fpn import FPN
-from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
+from detectron2.modeling import build_model
 
+from ..config import add_pruned_config
 from ..gradaug import unwrap_model
 from ..modeling import SlimmableFPN, SlimmableResNet
-from ..modeling.fpn import fpn_config_kwargs
-from ..modeling.resnet import BLOCKS_PER_STAGE
 from ..slim import DroppableBlock, SlimConv2d, check_width, conv_slice, select_channels, sliced_conv_state, width
 from ..slim.calibration import calibrated_bn
 
 __all__ = [
-    "add_pruned_config",
-    "build_pruned_resnet_fpn_backbone",
     "pruned_channels",
     "prune_config",
     "prune_state_dict",
@@ -66,90 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_STAGE_NAMES = ("res2", "res3", "res4", "res5")
-
-
-# ---------------------------------------------------------------------------------------
-# Config and backbone of a pruned model
-# ---------------------------------------------------------------------------------------
-def add_pruned_config(cfg: CfgNode) -> CfgNode:
-    """Add the ``MODEL.PRUNED_RESNET`` keys read by :func:`build_pruned_resnet_fpn_backbone`.
-
-    Idempotent. Call it on ``get_cfg()`` before ``merge_from_file`` of a pruned config
-    whose ``MODEL.BACKBONE.NAME`` is ``"build_pruned_resnet_fpn_backbone"``.
-
-    Args:
-        cfg: a detectron2 ``CfgNode``.
-
-    Returns:
-        ``cfg``, for chaining.
-    """
-    if "PRUNED_RESNET" in cfg.MODEL:
-        return cfg
-    cfg.MODEL.PRUNED_RESNET = CfgNode()
-    # Output channels of the stem convolution.
-    cfg.MODEL.PRUNED_RESNET.STEM_OUT_CHANNELS = 64
-    # Output channels of every residual block of res2, res3, res4, res5 (R50 defaults).
-    cfg.MODEL.PRUNED_RESNET.OUT_CHANNELS = [256, 512, 1024, 2048]
-    # Bottleneck (conv1 / conv2) channels of res2..res5, MODEL.RESNETS.NUM_GROUPS groups;
-    # unused by R18/R34, whose blocks have no bottleneck.
-    cfg.MODEL.PRUNED_RESNET.BOTTLENECK_CHANNELS = [64, 128, 256, 512]
-    return cfg
-
-
-def _build_pruned_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
-    """Stock detectron2 ``ResNet`` with the per-stage channels of ``MODEL.PRUNED_RESNET``."""
-    r, p = cfg.MODEL.RESNETS, cfg.MODEL.PRUNED_RESNET
-    if r.DEPTH not in BLOCKS_PER_STAGE:
-        raise ValueError(
-            f"MODEL.RESNETS.DEPTH={r.DEPTH} is not supported; use one of {sorted(BLOCKS_PER_STAGE)}"
-        )
-    for key in ("OUT_CHANNELS", "BOTTLENECK_CHANNELS"):
-        values = list(p[key])
-        if len(values) != 4 or any(int(v) < 1 for v in values):
-            raise ValueError(
-                f"MODEL.PRUNED_RESNET.{key} must list 4 positive channel counts (res2..res5), got {values}"
-            )
-    if any(r.DEFORM_ON_PER_STAGE):
-        raise ValueError("MODEL.RESNETS.DEFORM_ON_PER_STAGE must be all False for a pruned ResNet")
-    basic = r.DEPTH in (18, 34)
-    if not basic:
-        for c in p.BOTTLENECK_CHANNELS:
-            if c % r.NUM_GROUPS:
-                raise ValueError(
-                    f"MODEL.PRUNED_RESNET.BOTTLENECK_CHANNELS={list(p.BOTTLENECK_CHANNELS)} must be "
-                    f"multiples of MODEL.RESNETS.NUM_GROUPS={r.NUM_GROUPS}"
-                )
-    stem = BasicStem(input_shape.channels, p.STEM_OUT_CHANNELS, r.NORM)
-    in_channels = p.STEM_OUT_CHANNELS
-    stages = []
-    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[r.DEPTH]):
-        dilation = r.RES5_DILATION if idx == 3 else 1
-        first_stride = 1 if idx == 0 or dilation == 2 else 2
-        kwargs = dict(num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
-                      in_channels=in_channels, out_channels=p.OUT_CHANNELS[idx], norm=r.NORM)
-        if basic:
-            kwargs["block_class"] = BasicBlock
-        else:
-            kwargs.update(block_class=BottleneckBlock, bottleneck_channels=p.BOTTLENECK_CHANNELS[idx],
-                          stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation, num_groups=r.NUM_GROUPS)
-        stages.append(ResNet.make_stage(**kwargs))
-        in_channels = p.OUT_CHANNELS[idx]
-    return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
-
-
-@BACKBONE_REGISTRY.register()
-def build_pruned_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
-    """Build a stock detectron2 ResNet-FPN with explicit per-stage channel counts.
-
-    Reads ``MODEL.PRUNED_RESNET.*`` (per-stage channels, see :func:`add_pruned_config`),
-    ``MODEL.RESNETS.{DEPTH, NORM, NUM_GROUPS, STRIDE_IN_1X1, RES5_DILATION, OUT_FEATURES}``,
-    ``MODEL.BACKBONE.FREEZE_AT`` and ``MODEL.FPN.*``. Module and parameter names are those
-    of ``build_resnet_fpn_backbone``.
-    """
-    return FPN(bottom_up=_build_pruned_resnet(cfg, input_shape), **fpn_config_kwargs(cfg))
-
 
 # ---------------------------------------------------------------------------------------
 # Channels kept at a width
@@ -510,8 +421,8 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
         atomic_torch_save({"model": pruned_model.state_dict(), "gradaug_prune": info}, ckpt_path)
         custom = pruned_cfg.MODEL.BACKBONE.NAME == "build_pruned_resnet_fpn_backbone"
         extra = (
-            "# Load with: cfg = get_cfg(); gradaug_det.checkpoint.prune.add_pruned_config(cfg);\n"
-            "#            cfg.merge_from_file(<this file>)  (importing that module registers the backbone)\n"
+            "# Load with: cfg = get_cfg(); gradaug_det.config.add_pruned_config(cfg);\n"
+            "#            cfg.merge_from_file(<this file>)  (importing gradaug_det registers the backbone)\n"
             if custom else "# Stock keys only: detectron2's get_cfg().merge_from_file(<this file>) reads it.\n"
         )
         with atomic_write(cfg_path, "w") as f:

@@ -6,6 +6,7 @@ from .fpn import (
     build_slimmable_resnet_fpn_backbone,
     build_slimmable_retinanet_resnet_fpn_backbone,
 )
+from .pruned import build_pruned_resnet_fpn_backbone
 from .resnet import (
     SlimBasicBlock,
     SlimBasicStem,

@@ -7,7 +7,7 @@ block can be dropped (depth sub-networks). At width ``w < 1`` the returned featu
 hold the sub-network's channels first and zeros after, at the full channel count, so
 ``output_shape()`` never changes and every consumer (FPN, C4 res5 head) works as is.
 """
-import math
+from typing import List, Sequence, Type
 
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +18,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 
 from ..config import slimmable_config
 from ..slim import DroppableBlock, SlimConv2d, check_channel_rule, pad_channels, resnet_channel_ratios
+from ..slim.channels import GroupNormSlice, check_group_norm_slicing
 
 __all__ = [
     "SlimBasicStem",
@@ -29,12 +30,20 @@ __all__ = [
     "channel_rule_config",
     "set_resnet_channel_ratios",
     "make_slimmable_resnet",
+    "make_resnet_stages",
+    "check_resnet_depth",
     "BLOCKS_PER_STAGE",
 ]
 
 
 #: Residual blocks per stage (res2..res5) of the standard ResNet depths.
 BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+
+
+def check_resnet_depth(depth: int) -> None:
+    """Raise ``ValueError`` naming ``MODEL.RESNETS.DEPTH`` unless it is in :data:`BLOCKS_PER_STAGE`."""
+    if depth not in BLOCKS_PER_STAGE:
+        raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not supported; use one of {sorted(BLOCKS_PER_STAGE)}")
 
 
 class SlimBasicStem(BasicStem):
@@ -157,7 +166,8 @@ def check_slimmable_norms(model: nn.Module, prefix: str = "") -> None:
     FrozenBN, BN and SyncBN slice per channel. GroupNorm slices cleanly only when
     every sliced channel count is a whole number of groups, i.e. when
     ``MODEL.SLIMMABLE.CHANNEL_DIVISOR`` is a multiple of every GN layer's channels per
-    group (and never inside grouped, ResNeXt, convolutions). Other norms cannot be
+    group (and never inside grouped, ResNeXt, convolutions): the rule of
+    :func:`gradaug_det.slim.channels.check_group_norm_slicing`. Other norms cannot be
     sliced.
 
     Raises:
@@ -177,32 +187,12 @@ def check_slimmable_norms(model: nn.Module, prefix: str = "") -> None:
             f"{name}.norm is {type(m.norm).__name__}, which cannot be sliced to a sub-network "
             "width. Use FrozenBN, BN, SyncBN or GN (MODEL.RESNETS.NORM, MODEL.FPN.NORM)."
         )
-    required = 1
-    for _, m in group_norms:
-        required = math.lcm(required, m.norm.num_channels // m.norm.num_groups)
-    for name, m in group_norms:
-        per_group = m.norm.num_channels // m.norm.num_groups
-        desc = f"{name}.norm is GroupNorm({m.norm.num_groups}, {m.norm.num_channels}) with {per_group} channels per group"
-        if m.out_layout != 1:
-            raise ValueError(
-                f"{desc} inside a grouped (ResNeXt) convolution, whose sub-networks keep the "
-                "leading channels of every convolution group and so cannot keep whole GN groups. "
-                "Use a BN-type norm (MODEL.RESNETS.NORM: FrozenBN, BN, SyncBN) or "
-                "MODEL.RESNETS.NUM_GROUPS=1."
-            )
-        if m.divisor % per_group != 0 and getattr(m, "rule", "round") == "reference":
-            raise ValueError(
-                f"{desc}: MODEL.SLIMMABLE.CHANNEL_RULE='reference' keeps channel counts that are not "
-                "whole GN groups. Use CHANNEL_RULE 'round' with MODEL.SLIMMABLE.CHANNEL_DIVISOR a "
-                f"multiple of {required}, or a BN-type norm (FrozenBN, BN, SyncBN)."
-            )
-        if m.divisor % per_group != 0:
-            raise ValueError(
-                f"{desc}, which cannot be sliced at every width with "
-                f"MODEL.SLIMMABLE.CHANNEL_DIVISOR={m.divisor}. Set MODEL.SLIMMABLE.CHANNEL_DIVISOR "
-                f"to a multiple of {required} (the least common multiple of every GN layer's "
-                "channels per group in this model) or use a BN-type norm (FrozenBN, BN, SyncBN)."
-            )
+    check_group_norm_slicing(
+        [GroupNormSlice(f"{name}.norm", m.norm.num_groups, m.norm.num_channels, m.divisor,
+                        getattr(m, "rule", "round"), grouped=m.out_layout != 1) for name, m in group_norms],
+        divisor_key="MODEL.SLIMMABLE.CHANNEL_DIVISOR", rule_key="MODEL.SLIMMABLE.CHANNEL_RULE",
+        bn_fix="a BN-type norm (MODEL.RESNETS.NORM / MODEL.FPN.NORM: FrozenBN, BN, SyncBN)",
+        groups_fix="MODEL.RESNETS.NUM_GROUPS=1")
 
 
 @BACKBONE_REGISTRY.register()
@@ -241,8 +231,7 @@ def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
     r = cfg.MODEL.RESNETS
     depth = r.DEPTH
     divisor, rule = channel_rule_config(cfg)
-    if depth not in BLOCKS_PER_STAGE:
-        raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not supported; use one of {sorted(BLOCKS_PER_STAGE)}")
+    check_resnet_depth(depth)
     if any(r.DEFORM_ON_PER_STAGE):
         raise ValueError(
             f"MODEL.RESNETS.DEFORM_ON_PER_STAGE={list(r.DEFORM_ON_PER_STAGE)}: deformable "
@@ -257,20 +246,51 @@ def make_slimmable_resnet(cfg, input_shape: ShapeSpec) -> SlimmableResNet:
                 raise ValueError(f"MODEL.RESNETS.{key}={value} is not supported for R{depth}; set it to {allowed}")
 
     stem = SlimBasicStem(input_shape.channels, r.STEM_OUT_CHANNELS, r.NORM, divisor, rule)
-    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
-    bottleneck_channels = r.NUM_GROUPS * r.WIDTH_PER_GROUP
+    stages = make_resnet_stages(
+        r, r.STEM_OUT_CHANNELS, [r.RES2_OUT_CHANNELS * 2 ** i for i in range(4)],
+        [r.NUM_GROUPS * r.WIDTH_PER_GROUP * 2 ** i for i in range(4)],
+        basic_block=SlimBasicBlock, bottleneck_block=SlimBottleneckBlock, divisor=divisor, rule=rule,
+    )
+    return SlimmableResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+def make_resnet_stages(r, in_channels: int, out_channels: Sequence[int], bottleneck_channels: Sequence[int], *,
+                       basic_block: Type[nn.Module] = BasicBlock, bottleneck_block: Type[nn.Module] = BottleneckBlock,
+                       **block_kwargs) -> List[List[nn.Module]]:
+    """The res2..res5 stages of a ResNet, as detectron2's ``build_resnet_backbone`` lays them out.
+
+    The one stage loop of gradaug-det: the slimmable ResNet (channels doubled per stage)
+    and the pruned ResNet (:mod:`gradaug_det.modeling.pruned`, explicit channels per
+    stage) both build their stages here.
+
+    Args:
+        r: ``cfg.MODEL.RESNETS`` (``DEPTH``, ``NORM``, ``RES5_DILATION``, ``NUM_GROUPS``,
+            ``STRIDE_IN_1X1``).
+        in_channels: the stem's output channels.
+        out_channels: output channels of every block of res2, res3, res4, res5.
+        bottleneck_channels: conv1 / conv2 channels of the blocks of res2..res5 (unused by
+            R18/R34's basic blocks).
+        basic_block, bottleneck_block: the block classes (R18/R34, deeper nets).
+        **block_kwargs: passed to every block (e.g. the slimmable blocks' ``divisor``, ``rule``).
+
+    Returns:
+        Four lists of blocks, for ``ResNet(stem, stages, ...)``.
+
+    Raises:
+        ValueError: for a ``MODEL.RESNETS.DEPTH`` not in :data:`BLOCKS_PER_STAGE`.
+    """
+    check_resnet_depth(r.DEPTH)
     stages = []
-    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[depth]):
+    for idx, num_blocks in enumerate(BLOCKS_PER_STAGE[r.DEPTH]):
         dilation = r.RES5_DILATION if idx == 3 else 1
         first_stride = 1 if idx == 0 or dilation == 2 else 2
         kwargs = dict(num_blocks=num_blocks, stride_per_block=[first_stride] + [1] * (num_blocks - 1),
-                      in_channels=in_channels, out_channels=out_channels, norm=r.NORM, divisor=divisor,
-                      rule=rule)
-        if depth in (18, 34):
-            kwargs["block_class"] = SlimBasicBlock
+                      in_channels=in_channels, out_channels=out_channels[idx], norm=r.NORM, **block_kwargs)
+        if r.DEPTH in (18, 34):
+            kwargs["block_class"] = basic_block
         else:
-            kwargs.update(block_class=SlimBottleneckBlock, bottleneck_channels=bottleneck_channels,
+            kwargs.update(block_class=bottleneck_block, bottleneck_channels=bottleneck_channels[idx],
                           stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation, num_groups=r.NUM_GROUPS)
         stages.append(ResNet.make_stage(**kwargs))
-        in_channels, out_channels, bottleneck_channels = out_channels, out_channels * 2, bottleneck_channels * 2
-    return SlimmableResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+        in_channels = out_channels[idx]
+    return stages

@@ -12,8 +12,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
 import gradaug_det
+from gradaug_det.config import add_pruned_config
 from gradaug_det.checkpoint.prune import (
-    add_pruned_config,
     backbone_flops,
     count_parameters,
     feature_difference,
