@@ -16,34 +16,13 @@ import contextlib
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from detectron2.structures import Boxes
 
 from .losses import soft_label_kl, unwrap_model
 
-__all__ = ["RoIClassifierSoftLabels", "weighted_soft_label_kl"]
-
-
-def weighted_soft_label_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                           weights: torch.Tensor) -> torch.Tensor:
-    """:func:`.losses.soft_label_kl` over the RoIs of weight 1 only, without indexing.
-
-    Args:
-        student_logits, teacher_logits: (R, K) logits.
-        weights: (R,) 1 for RoIs that take part, 0 for RoIs to leave out.
-
-    Returns:
-        ``sum_r w_r KL_r / max(sum_r w_r, 1)``: with all weights 1 the reference's
-        ``reduction="batchmean"``; with 0/1 weights, exactly that loss on the kept rows.
-    """
-    if student_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
-    w = weights.float()
-    target = F.softmax(teacher_logits.detach().float(), dim=1)
-    per_roi = F.kl_div(F.log_softmax(student_logits.float(), dim=1), target, reduction="none").sum(1)
-    return (per_roi * w).sum() / w.sum().clamp(min=1.0)
+__all__ = ["RoIClassifierSoftLabels"]
 
 
 class RoIClassifierSoftLabels:
@@ -171,5 +150,5 @@ class RoIClassifierSoftLabels:
         if any(w is not None for w in weights):
             weights = torch.cat([torch.ones(len(t["logits"]), device=device) if w is None else w.to(device)
                                  for t, w in zip(teacher, weights)])
-            return weighted_soft_label_kl(student, target, weights)
+            return soft_label_kl(student, target, weights)
         return soft_label_kl(student, target)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import unwrap_model
+from .losses import soft_target_kl, unwrap_model
 from .transforms import SubnetGeometry
 
 __all__ = ["SemSegSoftLabels"]
@@ -112,10 +112,8 @@ class SemSegSoftLabels:
             student.append(output)
 
         def on_head(module, args, kwargs, output):
-            x = student[-1].float()
-            target, weight = self.targets(teacher, geos, x.shape[-2:])
-            per_cell = F.kl_div(F.log_softmax(x, dim=1), target, reduction="none").sum(1)
-            output[1][name] = (per_cell * weight).sum() / weight.sum().clamp(min=1.0)
+            target, weight = self.targets(teacher, geos, student[-1].shape[-2:])
+            output[1][name] = soft_target_kl(student[-1], target, weight)
             return output
 
         def layers_only(features, targets=None):

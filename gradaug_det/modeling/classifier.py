@@ -19,6 +19,7 @@ from detectron2.layers import move_device_like
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 
 from ..config import slimmable_config
+from ..gradaug.losses import soft_target_kl
 from ..slim import SlimLinear, SlimmableModule
 
 __all__ = ["SlimmableClassifier", "classification_loss"]
@@ -32,7 +33,8 @@ def classification_loss(logits: torch.Tensor, batched_inputs: List[Dict],
 
     If every input dict carries ``"soft_label"`` (a probability vector over the
     classes, e.g. from CutMix), the loss is GradAug's soft-label loss
-    ``F.kl_div(F.log_softmax(logits, 1), soft, reduction="batchmean")``; otherwise it is
+    (:func:`gradaug_det.gradaug.losses.soft_target_kl`:
+    ``F.kl_div(F.log_softmax(logits, 1), soft, reduction="batchmean")`` in float32); otherwise it is
     the cross-entropy with the integer ``"class_id"`` of every dict.
 
     Args:
@@ -56,8 +58,7 @@ def classification_loss(logits: torch.Tensor, batched_inputs: List[Dict],
                 f"soft labels have shape {tuple(soft.shape)} but the logits {tuple(logits.shape)}; "
                 "a soft label needs one probability per class (MODEL.CLASSIFIER.NUM_CLASSES)"
             )
-        soft = move_device_like(soft, logits).to(logits.dtype)
-        return F.kl_div(F.log_softmax(logits, dim=1), soft, reduction="batchmean")
+        return soft_target_kl(logits, move_device_like(soft, logits))
     if any(has_soft):
         raise ValueError(
             f"{sum(has_soft)} of {len(has_soft)} images carry a 'soft_label'; a batch must be "

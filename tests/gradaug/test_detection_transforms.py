@@ -17,7 +17,6 @@ from detectron2.structures import BitMasks, Boxes, Instances, Keypoints, Polygon
 from detectron2.utils.events import EventStorage
 
 from gradaug_det.gradaug import DetectionTask, SubnetSampler, SubnetSpec, gradaug_step, soft_label_kl
-from gradaug_det.gradaug.roi_soft_labels import weighted_soft_label_kl
 from gradaug_det.gradaug.tasks import check_subnet_loss_support
 from gradaug_det.gradaug.transforms import (
     SubnetGeometry, check_batch_fields, check_transformable_fields, transform_detection_batch,
@@ -191,8 +190,8 @@ def test_teacher_rois_keep_their_rows_with_weights():
     assert torch.allclose(t["boxes"][1], geo.boxes(rois[1:]).squeeze(0))
     student = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
     # the weighted loss is the reference loss on the kept rows
-    assert torch.allclose(weighted_soft_label_kl(student, logits, t["weights"]), soft_label_kl(student[1:], logits[1:]))
-    assert torch.allclose(weighted_soft_label_kl(student, logits, torch.ones(2)), soft_label_kl(student, logits))
+    assert torch.allclose(soft_label_kl(student, logits, t["weights"]), soft_label_kl(student[1:], logits[1:]))
+    assert torch.allclose(soft_label_kl(student, logits, torch.ones(2)), soft_label_kl(student, logits))
 
 
 def test_unknown_fields_are_refused_before_any_pass(make_rcnn_cfg, make_batch):
@@ -323,7 +322,7 @@ def test_device_fields_are_never_read_on_the_host(spec):
         assert d["image"].device == meta and d["image"].shape[-2:] == size and d["sem_seg"].shape == size
         assert d["instances"].gt_masks.tensor.shape == (len(d["instances"]),) + size
         assert len(d["instances"]) == (1 if spec.angle else 2)
-    loss = weighted_soft_label_kl(torch.zeros(5, 3, device=meta), out_t[0]["logits"], out_t[0]["weights"])
+    loss = soft_label_kl(torch.zeros(5, 3, device=meta), out_t[0]["logits"], out_t[0]["weights"])
     assert loss.device == meta
 
 
