@@ -25,7 +25,7 @@ from detectron2.utils.logger import setup_logger
 import gradaug_det  # noqa: F401  (registers datasets and components)
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer, exit_on_weights_error
 from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
-from gradaug_det.data.resumable import ResumableTrainLoader, instantiate_lazy_train_loader, seed_global_rng
+from gradaug_det.data.resumable import instantiate_lazy_train_loader, resumable_data_hook
 from gradaug_det.engine import create_ddp_model
 from gradaug_det.engine.launch import launch_tool
 from gradaug_det.engine.lazy import (build_lazy_step_trainer, check_lazy_paths, lazy_test, lazy_test_widths,
@@ -42,18 +42,14 @@ def do_train(args, cfg):
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)
-    # detectron2's build_detection_train_loader becomes the resumable loader: its stream position is
-    # checkpointed ("data_order") and the global generators are seeded per iteration, so --resume is exact
+    # detectron2's build_detection_train_loader becomes the resumable loader: its hook checkpoints the
+    # stream position and seeds the global generators per iteration, so --resume is exact
     train_loader = instantiate_lazy_train_loader(cfg.dataloader.train)
-    resumable = isinstance(train_loader, ResumableTrainLoader)
     model = create_ddp_model(model, **cfg.train.ddp,
                              unused_parameters_reason=needs_unused_parameter_search_lazy(cfg))
     trainer = build_lazy_step_trainer(cfg, model, train_loader, optim)
-    checkpointer = GradAugCheckpointer(model, cfg.train.output_dir, trainer=trainer,
-                                       **({"data_order": train_loader} if resumable else {}))
+    checkpointer = GradAugCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
-        hooks.CallbackHook(before_step=lambda t: seed_global_rng(train_loader.seed, comm.get_rank(), t.iter))
-        if resumable else None,
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
@@ -61,6 +57,7 @@ def do_train(args, cfg):
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
         preemption_hook(checkpointer),  # in a tools/submit.py job: checkpoint + stop on preemption
+        resumable_data_hook(train_loader),  # last: seeds the global generators right before each step
     ])
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0

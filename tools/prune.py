@@ -66,7 +66,7 @@ def main(args) -> dict:
     ratio = stats["params_pruned"] / stats["params"]
     print(f"  parameters: {stats['params'] / 1e6:.3f} M -> {stats['params_pruned'] / 1e6:.3f} M ({ratio:.1%})")
     if "flops" in stats:
-        print(f"  backbone GFLOPs at {size}x{size}: full {stats['flops'] / 1e9:.3f}, "
+        print(f"  backbone forward GFLOPs (2 per multiply-add) at {size}x{size}: full {stats['flops'] / 1e9:.3f}, "
               f"full at width {args.width:g} {stats['flops_slim'] / 1e9:.3f}, "
               f"pruned {stats['flops_pruned'] / 1e9:.3f}")
     print(f"  max relative feature difference pruned vs. slimmed: {stats['feature_diff']:.2e}")

@@ -29,10 +29,10 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..data.resumable import upgrade_legacy_data_order
 from .io import (
     CheckpointFileError,
     UntrustedPickleError,
-    atomic_torch_save,
     atomic_write,
     is_complete_torch_file,
     load_weights_file,
@@ -117,6 +117,23 @@ def backbone_mismatch_message(path: str, mismatches: List[Tuple[str, tuple, tupl
             "allow_backbone_mismatch=True)).")
 
 
+class _AtomicWritePathManager:
+    """A checkpointer's ``PathManager`` whose writes are atomic: ``open(path, "w" / "wb")``
+    is :func:`atomic_write` on the local path (a temporary file renamed into place when the
+    ``with`` block ends); everything else is the wrapped ``PathManager``'s."""
+
+    def __init__(self, path_manager):
+        self._path_manager = path_manager
+
+    def __getattr__(self, name: str):
+        return getattr(self._path_manager, name)
+
+    def open(self, path: str, mode: str = "r", **kwargs):
+        if mode in ("w", "wb"):
+            return atomic_write(self._path_manager.get_local_path(path), mode)
+        return self._path_manager.open(path, mode, **kwargs)
+
+
 class GradAugCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with safe loading, atomic saving and a resume fallback.
 
@@ -132,6 +149,8 @@ class GradAugCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir: str = "", *, trust_pickle: Optional[bool] = None,
                  allow_backbone_mismatch: bool = False, save_to_disk=None, **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        # fvcore's save and tag_last_checkpoint write through path_manager.open(..., "wb" / "w")
+        self.path_manager = _AtomicWritePathManager(self.path_manager)
         self.trust_pickle = trust_pickle
         self.allow_backbone_mismatch = allow_backbone_mismatch
         self._loading = ""
@@ -194,6 +213,7 @@ class GradAugCheckpointer(DetectionCheckpointer):
         return data
 
     def _load_model(self, checkpoint):
+        upgrade_legacy_data_order(checkpoint)  # before the checkpointables ("trainer") load
         records = {k: checkpoint.pop(k) for k in list(self._records) if k in checkpoint}
         file_state = dict(checkpoint["model"])
         incompatible = super()._load_model(checkpoint)
@@ -210,37 +230,23 @@ class GradAugCheckpointer(DetectionCheckpointer):
     # ---- saving -------------------------------------------------------------------------
 
     def save(self, name: str, **kwargs: Any) -> None:
-        """Like ``Checkpointer.save``, written atomically, refusing non-finite weights.
+        """fvcore's ``Checkpointer.save`` (model, checkpointables, ``kwargs``) plus the
+        registered records (:meth:`register_record`; ``kwargs`` of the same name win), refusing
+        non-finite weights. The file and then ``last_checkpoint`` are written atomically (the
+        checkpointer's :class:`_AtomicWritePathManager`).
 
         Raises:
             FloatingPointError: a floating-point model tensor holds NaN or Inf (named).
         """
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": self.model.state_dict()}
-        bad = [k for k, v in data["model"].items()
-               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise FloatingPointError(
-                f"refusing to save checkpoint {name!r}: {len(bad)} model tensor(s) are not finite "
-                f"({', '.join(bad[:_SHOWN])}{', ...' if len(bad) > _SHOWN else ''})")
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        for key, record in self._records.items():
-            data[key] = record.save(self.model)
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        assert os.path.basename(save_file) == basename, basename
-        self.logger.info("Saving checkpoint to {}".format(save_file))
-        atomic_torch_save(data, self.path_manager.get_local_path(save_file))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        """Write ``last_checkpoint`` atomically."""
-        path = self.path_manager.get_local_path(os.path.join(self.save_dir, "last_checkpoint"))
-        with atomic_write(path, "w") as f:
-            f.write(last_filename_basename)
+        if self.save_dir and self.save_to_disk:
+            bad = [k for k, v in self.model.state_dict().items()
+                   if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise FloatingPointError(
+                    f"refusing to save checkpoint {name!r}: {len(bad)} model tensor(s) are not finite "
+                    f"({', '.join(bad[:_SHOWN])}{', ...' if len(bad) > _SHOWN else ''})")
+            kwargs = {**{key: record.save(self.model) for key, record in self._records.items()}, **kwargs}
+        super().save(name, **kwargs)
 
     # ---- resuming -----------------------------------------------------------------------
 

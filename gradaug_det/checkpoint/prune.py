@@ -44,6 +44,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
 
 from ..config import add_pruned_config
+from ..benchmark.cost import backbone_flops, count_parameters
 from ..gradaug import unwrap_model
 from ..modeling import SlimmableFPN, SlimmableResNet
 from ..slim import DroppableBlock, SlimConv2d, check_width, conv_slice, select_channels, sliced_conv_state, width
@@ -55,8 +56,6 @@ __all__ = [
     "prune_state_dict",
     "prune_model",
     "prune_checkpoint",
-    "count_parameters",
-    "backbone_flops",
     "feature_difference",
 ]
 
@@ -330,37 +329,6 @@ def prune_model(model: nn.Module, cfg: CfgNode, w: float, weights: str = "") -> 
     return pruned_cfg, pruned_model
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of ``model`` (every parameter, trainable or frozen)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def backbone_flops(model: nn.Module, height: int, width_: int) -> float:
-    """FLOPs (fvcore: one multiply-add = one flop) of ``model.backbone`` on one image.
-
-    Under :func:`gradaug_det.width` this counts the sub-network's real compute, since a
-    slimmed layer convolves with its sliced weights.
-
-    Args:
-        model: a detector with a ``backbone``.
-        height, width_: input size in pixels.
-    """
-    from detectron2.utils.analysis import FlopCountAnalysis
-
-    backbone = unwrap_model(model).backbone
-    param = next(backbone.parameters())
-    image = torch.zeros(1, 3, height, width_, device=param.device, dtype=param.dtype)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            counter = FlopCountAnalysis(backbone, (image,))
-            counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return float(counter.total())
-    finally:
-        backbone.train(was_training)
-
-
 _CFG_HEADER = """\
 # Pruned by gradaug_det.checkpoint.prune: the width-{width:g} sub-network of
 #   {source}
@@ -381,7 +349,8 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
         w: the width, in (0, 1].
         output_dir: where to write; created if missing.
         weights: checkpoint to prune; default ``cfg.MODEL.WEIGHTS``.
-        flops_size: if given, also count backbone FLOPs on a ``flops_size`` square image.
+        flops_size: if given, also count backbone forward FLOPs on a ``flops_size`` square image
+            (:func:`gradaug_det.benchmark.cost.backbone_flops`: 2 per multiply-add).
 
     Returns:
         dict with ``checkpoint`` and ``config`` (paths), ``builder`` (backbone name),

@@ -17,10 +17,11 @@ global random state, so a resumed run sees other images than an uninterrupted on
   next iterator re-map the waiting positions first, then continue the stream: the same
   batches as without the interruption.
 
-The trainer saves this state in every checkpoint (``GradAugTrainer``, key ``"data_order"``)
-and seeds the global generators the model's own sampling uses (RPN / RoI subsampling) from
-(seed, rank, iteration) at every iteration, so a run killed and resumed equals the
-uninterrupted run step for step, on every rank.
+:class:`ResumableDataHook`, registered on the trainer (``GradAugTrainer`` and the LazyConfig
+tool alike), saves this state in every checkpoint (detectron2's hook state: checkpoint
+``["trainer"]["hooks"]["ResumableDataHook"]``) and seeds the global generators the model's own
+sampling uses (RPN / RoI subsampling) from (seed, rank, iteration) before every iteration, so a
+run killed and resumed equals the uninterrupted run step for step, on every rank.
 """
 import contextlib
 import logging
@@ -31,9 +32,11 @@ import numpy as np
 import torch
 import torch.utils.data as torchdata
 
+from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["ResumableTrainLoader", "build_resumable_train_loader", "instantiate_lazy_train_loader", "seeded_rng",
+__all__ = ["ResumableTrainLoader", "ResumableDataHook", "build_resumable_train_loader",
+           "instantiate_lazy_train_loader", "resumable_data_hook", "upgrade_legacy_data_order", "seeded_rng",
            "seed_global_rng"]
 
 logger = logging.getLogger(__name__)
@@ -265,3 +268,82 @@ def instantiate_lazy_train_loader(loader_cfg):
     return ResumableTrainLoader(dataset, mapper, sampler, batch_size=total // world,
                                 aspect_ratio_grouping=kw.get("aspect_ratio_grouping", True),
                                 num_workers=kw.get("num_workers", 0), collate_fn=instantiate(kw.get("collate_fn")))
+
+
+class ResumableDataHook(HookBase):
+    """Makes a :class:`ResumableTrainLoader`'s stream part of the trainer's checkpoint.
+
+    * ``before_step``: seeds ``random``, ``numpy`` and ``torch`` from (sampler seed, rank,
+      iteration), so what the model's own sampling draws (RPN / RoI label subsampling) does
+      not depend on where the run started. Register it last: it runs after the other hooks'
+      ``before_step``, right before the step.
+    * ``state_dict`` / ``load_state_dict``: the loader's stream position, saved by
+      detectron2's ``TrainerBase.state_dict`` under ``["hooks"]["ResumableDataHook"]`` of the
+      trainer state (checkpointable ``"trainer"``) and restored by ``--resume``.
+    * ``before_train``: warns when a resumed run (start iteration > 0) found no position in its
+      checkpoint (written without a resumable loader): the stream starts from its beginning.
+
+    Args:
+        loader: the training loader; its step trainer must iterate this object.
+    """
+
+    def __init__(self, loader: ResumableTrainLoader):
+        self.loader = loader
+        self._restored = False
+
+    def before_train(self):
+        if self.trainer.iter > 0 and not self._restored:
+            logger.warning("The checkpoint has no data order (written without a resumable training loader, e.g. "
+                           "DATALOADER.RESUMABLE False); the data stream starts from its beginning")
+
+    def before_step(self):
+        seed_global_rng(self.loader.seed, comm.get_rank(), self.trainer.iter)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """:meth:`ResumableTrainLoader.state_dict` (at an iteration boundary)."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue the loader's stream at ``state``; an iterator the step trainer already
+        holds is dropped, so the next batch comes from the restored position.
+
+        Raises:
+            ValueError: as :meth:`ResumableTrainLoader.load_state_dict` (other batch size).
+        """
+        self.loader.load_state_dict(state)
+        self._restored = True
+        step_trainer = getattr(self.trainer, "_trainer", self.trainer)  # DefaultTrainer wraps its step trainer
+        if getattr(step_trainer, "data_loader", None) is self.loader:
+            step_trainer._data_loader_iter_obj = None
+
+
+def resumable_data_hook(loader) -> Optional[ResumableDataHook]:
+    """:class:`ResumableDataHook` for ``loader`` when it is a :class:`ResumableTrainLoader`,
+    else None (``register_hooks`` skips None): any other loader restarts its stream on resume."""
+    return ResumableDataHook(loader) if isinstance(loader, ResumableTrainLoader) else None
+
+
+#: Where checkpoints written before :class:`ResumableDataHook` kept the data order:
+#: ``GradAugTrainer`` in its trainer state, the LazyConfig tool as a top-level checkpointable.
+_LEGACY_KEY = "data_order"
+
+
+def upgrade_legacy_data_order(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """Move a data order of an older checkpoint (``checkpoint["trainer"]["data_order"]`` or
+    ``checkpoint["data_order"]``) to where :class:`ResumableDataHook` reads it, in place; a
+    position already stored there is kept. Other checkpoints are returned unchanged.
+
+    Args:
+        checkpoint: a loaded checkpoint dict (``"model"``, ``"trainer"``, ...).
+
+    Returns:
+        ``checkpoint``.
+    """
+    trainer = checkpoint.get("trainer")
+    if not isinstance(trainer, dict):
+        return checkpoint
+    old = checkpoint.pop(_LEGACY_KEY, None)
+    old = trainer.pop(_LEGACY_KEY, old)
+    if old is not None:
+        trainer.setdefault("hooks", {}).setdefault(ResumableDataHook.__qualname__, old)
+    return checkpoint

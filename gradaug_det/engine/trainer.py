@@ -24,6 +24,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import GradAugCheckpointer
+from ..data.resumable import build_resumable_train_loader, resumable_data_hook
 from ..gradaug import SubnetSampler, build_task, validate_sampler_args
 from ..gradaug.sampler import validate_loss_args
 from ..slim import check_width, linear_keep_probs, residual_blocks
@@ -175,10 +176,13 @@ class GradAugTrainer(DefaultTrainer):
 
     def build_hooks(self):
         """detectron2's hooks, plus, in a Slurm job of ``tools/submit.py``, the hook that saves
-        a checkpoint and stops after the step in which the preemption signal came."""
+        a checkpoint and stops after the step in which the preemption signal came, and, with
+        ``DATALOADER.RESUMABLE``, the data-order hook (last: it seeds the global generators right
+        before each step; :class:`~gradaug_det.data.resumable.ResumableDataHook`)."""
         from .slurm import preemption_hook
 
-        return super().build_hooks() + [preemption_hook(self.checkpointer)]
+        return super().build_hooks() + [preemption_hook(self.checkpointer),
+                                         resumable_data_hook(self._trainer.data_loader)]
 
     @classmethod
     def build_step_trainer(cls, cfg, model, data_loader, optimizer):
@@ -208,46 +212,8 @@ class GradAugTrainer(DefaultTrainer):
 
             return build_classification_train_loader(cfg)
         if cfg.DATALOADER.get("RESUMABLE", False):
-            from ..data.resumable import build_resumable_train_loader
-
             return build_resumable_train_loader(cfg)
         return super().build_train_loader(cfg)
-
-    def run_step(self):
-        """detectron2's step; with ``DATALOADER.RESUMABLE`` the global random generators
-        (which the model's own sampling draws from, e.g. RPN / RoI label subsampling) are
-        first seeded from (data seed, rank, iteration), so a resumed run draws what the
-        uninterrupted run drew, on every rank."""
-        from ..data.resumable import ResumableTrainLoader, seed_global_rng
-
-        loader = self._trainer.data_loader
-        if isinstance(loader, ResumableTrainLoader):
-            seed_global_rng(loader.seed, comm.get_rank(), self.iter)
-        super().run_step()
-
-    def state_dict(self):
-        """detectron2's trainer state, plus the data stream position (``DATALOADER.RESUMABLE``)."""
-        from ..data.resumable import ResumableTrainLoader
-
-        ret = super().state_dict()
-        loader = self._trainer.data_loader
-        if isinstance(loader, ResumableTrainLoader):
-            ret["data_order"] = loader.state_dict()
-        return ret
-
-    def load_state_dict(self, state):
-        """Restore :meth:`state_dict`: the next batches are those the interrupted run would
-        have taken."""
-        from ..data.resumable import ResumableTrainLoader
-
-        super().load_state_dict(state)
-        loader = self._trainer.data_loader
-        if "data_order" in state and isinstance(loader, ResumableTrainLoader):
-            loader.load_state_dict(state["data_order"])
-            self._trainer._data_loader_iter_obj = None  # a new iterator starts at the restored position
-        elif isinstance(loader, ResumableTrainLoader):
-            logger.warning("The checkpoint has no data order (written without DATALOADER.RESUMABLE); "
-                           "the data stream starts from its beginning")
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

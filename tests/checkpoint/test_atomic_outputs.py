@@ -80,3 +80,35 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with atomic_write(str(path), "w") as f:
         f.write("new: 2\n")
     assert path.read_text() == "new: 2\n" and os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """GradAugCheckpointer writes fvcore's checkpoint through an atomic file: a save that fails
+    mid-write leaves neither a partial file nor a last_checkpoint naming it."""
+    import fvcore.common.checkpoint as fv
+
+    from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
+
+    model = torch.nn.Linear(2, 2)
+    checkpointer = GradAugCheckpointer(model, str(tmp_path), save_to_disk=True)
+    checkpointer.save("model_0000000", iteration=0)
+    before = (tmp_path / "model_0000000.pth").read_bytes()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+
+    def killed(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(fv.torch, "save", killed)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        checkpointer.save("model_0000001", iteration=1)
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000000.pth"]  # no temporary left
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000000.pth"
+    assert (tmp_path / "model_0000000.pth").read_bytes() == before
+    monkeypatch.undo()
+    checkpointer.save("model_0000001", iteration=1)
+    saved = torch.load(tmp_path / "model_0000001.pth", weights_only=True)
+    assert saved["iteration"] == 1 and torch.equal(saved["model"]["weight"], model.weight.detach())
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
