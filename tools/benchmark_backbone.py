@@ -31,10 +31,10 @@ warnings.filterwarnings("ignore", category=UserWarning)
 from gradaug_det.benchmark.backbone import (  # noqa: E402
     BackboneBench,
     backbone_markdown,
+    check_backbone_bench,
     run_backbone_benchmark,
     width_one_overhead,
 )
-from gradaug_det.slim import check_width  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,16 +58,19 @@ def parse_args(argv=None):
     p.add_argument("--plot", default="", help="write a bar plot (PNG) of time and FLOP ratios here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for w in args.widths:
-        try:
-            check_width(w)
-        except ValueError as e:
-            p.error(f"--widths: {e}")
-    if args.divisor < 1:
-        p.error("--divisor must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda, but torch sees no GPU")
+    try:  # the library's one check of the settings, before anything is built
+        check_backbone_bench(bench_settings(args))
+    except ValueError as e:
+        p.error(f"--{e}")
     return args
+
+
+def bench_settings(args) -> BackboneBench:
+    """The :class:`BackboneBench` of the parsed arguments."""
+    return BackboneBench(depth=args.depth, backbone=args.backbone, norm=args.norm, freeze_at=args.freeze_at,
+                         size=args.size, batch=args.batch, iters=args.iters, warmup=args.warmup,
+                         divisor=args.divisor, widths=list(args.widths), device=args.device,
+                         cudnn_benchmark=not args.no_cudnn_benchmark, seed=args.seed)
 
 
 def plot(rows, args, path):
@@ -99,10 +102,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    bench = BackboneBench(depth=args.depth, backbone=args.backbone, norm=args.norm, freeze_at=args.freeze_at,
-                          size=args.size, batch=args.batch, iters=args.iters, warmup=args.warmup,
-                          divisor=args.divisor, widths=list(args.widths), device=args.device,
-                          cudnn_benchmark=not args.no_cudnn_benchmark, seed=args.seed)
+    bench = bench_settings(args)
     rows = run_backbone_benchmark(bench)
     print(backbone_markdown(rows, bench))
     if args.plot:

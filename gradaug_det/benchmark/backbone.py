@@ -20,7 +20,8 @@ import torch
 
 from .cost import count_train_flops
 
-__all__ = ["BackboneBench", "backbone_cfg", "run_backbone_benchmark", "backbone_markdown", "width_one_overhead"]
+__all__ = ["BackboneBench", "check_backbone_bench", "backbone_cfg", "run_backbone_benchmark", "backbone_markdown",
+           "width_one_overhead"]
 
 
 @dataclass
@@ -55,6 +56,35 @@ class BackboneBench:
     device: str = "cpu"
     cudnn_benchmark: bool = True
     seed: int = 0
+
+
+def check_backbone_bench(bench: BackboneBench) -> BackboneBench:
+    """Refuse settings the benchmark cannot run, before anything is built.
+
+    Args:
+        bench: the settings.
+
+    Returns:
+        ``bench``, for chaining.
+
+    Raises:
+        ValueError: naming the setting (``widths``, ``divisor``, ``backbone``, ``device``)
+            and what is allowed.
+    """
+    from ..slim import check_width
+
+    for w in bench.widths:
+        try:
+            check_width(w)
+        except ValueError as e:
+            raise ValueError(f"widths: {e}") from None
+    if bench.divisor < 1:
+        raise ValueError(f"divisor must be >= 1, got {bench.divisor}")
+    if bench.backbone not in ("fpn", "resnet"):
+        raise ValueError(f"backbone must be 'fpn' or 'resnet', got {bench.backbone!r}")
+    if torch.device(bench.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {bench.device!r}, but torch sees no GPU")
+    return bench
 
 
 def backbone_cfg(depth: int = 50, norm: str = "FrozenBN", freeze_at: int = 2, divisor: int = 1):
@@ -147,14 +177,9 @@ def run_backbone_benchmark(bench: BackboneBench, progress: bool = True) -> List[
         ``time_ratio``, ``spread`` (IQR of the ratio, %), ``note``.
 
     Raises:
-        ValueError: for a width outside (0, 1] or a divisor < 1.
+        ValueError: from :func:`check_backbone_bench`, before anything is built.
     """
-    from ..slim import check_width
-
-    for w in bench.widths:
-        check_width(w)
-    if bench.divisor < 1:
-        raise ValueError(f"divisor must be >= 1, got {bench.divisor}")
+    check_backbone_bench(bench)
     device = torch.device(bench.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = bench.cudnn_benchmark
