@@ -8,6 +8,7 @@ detectron2 layers (:mod:`.layers`), of the MMDetection adapter
 leading channels of an activation (per channel group for ResNeXt layouts), and the
 matching slice of a BN / SyncBN / FrozenBN / GN layer. Nothing here imports detectron2.
 """
+import contextlib
 import sys
 from typing import Dict, NamedTuple, Optional
 
@@ -177,6 +178,14 @@ class ConvSlice(NamedTuple):
         view.copy_(grad.reshape(view.shape))
         return full
 
+    def full_out_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A zero gradient of a full per-output-channel tensor's ``shape`` holding ``grad``
+        in the kept entries: the inverse of :meth:`out`."""
+        full = grad.new_zeros(shape)
+        view = _kept_view(full, 0, self.out_layout, self.keep_out)
+        view.copy_(grad.reshape(view.shape))
+        return full
+
 
 def conv_slice(conv: nn.Conv2d, cin: int, cout: int, in_layout: int = 1, out_layout: int = 1) -> ConvSlice:
     """The :class:`ConvSlice` of ``conv`` keeping ``cin`` input and ``cout`` output channels.
@@ -236,28 +245,75 @@ def sliced_conv_state(conv: nn.Module, s: ConvSlice) -> Dict[str, torch.Tensor]:
     return out
 
 
-class _LeadingBlock(torch.autograd.Function):
-    """``t[:rows, :cols]`` as a new contiguous tensor, its gradient scattered back in one copy.
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a convolution on ``x`` in, or None (autocast off, or
+    ``x`` not eligible: float64 or not floating)."""
+    device = x.device.type
+    if not x.is_floating_point() or x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+        return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
-    Slicing a weight with two ``narrow`` views costs, per step, a strided copy before the
-    convolution and in its backward, plus two zero-filled full-size gradients (one per
-    view); this does one copy each way.
+
+class _SlicedConv2d(torch.autograd.Function):
+    """A convolution with the part ``s`` of a weight, saving the *full* weight for backward.
+
+    Autograd through ``F.conv2d(x, s.weight(weight))`` keeps the sliced (contiguous) copy of
+    every convolution's weight alive from its forward to its backward. This saves the full
+    weight (a parameter, alive anyway), slices it again in backward, and writes the weight
+    and bias gradients into the kept entries of zero full-size gradients. The kernels see
+    exactly the tensors (values, dtype, layout) of the autograd path, so the gradients are
+    the same to the bit. Under autocast, the inputs are cast as autocast casts
+    ``F.conv2d``'s. First-order gradients only.
     """
 
     @staticmethod
-    def forward(ctx, t, rows, cols):
-        ctx.shape, ctx.rows, ctx.cols = t.shape, rows, cols
-        return t[:rows, :cols].clone(memory_format=torch.contiguous_format)
+    def forward(ctx, x, weight, bias, s, stride, padding, dilation, groups):
+        dtype = _autocast_dtype(x)
+        ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
+        w, b = s.weight(weight).contiguous(), s.out(bias)
+        if dtype is not None:
+            x, w = x.to(dtype), w.to(dtype)
+            b = None if b is None else b.to(dtype)
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+            out = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (s, stride, padding, dilation, groups, dtype, None if bias is None else bias.shape)
+        return out
 
     @staticmethod
-    def backward(ctx, grad):
-        full = grad.new_zeros(ctx.shape)
-        full[: ctx.rows, : ctx.cols] = grad
-        return full, None, None
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        s, stride, padding, dilation, groups, dtype, bias_shape = ctx.conf
+        w = s.weight(weight).contiguous()
+        if dtype is not None:
+            w = w.to(dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, w, None if bias_shape is None else [s.out_channels], _pair(stride), _pair(padding),
+            _pair(dilation), False, [0, 0], groups, [need_x, need_w, need_b and bias_shape is not None],
+        )
+        if grad_x is not None and ctx.x_dtype != grad_x.dtype:
+            grad_x = grad_x.to(ctx.x_dtype)
+        if grad_w is not None:
+            grad_w = s.full_weight_grad(grad_w.to(weight.dtype), weight.shape)
+        if grad_b is not None:
+            grad_b = s.full_out_grad(grad_b.to(ctx.bias_dtype), bias_shape)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
 def conv2d_slice(conv: nn.Conv2d, x: torch.Tensor, s: ConvSlice) -> torch.Tensor:
     """Convolve ``x`` with the part ``s`` of ``conv``'s weight and bias (no norm, no activation).
+
+    With all of the weight (width 1.0) this is ``conv``'s own convolution. Otherwise, when
+    a gradient is needed, :class:`_SlicedConv2d` runs it without keeping a sliced copy of
+    the weight for backward (its gradients are exactly those of autograd through the
+    slice); without gradients (eval, ``torch.no_grad``) and under ``torch.jit`` tracing
+    (fvcore FLOP counts) it is ``conv._conv_forward`` on the sliced weight.
 
     Args:
         conv: the full-width convolution (its stride, padding, dilation, groups and
@@ -270,13 +326,16 @@ def conv2d_slice(conv: nn.Conv2d, x: torch.Tensor, s: ConvSlice) -> torch.Tensor
     """
     weight, bias = conv.weight, conv.bias
     if s.keeps_all(weight):
-        w = weight
-    elif s.plain and not torch.jit.is_tracing():  # the tracer (fvcore FLOPs) rejects custom Functions
-        w = _LeadingBlock.apply(weight, s.out_channels, s.weight_in_channels)
-    else:
-        w = s.weight(weight)
-    b = None if bias is None else (bias if s.out_channels == weight.shape[0] else s.out(bias))
-    return conv._conv_forward(x, w, b)  # nn.Conv2d's own convolution (padding mode included)
+        return conv._conv_forward(x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if not needs_grad or torch.jit.is_tracing() or isinstance(conv.padding, str):
+        return conv._conv_forward(x, s.weight(weight).contiguous(), s.out(bias))
+    padding = conv.padding
+    if conv.padding_mode != "zeros":  # as nn.Conv2d._conv_forward
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    return _SlicedConv2d.apply(x, weight, bias, s, conv.stride, padding, conv.dilation, conv.groups)
 
 
 def slim_norm(norm: nn.Module, x: torch.Tensor, layout: int, keep: int) -> torch.Tensor:

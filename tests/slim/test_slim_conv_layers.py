@@ -246,3 +246,62 @@ def test_sub_width_gradients_gradcheck(layout):
         assert torch.autograd.gradcheck(f, (x, w, b))
     finally:
         torch.set_num_threads(threads)
+
+
+_SLICES = [  # (in, out, kernel, groups, in_layout, out_layout, kept in, kept out, stride, padding, dilation, bias)
+    (16, 32, 3, 1, 1, 1, 8, 16, 1, 1, 1, True),
+    (16, 32, 3, 1, 1, 1, 8, 16, 2, 2, 2, True),
+    (16, 16, 3, 4, 4, 4, 8, 12, 1, 1, 1, False),  # ResNeXt conv2
+    (8, 16, 1, 1, 1, 4, 4, 8, 1, 0, 1, True),  # conv1: plain -> grouped
+    (16, 8, 1, 1, 4, 1, 8, 4, 1, 0, 1, False),  # conv3: grouped -> plain
+]
+
+
+def _autograd_through_slice(conv, x, s):
+    """The convolution as autograd sees it through a (contiguous) copy of the kept weight."""
+    return F.conv2d(x, s.weight(conv.weight).contiguous(), s.out(conv.bias), conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
+
+
+@pytest.mark.parametrize("case", _SLICES)
+@pytest.mark.parametrize("mode", ["float64", "bf16_autocast", "channels_last"])
+def test_sliced_conv_gradients_equal_autograd_through_the_slice(case, mode):
+    """conv2d_slice saves the full weight and re-slices in backward: outputs and gradients
+    (input, weight, bias) are those of autograd through the sliced copy, to the bit."""
+    from gradaug_det.slim import conv2d_slice, conv_slice
+
+    cin, cout, k, groups, il, ol, kin, kout, stride, pad, dil, bias = case
+    dtype = torch.float32 if mode == "bf16_autocast" else torch.float64
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias).to(dtype)
+    x = torch.randn(2, kin, 9, 9, dtype=dtype)
+    if mode == "channels_last":
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    s = conv_slice(conv, kin, kout, il, ol)
+    results = []
+    for f in (_autograd_through_slice, conv2d_slice):
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16_autocast"):
+            out = f(conv, x, s)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (out.double() * g).sum().backward()
+        results.append([out.detach(), x.grad, conv.weight.grad] + ([conv.bias.grad] if bias else []))
+    assert results[1][0].shape == (2, kout) + results[0][0].shape[2:]
+    if mode == "bf16_autocast":
+        assert results[1][0].dtype == torch.bfloat16
+    for ref, got in zip(*results):
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+
+
+def test_sliced_conv_saves_the_full_weight_not_a_copy():
+    """For backward a sub-width convolution keeps its input and the parameter itself, never
+    a sliced copy of the weight."""
+    slim = _make(16, 32)
+    set_width(slim, 0.5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        slim(torch.randn(2, 8, 6, 6, requires_grad=True))
+    assert [tuple(t.shape) for t in saved] == [(2, 8, 6, 6), (32, 16, 3, 3)]
+    assert saved[1].data_ptr() == slim.weight.data_ptr()
