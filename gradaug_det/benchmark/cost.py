@@ -321,8 +321,8 @@ def backbone_flops(model: nn.Module, height: int, width: int) -> int:
     """Forward FLOPs of ``model.backbone`` on one ``height`` x ``width`` image, in eval mode.
 
     Counted by the cost model's counter (:class:`~torch.utils.flop_counter.FlopCounterMode`:
-    2 FLOPs per multiply-add, convolutions and matrix products only), so a backbone's
-    forward FLOPs here equal a pass's ``backbone_fwd_flops``. Under
+    2 FLOPs per multiply-add, convolutions and matrix products only), the unit of a pass's
+    ``backbone_fwd_flops`` (on the same input). Under
     :func:`gradaug_det.width` this is the sub-network's real compute, since a slimmed layer
     convolves with its sliced weights; a pruned model gives the same count.
 
