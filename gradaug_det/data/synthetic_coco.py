@@ -73,6 +73,10 @@ _MIN_FRAGMENT_AREA = 16
 _MIN_SHAPE_AREA = 40
 # Placement attempts per shape before giving up on it.
 _MAX_PLACEMENT_TRIES = 12
+# Hue spacing of the categories' colours (appearance="category"): consecutive
+# categories get hues far apart on the hue circle.
+_GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
+_APPEARANCES = ("random", "category")
 # Characteristic shape size is log-uniform in this range, expressed as a
 # fraction of the image side (at 256 px: ~12 px .. ~170 px), which populates
 # the COCO small (< 32^2), medium and large (>= 96^2) area buckets.
@@ -93,6 +97,7 @@ QUICKSTART_SHAPES: Dict[str, Any] = {
     "num_shapes": (1, 5),
     "size_range": (0.12, 0.6),
     "distractors": (0, 3),
+    "appearance": "category",
 }
 
 # Upsampling factor used to trace pixel-boundary polygons with cv2.findContours.
@@ -452,12 +457,39 @@ def _contrasting_color(
     return float(color[0]), float(color[1]), float(color[2])
 
 
+def _category_color(
+    rng: np.random.Generator, category_id: int, reference: np.ndarray
+) -> Tuple[float, float, float]:
+    """Samples a colour typical of ``category_id``, contrasting with ``reference``.
+
+    Real object categories have characteristic colours and shades; here each category
+    owns a hue band (centres spaced by the golden ratio, width +-0.05 of the hue circle)
+    with random saturation and brightness, so colour is a strong but not a sufficient
+    cue (distractors take any colour). Up to 20 draws look for one at least ~70 (L2 in
+    RGB) away from ``reference``, as :func:`_contrasting_color`.
+    """
+    centre = (category_id * _GOLDEN_RATIO_CONJUGATE) % 1.0
+    best, best_dist = None, -1.0
+    for _ in range(20):
+        hue = (centre + rng.uniform(-0.05, 0.05)) % 1.0
+        hsv = np.array([[[hue * 180.0, rng.uniform(0.55, 1.0) * 255, rng.uniform(0.35, 1.0) * 255]]],
+                       dtype=np.float32)
+        color = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)[0, 0].astype(np.float64)
+        dist = float(np.linalg.norm(color - reference))
+        if dist > best_dist:
+            best, best_dist = color, dist
+        if dist >= 70:
+            break
+    return float(best[0]), float(best[1]), float(best[2])
+
+
 def _render_image(
     rng: np.random.Generator,
     size: int,
     num_shapes: Tuple[int, int],
     size_range: Tuple[float, float] = _SIZE_RANGE,
     distractors: Tuple[int, int] = (0, 0),
+    appearance: str = "random",
 ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
     """Renders one image and the annotations of its visible shapes.
 
@@ -468,6 +500,8 @@ def _render_image(
         size_range: (min, max) shape size as a fraction of ``size``.
         distractors: inclusive (min, max) number of unannotated clutter glyphs
             (``DISTRACTOR_GLYPHS``) painted on the background, under the shapes.
+        appearance: ``"random"`` (any colour) or ``"category"`` (each category's own hue
+            band, :func:`_category_color`).
 
     Returns:
         (image, instances): uint8 BGR image and a list of dicts with keys
@@ -519,7 +553,11 @@ def _render_image(
     for shape in shapes:
         y0, y1, x0, x1 = shape["crop"]
         reference = image[y0:y1, x0:x1].reshape(-1, 3).mean(0)
-        _paint(image, shape["params"], _contrasting_color(rng, reference))
+        if appearance == "category":
+            color = _category_color(rng, shape["category_id"], reference)
+        else:
+            color = _contrasting_color(rng, reference)
+        _paint(image, shape["params"], color)
 
     # Sensor-like (uniform, per channel) noise over everything so that shapes
     # are not flat; cv2.add rounds and saturates to uint8.
@@ -581,6 +619,7 @@ def _generate_split(
     progress: bool,
     size_range: Tuple[float, float] = _SIZE_RANGE,
     distractors: Tuple[int, int] = (0, 0),
+    appearance: str = "random",
 ) -> None:
     """Writes the images and the annotation JSON of one split."""
     paths = coco_shapes_paths(root)[split]
@@ -593,7 +632,8 @@ def _generate_split(
         iterator = tqdm(iterator, desc="gradaug shapes {}".format(split), unit="img", leave=False)
     for image_id in iterator:
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], image_id])
-        image, instances = _render_image(rng, image_size, num_shapes, size_range, distractors)
+        image, instances = _render_image(rng, image_size, num_shapes, size_range, distractors,
+                                          appearance)
         file_name = "{:06d}.png".format(image_id)
         names.add(file_name)
         _atomic_write_image(os.path.join(image_dir, file_name), image)
@@ -633,6 +673,7 @@ def generate_coco_shapes(
     progress: bool = True,
     size_range: Tuple[float, float] = _SIZE_RANGE,
     distractors: Tuple[int, int] = (0, 0),
+    appearance: str = "random",
 ) -> Dict[str, Dict[str, str]]:
     """Generates (or reuses) the synthetic COCO-format shapes dataset under ``root``.
 
@@ -667,6 +708,11 @@ def generate_coco_shapes(
             (``DISTRACTOR_GLYPHS``: cross, ring, star; sizes from ``size_range``)
             painted on the background before the shapes, so a detector must learn
             to ignore shape-like objects of other kinds. Default none.
+        appearance: how a shape's colour is drawn: ``"random"`` (default: any colour
+            contrasting with what lies under it; only the outline tells the category) or
+            ``"category"`` (each category has its own hue band with random saturation
+            and brightness, as real categories have typical colours; distractors stay
+            random, so colour alone does not tell an object from clutter).
 
     Returns:
         ``{"train": {"json_file": ..., "image_root": ...}, "val": {...}}``, as
@@ -711,6 +757,9 @@ def generate_coco_shapes(
     d_hi = _check_int("distractors[1]", d_hi, 0)
     if d_lo > d_hi:
         raise ValueError("distractors must satisfy min <= max, got {!r}".format(distractors))
+    if appearance not in _APPEARANCES:
+        raise ValueError("appearance must be one of {}, got {!r}".format(
+            ", ".join(map(repr, _APPEARANCES)), appearance))
 
     params = {
         "generator": "gradaug_det.data.synthetic_coco",
@@ -726,6 +775,8 @@ def generate_coco_shapes(
         params["size_range"] = [size_lo, size_hi]
     if (d_lo, d_hi) != (0, 0):
         params["distractors"] = [d_lo, d_hi]
+    if appearance != "random":
+        params["appearance"] = appearance
     paths = coco_shapes_paths(root)
     if _read_marker(root) == params and all(
         os.path.isfile(p["json_file"]) for p in paths.values()
@@ -738,6 +789,6 @@ def generate_coco_shapes(
     _remove_marker(root)
     for split, count in (("train", num_train), ("val", num_val)):
         _generate_split(root, split, count, image_size, seed, (lo, hi), progress,
-                        (size_lo, size_hi), (d_lo, d_hi))
+                        (size_lo, size_hi), (d_lo, d_hi), appearance)
     _write_marker(root, params)
     return paths

@@ -31,6 +31,8 @@ from tqdm import tqdm
 
 from .synthetic_coco import (
     _atomic_write_image,
+    _APPEARANCES,
+    _category_color,
     _contrasting_color,
     _textured_background,
     draw_glyph,
@@ -59,6 +61,7 @@ QUICKSTART_CLASSES: Dict[str, Any] = {
     "image_size": 64,
     "seed": 0,
     "style": "shapes",
+    "appearance": "category",
 }
 # Golden-ratio hue spacing keeps the hues of consecutive classes far apart.
 _GOLDEN = 0.6180339887498949
@@ -88,7 +91,8 @@ def _class_color(class_id: int, rng: np.random.Generator) -> tuple:
     return tuple(float(v) for v in bgr)
 
 
-def _render(rng: np.random.Generator, class_id: int, size: int, style: str = "hue") -> np.ndarray:
+def _render(rng: np.random.Generator, class_id: int, size: int, style: str = "hue",
+            appearance: str = "random") -> np.ndarray:
     """Renders one uint8 BGR image of the given class.
 
     Args:
@@ -96,8 +100,10 @@ def _render(rng: np.random.Generator, class_id: int, size: int, style: str = "hu
         class_id: class index.
         size: image side in pixels.
         style: ``"hue"`` (a dim gradient background; the class has a fixed hue) or
-            ``"shapes"`` (the detection data's textured background; random colour, so
-            only the glyph's shape tells the class).
+            ``"shapes"`` (the detection data's textured background).
+        appearance: with ``style="shapes"``, the glyph's colour: ``"random"`` (only its
+            shape tells the class) or ``"category"`` (the hue band of detection category
+            ``class_id + 1``, as the detection data's ``appearance="category"``).
 
     Returns:
         uint8 array of shape (size, size, 3).
@@ -109,7 +115,10 @@ def _render(rng: np.random.Generator, class_id: int, size: int, style: str = "hu
         cx, cy = size / 2 + rng.uniform(-0.2, 0.2, size=2) * size
         rot = rng.uniform(0, 2 * np.pi)
         ref = image[int(np.clip(cy, 0, size - 1)), int(np.clip(cx, 0, size - 1))]
-        color = _contrasting_color(rng, ref)
+        if appearance == "category":
+            color = _category_color(rng, class_id + 1, ref)
+        else:
+            color = _contrasting_color(rng, ref)
         draw_glyph(image, shape, (cx, cy), r, rot, color, cv2.LINE_8)
         amp = int(rng.integers(4, 17))
     else:
@@ -138,6 +147,7 @@ def generate_imagefolder(
     seed: int = 0,
     progress: bool = False,
     style: str = "hue",
+    appearance: str = "random",
 ) -> Dict[str, str]:
     """Generates (or reuses) a tiny, learnable ImageFolder dataset under ``root``.
 
@@ -165,6 +175,10 @@ def generate_imagefolder(
             contrasting colour, glyph 30-80 % of the side, off-centre), so only the
             glyph tells the class -- pretraining on it gives a backbone that knows the
             detection data's shapes and clutter. At most 8 classes (one per glyph).
+        appearance: with ``style="shapes"``: ``"random"`` (default; random contrasting
+            colour, only the glyph tells the class) or ``"category"`` (class ``k`` takes
+            the colours of detection category ``k + 1``: circle, square/rectangle and
+            triangle look as in the detection data with ``appearance="category"``).
 
     Returns:
         ``{"train": root/train, "val": root/val}``.
@@ -182,6 +196,9 @@ def generate_imagefolder(
     seed = _check_int("seed", seed, 0)
     if style not in ("hue", "shapes"):
         raise ValueError("style must be 'hue' or 'shapes', got {!r}".format(style))
+    if appearance not in _APPEARANCES or (appearance != "random" and style != "shapes"):
+        raise ValueError("appearance must be 'random', or 'category' with style='shapes'; got "
+                         "appearance={!r}, style={!r}".format(appearance, style))
     if style == "shapes" and len(wnids) > len(_SHAPES):
         raise ValueError(
             "style='shapes' has one class per glyph, so at most {} classes; got num_classes={}"
@@ -198,6 +215,8 @@ def generate_imagefolder(
     }
     if style != "hue":  # recorded only when not the default: earlier markers stay valid
         params["style"] = style
+    if appearance != "random":
+        params["appearance"] = appearance
     paths = {split: os.path.join(root, split) for split in _SPLIT_CODES}
     if _read_marker(root) == params:
         return paths
@@ -217,7 +236,7 @@ def generate_imagefolder(
         if index == 0:
             os.makedirs(class_dir, exist_ok=True)
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], class_id, index])
-        image = _render(rng, class_id, image_size, style)
+        image = _render(rng, class_id, image_size, style, appearance)
         name = "{}_{:05d}.JPEG".format(wnids[class_id], index)
         _atomic_write_image(
             os.path.join(class_dir, name), image, (cv2.IMWRITE_JPEG_QUALITY, 95)

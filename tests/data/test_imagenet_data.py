@@ -255,4 +255,32 @@ def test_shapes_style(tmp_path):
         generate_imagefolder(str(tmp_path / "bad"), num_classes=9, style="shapes")
     with pytest.raises(ValueError, match="style must be"):
         generate_imagefolder(str(tmp_path / "bad"), style="plain")
+    with pytest.raises(ValueError, match="appearance must be 'random', or 'category' with style='shapes'"):
+        generate_imagefolder(str(tmp_path / "bad"), appearance="category")  # style "hue"
     assert not os.path.exists(str(tmp_path / "bad"))
+
+
+def test_shapes_category_appearance(tmp_path):
+    """style='shapes', appearance='category': class k's glyph takes detection category
+    k + 1's hue band (the detection data's look), so the classes' mean glyph hues differ
+    by the bands' spacing; recorded in the marker."""
+    import json
+
+    from gradaug_det.data import generate_imagefolder
+    from gradaug_det.data.synthetic_coco import _GOLDEN_RATIO_CONJUGATE
+
+    root = str(tmp_path / "cat")
+    generate_imagefolder(root, num_classes=3, train_per_class=4, val_per_class=1, image_size=64,
+                         style="shapes", appearance="category")
+    with open(os.path.join(root, "DONE")) as f:
+        assert json.load(f)["appearance"] == "category"
+    for k, wnid in enumerate(("n00000000", "n00000001", "n00000002")):
+        for n in sorted(os.listdir(os.path.join(root, "train", wnid))):
+            img = cv2.imread(os.path.join(root, "train", wnid, n))
+            hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV_FULL).reshape(-1, 3).astype(float)
+            centre = ((k + 1) * _GOLDEN_RATIO_CONJUGATE) % 1.0
+            d = np.abs(hsv[:, 0] / 256.0 - centre) % 1.0
+            near = (np.minimum(d, 1 - d) <= 0.07) & (hsv[:, 1] >= 0.45 * 255)
+            # the glyph is in the class's band (random colours leave 4 of these 12 images
+            # below 0.02: measured when this test was written)
+            assert near.mean() >= 0.1, (wnid, n, near.mean())
