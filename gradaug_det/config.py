@@ -3,6 +3,8 @@ import functools
 
 from detectron2.config import CfgNode as CN
 
+from .gradaug.options import GradAugOptions
+
 __all__ = ["add_gradaug_config", "add_pruned_config", "slimmable_config"]
 
 
@@ -47,41 +49,44 @@ def add_gradaug_config(cfg: CN) -> CN:
     _c.DATALOADER.RESUMABLE = True
 
     # ---- GradAug training ----------------------------------------------------------------
+    # The defaults are GradAugOptions' (gradaug_det.gradaug.options, where they are defined
+    # and validated once; LazyConfig's `gradaug` and mmdet's `model.gradaug` read the same).
+    _d = GradAugOptions()
     _c.GRADAUG = CN()
     # Run GradAug's sub-network passes in every iteration (False = stock detectron2 step).
-    _c.GRADAUG.ENABLED = False
+    _c.GRADAUG.ENABLED = _d.enabled
     # Sub-networks per iteration, after the full network (reference: 3).
-    _c.GRADAUG.NUM_SUBNETS = 3
+    _c.GRADAUG.NUM_SUBNETS = _d.num_subnets
     # Width range of the sampled sub-networks (reference ImageNet: [0.9, 1.0]).
-    _c.GRADAUG.MIN_WIDTH = 0.9
-    _c.GRADAUG.MAX_WIDTH = 1.0
+    _c.GRADAUG.MIN_WIDTH = _d.min_width
+    _c.GRADAUG.MAX_WIDTH = _d.max_width
     # Always include the smallest sub-network (MIN_WIDTH) among the NUM_SUBNETS.
-    _c.GRADAUG.SMALLEST_SUBNET = True
+    _c.GRADAUG.SMALLEST_SUBNET = _d.smallest_subnet
     # How sub-networks are formed: "width" (leading channels) or "depth" (residual blocks
     # dropped, stochastic depth).
-    _c.GRADAUG.SAMPLING = "width"
+    _c.GRADAUG.SAMPLING = _d.sampling
     # Depth sampling: keep probability of the last residual block; it falls linearly
     # from 1.0 at the first block (reference: 0.8).
-    _c.GRADAUG.DEPTH_MIN_KEEP = 0.8
+    _c.GRADAUG.DEPTH_MIN_KEEP = _d.depth_min_keep
     # Depth sampling: at evaluation scale each residual branch by its keep probability
     # (the stochastic-depth rule of the reference CIFAR code). Off for detection
     # fine-tuning, where the full network is never trained with dropped blocks.
-    _c.GRADAUG.DEPTH_EVAL_SCALE = False
+    _c.GRADAUG.DEPTH_EVAL_SCALE = _d.depth_eval_scale
     # Input transform of the sub-networks: "scale", "rotate" or "scale_rotate".
-    _c.GRADAUG.TRANSFORM = "scale"
+    _c.GRADAUG.TRANSFORM = _d.transform
     # Relative input scales, one drawn per sub-network (reference 224/192/160/128).
-    _c.GRADAUG.SCALES = (1.0, 0.857, 0.714, 0.571)
+    _c.GRADAUG.SCALES = _d.scales
     # Rotation range in degrees, (min, max), an angle drawn uniformly per sub-network.
-    _c.GRADAUG.ROTATION = (-20.0, 20.0)
+    _c.GRADAUG.ROTATION = _d.rotation
     # Sub-network loss: "soft" (KL to the full network's detached predictions, the
     # reference), "gt" (standard losses on the transformed annotations) or "gt+soft".
-    _c.GRADAUG.SUBNET_LOSS = "soft"
+    _c.GRADAUG.SUBNET_LOSS = _d.subnet_loss
     # Weight of the soft-label (KL) loss of a sub-network.
-    _c.GRADAUG.SOFT_WEIGHT = 1.0
+    _c.GRADAUG.SOFT_WEIGHT = _d.soft_weight
     # Weight of the ground-truth losses of a sub-network ("gt", "gt+soft").
-    _c.GRADAUG.GT_WEIGHT = 1.0
+    _c.GRADAUG.GT_WEIGHT = _d.gt_weight
     # Seed of the sub-network sampler; identical on every worker. -1 = derive from SEED.
-    _c.GRADAUG.SEED = -1
+    _c.GRADAUG.SEED = _d.seed
 
     # ---- Evaluation ------------------------------------------------------------------------
     # Widths evaluated by --eval-only and at every TEST.EVAL_PERIOD, in addition to 1.0.

@@ -117,7 +117,7 @@ def make_plan(cfg, n):
 def run_mode(args, mode):
     """Measure one mode in this process (``measure_iterations``'s dict)."""
     from detectron2.modeling import build_model
-    from gradaug_det.gradaug import DetectionTask
+    from gradaug_det.gradaug import DetectionTask, GradAugOptions
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -128,8 +128,7 @@ def run_mode(args, mode):
     batch = load_batch(cfg, args)
     total = args.warmup + args.iters
     plan = None if mode == "baseline" else make_plan(cfg, total)
-    task = None if mode == "baseline" else DetectionTask(
-        model, cfg.GRADAUG.SUBNET_LOSS, cfg.GRADAUG.SOFT_WEIGHT, cfg.GRADAUG.GT_WEIGHT)
+    task = None if mode == "baseline" else DetectionTask(model, GradAugOptions.from_yacs(cfg))
     bar = tqdm(total=args.warmup + 3 * args.iters, desc=mode, file=sys.stderr, leave=False)
     out = measure_iterations(model, batch, optimizer, plan=plan, task=task, iters=args.iters,
                              warmup=args.warmup, amp=AMP[args.amp], progress=lambda _: bar.update(1))

@@ -28,8 +28,8 @@ from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickl
 from gradaug_det.data.resumable import instantiate_lazy_train_loader, resumable_data_hook
 from gradaug_det.engine import create_ddp_model
 from gradaug_det.engine.launch import launch_tool
-from gradaug_det.engine.lazy import (build_lazy_step_trainer, check_lazy_paths, lazy_test, lazy_test_widths,
-                                     needs_unused_parameter_search_lazy)
+from gradaug_det.engine.lazy import (build_lazy_step_trainer, check_lazy_paths, lazy_gradaug_options, lazy_test,
+                                     lazy_test_widths, needs_unused_parameter_search_lazy)
 from gradaug_det.engine.slurm import preemption_hook
 from gradaug_det.slim.settings import strict_slimmable_settings
 
@@ -70,6 +70,7 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     lazy_test_widths(cfg)  # a bad test.slim_widths or a missing weights file fails here, before any work
+    lazy_gradaug_options(cfg)  # as does a bad gradaug.* key
     check_lazy_paths(cfg, args.eval_only, args.resume)
     default_setup(cfg, args)
     # gradaug-det's own messages (DDP settings, per-width tables) go to the same log

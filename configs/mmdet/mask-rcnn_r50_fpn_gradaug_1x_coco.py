@@ -16,7 +16,7 @@ model = dict(
     # mmdet's FPN whose convolutions follow the width too (every layer of a sub-network
     # is narrowed, as on the detectron2 side); type='FPN' slims the backbone only.
     neck=dict(type='SlimmableFPN', channel_divisor=1),
-    # The GradAug iteration (gradaug_det.mmdet.GRADAUG_DEFAULTS lists every key).
+    # The GradAug iteration (keys and defaults: gradaug_det.gradaug.GradAugOptions, MMDET_KEYS).
     gradaug=dict(
         num_subnets=3,  # sub-networks per iteration
         min_width=0.9,  # always one sub-network at the smallest width ...

@@ -329,7 +329,7 @@ def section_iteration(ctx: CheckContext) -> Dict:
     """Baseline vs GradAug d=1 / d=8, fp32 and AMP: s/iter, allocator peak, time / cost model."""
     from detectron2.modeling import build_model
 
-    from ..gradaug import DetectionTask, SubnetSampler
+    from ..gradaug import DetectionTask, GradAugOptions, SubnetSampler
     from .iteration import compare, measure_iterations
 
     iters, warmup = (1, 0) if ctx.tiny else (ctx.iters, ctx.warmup)
@@ -349,7 +349,7 @@ def section_iteration(ctx: CheckContext) -> Dict:
             torch.manual_seed(0)
             model = build_model(cfg).train()
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-            task = DetectionTask(model, cfg.GRADAUG.SUBNET_LOSS, cfg.GRADAUG.SOFT_WEIGHT, cfg.GRADAUG.GT_WEIGHT)
+            task = DetectionTask(model, GradAugOptions.from_yacs(cfg))
             measured[(mode, divisor)] = measure_iterations(
                 model, ctx.batch(cfg), optimizer, plan=None if mode == "baseline" else plan, task=task,
                 iters=iters, warmup=warmup, amp=dtype)

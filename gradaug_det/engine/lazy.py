@@ -1,10 +1,12 @@
 """GradAug for detectron2's LazyConfig training (``tools/lazyconfig_train_net.py``).
 
-A LazyConfig enables GradAug with a ``gradaug`` node::
+A LazyConfig enables GradAug with a ``gradaug`` node, whose keys are the yacs ``GRADAUG``
+keys in lower case (but ``depth_eval_scale``), with the same defaults
+(:class:`~gradaug_det.gradaug.options.GradAugOptions`, :data:`~gradaug_det.gradaug.options.LAZY_KEYS`)::
 
     gradaug = dict(
         enabled=True,
-        sampler=L(SubnetSampler)(num_subnets=3, min_width=0.9, max_width=1.0, seed=0),
+        num_subnets=3, min_width=0.9, max_width=1.0, seed=0,
         subnet_loss="soft", soft_weight=1.0, gt_weight=1.0,
     )
 
@@ -27,38 +29,53 @@ from ..evaluation.widths import (
     merge_width_results,
     normalize_widths,
 )
-from ..gradaug import ClassificationTask, DetectionTask, SubnetSampler
+from ..gradaug import ClassificationTask, DetectionTask, GradAugOptions, SubnetSampler
+from ..gradaug.options import LAZY_KEYS
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
-from .trainer import unused_parameters_reason
 
-__all__ = ["gradaug_enabled", "needs_unused_parameter_search_lazy", "build_lazy_step_trainer", "lazy_test_widths",
-           "check_lazy_paths", "lazy_test"]
+__all__ = ["lazy_gradaug_options", "gradaug_enabled", "needs_unused_parameter_search_lazy",
+           "build_lazy_step_trainer", "lazy_test_widths", "check_lazy_paths", "lazy_test"]
+
+
+def lazy_gradaug_options(cfg) -> GradAugOptions:
+    """The LazyConfig's ``gradaug`` node as GradAug's options (all defaults without one).
+
+    Raises:
+        ValueError: naming ``gradaug.<key>`` for an unknown key or a bad value
+            (:meth:`GradAugOptions.validate <gradaug_det.gradaug.options.GradAugOptions.validate>`).
+    """
+    node = cfg.get("gradaug", None)
+    if node is not None and not isinstance(node, dict):
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(node, resolve=True)
+    return GradAugOptions.from_dict(node, "gradaug.", LAZY_KEYS)
 
 
 def gradaug_enabled(cfg) -> bool:
-    """Whether the LazyConfig has ``gradaug.enabled`` set."""
-    return bool(cfg.get("gradaug", {}).get("enabled", False))
+    """Whether the LazyConfig has ``gradaug.enabled`` set (its ``gradaug`` node validated)."""
+    return lazy_gradaug_options(cfg).enabled
 
 
 def needs_unused_parameter_search_lazy(cfg) -> Optional[str]:
-    """:func:`gradaug_det.engine.trainer.unused_parameters_reason` for a LazyConfig's
-    ``gradaug`` node (None when GradAug is off)."""
-    if not gradaug_enabled(cfg):
-        return None
-    g = cfg.gradaug
-    sampling = g.sampler.get("sampling", "width") if "sampler" in g else "width"
-    return unused_parameters_reason(sampling, g.get("subnet_loss", "soft"))
+    """Why a LazyConfig's GradAug needs DDP's ``find_unused_parameters``
+    (:meth:`GradAugOptions.unused_parameters_reason
+    <gradaug_det.gradaug.options.GradAugOptions.unused_parameters_reason>`), or None (also
+    when GradAug is off)."""
+    options = lazy_gradaug_options(cfg)
+    return options.unused_parameters_reason() if options.enabled else None
 
 
 def build_lazy_step_trainer(cfg, model, data_loader, optimizer):
     """detectron2's SimpleTrainer/AMPTrainer, or their GradAug versions if ``gradaug.enabled``."""
     amp = cfg.train.amp.enabled
-    if not gradaug_enabled(cfg):
+    options = lazy_gradaug_options(cfg)
+    if not options.enabled:
         return (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
-    g = cfg.gradaug
-    sampler = instantiate(g.sampler) if "sampler" in g else SubnetSampler()
+    # seed -1: train.seed if set (the same on every worker), else 0
+    sampler = SubnetSampler(options, seed=options.sampler_seed(cfg.train.get("seed", -1)))
     task_cls = ClassificationTask if hasattr(getattr(model, "module", model), "head") else DetectionTask
-    task = task_cls(model, g.get("subnet_loss", "soft"), g.get("soft_weight", 1.0), g.get("gt_weight", 1.0))
+    task = task_cls(model, options)
     cls = GradAugAMPTrainer if amp else GradAugSimpleTrainer
     return cls(model, data_loader, optimizer, sampler=sampler, task=task)
 

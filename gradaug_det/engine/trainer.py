@@ -25,38 +25,32 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import GradAugCheckpointer
 from ..data.resumable import build_resumable_train_loader, resumable_data_hook
-from ..gradaug import SubnetSampler, build_task, validate_sampler_args
-from ..gradaug.sampler import validate_loss_args
+from ..gradaug import GradAugOptions, SubnetSampler, build_task
 from ..slim import check_width, linear_keep_probs, residual_blocks
 from ..slim.calibration import check_calibration_batches
 from .checks import check_gradaug_trainable
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
-__all__ = ["GradAugTrainer", "validate_config", "create_ddp_model", "unused_parameters_reason",
-           "apply_depth_eval_scale"]
+__all__ = ["GradAugTrainer", "validate_config", "create_ddp_model", "apply_depth_eval_scale"]
 
 logger = logging.getLogger(__name__)
 
 
 def validate_config(cfg) -> None:
-    """Check the GradAug keys before any work starts.
+    """Check the GradAug keys before any work starts (``GRADAUG.*``: with GradAug enabled,
+    :meth:`GradAugOptions.validate <gradaug_det.gradaug.options.GradAugOptions.validate>`).
 
     Raises:
         ValueError: naming the key, the bad value and what is allowed.
     """
-    g = cfg.GRADAUG
     for w in cfg.TEST.SLIM_WIDTHS:
         try:
             check_width(w)
         except ValueError:
             raise ValueError(f"TEST.SLIM_WIDTHS contains {w!r}; every width must be in (0, 1]") from None
     check_calibration_batches(cfg.TEST.get("BN_CALIBRATION_BATCHES", 0))
-    if not g.ENABLED:
-        return
-    validate_sampler_args(num_subnets=g.NUM_SUBNETS, min_width=g.MIN_WIDTH, max_width=g.MAX_WIDTH,
-                          sampling=g.SAMPLING, min_keep=g.DEPTH_MIN_KEEP, transform=g.TRANSFORM,
-                          scales=g.SCALES, rotation=g.ROTATION)
-    validate_loss_args(subnet_loss=g.SUBNET_LOSS, soft_weight=g.SOFT_WEIGHT, gt_weight=g.GT_WEIGHT)
+    if cfg.GRADAUG.ENABLED:
+        GradAugOptions.from_yacs(cfg)
 
 
 def apply_depth_eval_scale(cfg, model) -> None:
@@ -69,35 +63,12 @@ def apply_depth_eval_scale(cfg, model) -> None:
         block.eval_scale = p if use else 1.0
 
 
-def unused_parameters_reason(sampling: str, subnet_loss: str) -> Optional[str]:
-    """Why GradAug needs DDP's ``find_unused_parameters=True``, or None if it does not.
-
-    Under DistributedDataParallel every GradAug pass but the last runs under ``no_sync``
-    (:func:`gradaug_det.gradaug.gradaug_step`), so gradients are reduced in the last
-    (sub-network) pass only. Depth sub-networks skip residual blocks, and sub-network losses
-    without "gt" (only the soft classification loss) leave the RPN and the box-regression /
-    mask heads without gradient in that pass: DDP must then search for unused parameters,
-    or it waits for gradients that never come.
-
-    Args:
-        sampling: ``GRADAUG.SAMPLING`` / ``gradaug.sampler.sampling`` ("width" or "depth").
-        subnet_loss: ``GRADAUG.SUBNET_LOSS`` / ``gradaug.subnet_loss`` ("gt", "soft", "gt+soft").
-
-    Returns:
-        A sentence naming the setting that needs it, or None.
-    """
-    if sampling == "depth":
-        return "depth sub-networks (sampling='depth') skip residual blocks in the synchronised pass"
-    if "gt" not in subnet_loss:
-        return (f"sub-network loss {subnet_loss!r} leaves the RPN and box/mask regression heads "
-                "without gradient in the synchronised pass")
-    return None
-
-
 def needs_unused_parameter_search(cfg) -> Optional[str]:
-    """:func:`unused_parameters_reason` for a yacs config (None when GradAug is off)."""
-    g = cfg.GRADAUG
-    return unused_parameters_reason(g.SAMPLING, g.SUBNET_LOSS) if g.ENABLED else None
+    """Why a yacs config's GradAug needs DDP's ``find_unused_parameters``
+    (:meth:`GradAugOptions.unused_parameters_reason
+    <gradaug_det.gradaug.options.GradAugOptions.unused_parameters_reason>`), or None (also
+    when GradAug is off)."""
+    return GradAugOptions.from_yacs(cfg).unused_parameters_reason() if cfg.GRADAUG.ENABLED else None
 
 
 def create_ddp_model(model, *, fp16_compression: bool = False, find_unused_parameters: bool = False,
@@ -115,7 +86,8 @@ def create_ddp_model(model, *, fp16_compression: bool = False, find_unused_param
             all-reduced in float16). It saves NCCL bandwidth between GPUs; for a CPU model
             (gloo) it is skipped with a log line (it would only add two casts per bucket).
         find_unused_parameters: as DistributedDataParallel's.
-        unused_parameters_reason: when not None (:func:`unused_parameters_reason`), GradAug
+        unused_parameters_reason: when not None (:meth:`GradAugOptions.unused_parameters_reason
+            <gradaug_det.gradaug.options.GradAugOptions.unused_parameters_reason>`), GradAug
             needs ``find_unused_parameters=True``; it is set, with one log line saying why
             if ``False`` was asked.
         kwargs: other arguments of DistributedDataParallel (``broadcast_buffers`` ...);

@@ -1,13 +1,14 @@
 """The GradAug algorithm, independent of any trainer.
 
-The sampler, the iteration (:func:`gradaug_step`) and the soft-label loss depend on torch
-only and are shared by the detectron2 and MMDetection adapters; the detectron2 tasks,
-batch transforms and RoI soft labels are imported on first use.
+The options (:class:`GradAugOptions`), the sampler, the iteration (:func:`gradaug_step`) and
+the soft-label loss depend on torch only and are shared by the detectron2 and MMDetection
+adapters; the detectron2 tasks, batch transforms and RoI soft labels are imported on first use.
 """
 import importlib
 
 from .losses import OutputRecorder, soft_label_kl, unwrap_model
-from .sampler import SubnetSampler, SubnetSpec, validate_sampler_args
+from .options import GradAugOptions
+from .sampler import SubnetSampler, SubnetSpec
 from .step import GradAugOutput, gradaug_step, subnet_metrics
 
 # detectron2 parts, imported when first accessed

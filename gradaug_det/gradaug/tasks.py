@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from .losses import OutputRecorder, unwrap_model
 from .roi_soft_labels import RoIClassifierSoftLabels
 from .semseg_soft_labels import SemSegSoftLabels
-from .sampler import SUBNET_LOSSES, SubnetSpec
+from .options import GradAugOptions
+from .sampler import SubnetSpec
 from .transforms import (
     SubnetGeometry, batch_to_device, check_batch_fields, check_transformable_fields, transform_classification_batch,
     transform_detection_batch,
@@ -22,11 +23,6 @@ from .transforms import (
 __all__ = ["DetectionTask", "ClassificationTask", "build_task", "check_subnet_loss_support"]
 
 LossDict = Dict[str, torch.Tensor]
-
-
-def _check_loss_mode(subnet_loss: str) -> None:
-    if subnet_loss not in SUBNET_LOSSES:
-        raise ValueError(f"GRADAUG.SUBNET_LOSS={subnet_loss!r} is invalid: allowed {', '.join(SUBNET_LOSSES)}")
 
 
 def _no_losses(*args, **kwargs):
@@ -128,18 +124,17 @@ class DetectionTask:
 
     Args:
         model: the (possibly DDP-wrapped) detector.
-        subnet_loss: "soft", "gt" or "gt+soft".
-        soft_weight, gt_weight: weights of the two kinds of sub-network loss.
+        options: GradAug's options (validated); reads ``subnet_loss`` ("soft", "gt" or
+            "gt+soft"), ``soft_weight`` and ``gt_weight``. Default: their defaults.
         ignore_value: ``sem_seg`` label of pixels rotated in from outside the image
             (``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``).
     """
 
-    def __init__(self, model, subnet_loss: str = "soft", soft_weight: float = 1.0, gt_weight: float = 1.0,
-                 ignore_value: int = 255):
-        _check_loss_mode(subnet_loss)
-        self.use_gt = "gt" in subnet_loss
-        self.use_soft = "soft" in subnet_loss
-        self.soft_weight, self.gt_weight = soft_weight, gt_weight
+    def __init__(self, model, options: Optional[GradAugOptions] = None, *, ignore_value: int = 255):
+        options = options if options is not None else GradAugOptions()
+        self.use_gt = "gt" in options.subnet_loss
+        self.use_soft = "soft" in options.subnet_loss
+        self.soft_weight, self.gt_weight = options.soft_weight, options.gt_weight
         self.ignore_value = ignore_value
         net = unwrap_model(model)
         dense = hasattr(net, "sem_seg_head") and not hasattr(net, "roi_heads")  # SemanticSegmentor
@@ -210,19 +205,19 @@ class ClassificationTask:
 
     Args:
         model: the (possibly DDP-wrapped) classifier; its ``head`` outputs the logits.
-        subnet_loss: "soft", "gt" or "gt+soft".
-        soft_weight, gt_weight: loss weights.
+        options: GradAug's options (validated); reads ``subnet_loss`` ("soft", "gt" or
+            "gt+soft"), ``soft_weight`` and ``gt_weight``. Default: their defaults.
         batch_fn: optional transform of the full network's batch (e.g. CutMix); the
             sub-networks see its output.
     """
 
-    def __init__(self, model, subnet_loss: str = "soft", soft_weight: float = 1.0, gt_weight: float = 1.0,
+    def __init__(self, model, options: Optional[GradAugOptions] = None, *,
                  batch_fn: Optional[Callable[[List[Dict]], List[Dict]]] = None):
-        _check_loss_mode(subnet_loss)
+        options = options if options is not None else GradAugOptions()
         self.head = unwrap_model(model).head
-        self.use_gt = "gt" in subnet_loss
-        self.use_soft = "soft" in subnet_loss
-        self.soft_weight, self.gt_weight = soft_weight, gt_weight
+        self.use_gt = "gt" in options.subnet_loss
+        self.use_soft = "soft" in options.subnet_loss
+        self.soft_weight, self.gt_weight = options.soft_weight, options.gt_weight
         self.batch_fn = batch_fn
 
     def full_pass(self, model, batch):
@@ -247,7 +242,7 @@ class ClassificationTask:
 
 def build_task(cfg, model):
     """The task for ``cfg.MODEL.META_ARCHITECTURE`` (classifier or R-CNN detector)."""
-    g = cfg.GRADAUG
+    options = GradAugOptions.from_yacs(cfg)
     check_subnet_loss_support(cfg)
     if cfg.MODEL.META_ARCHITECTURE == "SlimmableClassifier":
         batch_fn = None
@@ -255,6 +250,5 @@ def build_task(cfg, model):
             from ..data.classification import CutMix
 
             batch_fn = CutMix(cfg)
-        return ClassificationTask(model, g.SUBNET_LOSS, g.SOFT_WEIGHT, g.GT_WEIGHT, batch_fn)
-    return DetectionTask(model, g.SUBNET_LOSS, g.SOFT_WEIGHT, g.GT_WEIGHT,
-                         ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+        return ClassificationTask(model, options, batch_fn=batch_fn)
+    return DetectionTask(model, options, ignore_value=cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)

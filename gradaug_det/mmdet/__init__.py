@@ -20,7 +20,6 @@ if importlib.util.find_spec("mmdet") is None:
 from .resnet import SlimBasicBlock, SlimBottleneck, SlimmableResNet  # noqa: E402
 from .fpn import SlimConvModule, SlimmableFPN  # noqa: E402
 from .detector import (  # noqa: E402
-    GRADAUG_DEFAULTS,
     GradAugCascadeRCNN,
     GradAugDetectorMixin,
     GradAugFasterRCNN,

@@ -33,33 +33,14 @@ from torch import nn
 from mmdet.models.detectors import CascadeRCNN, FasterRCNN, MaskRCNN, RetinaNet
 from mmdet.registry import MODELS
 
-from ..gradaug import SubnetSampler, gradaug_step, soft_label_kl, subnet_metrics, unwrap_model
-from ..gradaug.sampler import validate_loss_args, validate_sampler_args
+from ..gradaug import GradAugOptions, SubnetSampler, gradaug_step, soft_label_kl, subnet_metrics, unwrap_model
+from ..gradaug.options import MMDET_KEYS
 from ..slim import SlimmableModule, residual_blocks
 from .transforms import transform_batch
 
-__all__ = ["GRADAUG_DEFAULTS", "GradAugDetectorMixin", "GradAugMaskRCNN", "GradAugFasterRCNN",
+__all__ = ["GradAugDetectorMixin", "GradAugMaskRCNN", "GradAugFasterRCNN",
            "GradAugCascadeRCNN", "GradAugRetinaNet",
            "MMDetTask", "gradaug_train_step"]
-
-#: ``model.gradaug`` keys and their defaults (the paper's ImageNet setting; the meaning of
-#: each is that of the detectron2 key ``GRADAUG.<KEY>``, see gradaug_det/config.py).
-GRADAUG_DEFAULTS = dict(
-    num_subnets=3,  # sub-networks per iteration
-    min_width=0.9,  # smallest width; always one sub-network at it when smallest_subnet
-    max_width=1.0,  # the other widths are uniform in [min_width, max_width]
-    smallest_subnet=True,
-    sampling="width",  # "width" or "depth" (drop residual blocks instead)
-    depth_min_keep=0.8,  # depth sampling: keep probability of the last block
-    transform="scale",  # the sub-networks' input transform: "scale", "rotate" or "scale_rotate"
-    scales=(1.0, 0.857, 0.714, 0.571),  # relative input scales, one drawn per sub-network
-    rotation=(-20.0, 20.0),  # (min, max) degrees of the rotation, one angle drawn per sub-network
-    subnet_loss="soft",  # "soft" (RoI class KL), "gt" or "gt+soft"
-    soft_weight=1.0,
-    gt_weight=1.0,
-    seed=0,  # the sub-network sampler's own RNG; identical on every worker
-)
-
 
 @dataclass
 class _Pass:
@@ -123,14 +104,14 @@ class MMDetTask:
 
     Args:
         detector: the GradAug detector (unwrapped).
-        subnet_loss: "soft", "gt" or "gt+soft".
-        soft_weight, gt_weight: weights of the two kinds of sub-network loss.
+        options: GradAug's options (validated); reads ``subnet_loss`` ("soft", "gt" or
+            "gt+soft"), ``soft_weight`` and ``gt_weight``.
     """
 
-    def __init__(self, detector, subnet_loss: str = "soft", soft_weight: float = 1.0, gt_weight: float = 1.0):
-        self.use_gt = "gt" in subnet_loss
-        self.use_soft = "soft" in subnet_loss
-        self.soft_weight, self.gt_weight = soft_weight, gt_weight
+    def __init__(self, detector, options: GradAugOptions):
+        self.use_gt = "gt" in options.subnet_loss
+        self.use_soft = "soft" in options.subnet_loss
+        self.soft_weight, self.gt_weight = options.soft_weight, options.gt_weight
         self.soft = _RoISoftLabels(detector) if self.use_soft else None
         self.full_log_vars: Dict[str, torch.Tensor] = {}
 
@@ -211,7 +192,10 @@ class GradAugDetectorMixin:
     """Make an mmdet two-stage detector train with GradAug (see the module docstring).
 
     Args:
-        gradaug (dict): overrides of :data:`GRADAUG_DEFAULTS` (``model.gradaug`` in configs).
+        gradaug (dict): ``model.gradaug`` in configs: GradAug's options over their defaults
+            (:class:`~gradaug_det.gradaug.options.GradAugOptions`, the keys of
+            :data:`~gradaug_det.gradaug.options.MMDET_KEYS`: the yacs ``GRADAUG`` keys in lower
+            case but ``enabled`` and ``depth_eval_scale``; ``seed`` -1 is 0).
         *args, **kwargs: the detector's own arguments.
 
     Raises:
@@ -219,28 +203,26 @@ class GradAugDetectorMixin:
     """
 
     def __init__(self, *args, gradaug: Optional[dict] = None, **kwargs):
-        opts = _check_options(gradaug)
+        opts = GradAugOptions.from_dict(gradaug, "model.gradaug.", MMDET_KEYS)
         super().__init__(*args, **kwargs)
         if not any(isinstance(m, SlimmableModule) for m in self.backbone.modules()):
             raise ValueError(
                 f"GradAug needs a slimmable backbone, got {type(self.backbone).__name__}; set "
                 "model.backbone.type='SlimmableResNet' (same arguments and weights as 'ResNet')"
             )
-        if opts["sampling"] == "depth" and not residual_blocks(self.backbone):
+        if opts.sampling == "depth" and not residual_blocks(self.backbone):
             raise ValueError("model.gradaug.sampling='depth' needs a backbone with droppable residual blocks")
         self.gradaug_options = opts
-        self.gradaug_sampler = SubnetSampler(
-            num_subnets=opts["num_subnets"], min_width=opts["min_width"], max_width=opts["max_width"],
-            smallest=opts["smallest_subnet"], sampling=opts["sampling"], min_keep=opts["depth_min_keep"],
-            transform=opts["transform"], scales=opts["scales"], rotation=opts["rotation"], seed=opts["seed"])
-        self.gradaug_task = MMDetTask(self, opts["subnet_loss"], opts["soft_weight"], opts["gt_weight"])
+        self.gradaug_sampler = SubnetSampler(opts)
+        self.gradaug_task = MMDetTask(self, opts)
         self._gradaug_pass: Optional[_Pass] = None
 
     @property
     def needs_unused_parameters(self) -> bool:
-        """Whether DDP must look for parameters a pass leaves unused (soft-only or depth sub-networks)."""
-        o = self.gradaug_options
-        return o["subnet_loss"] == "soft" or o["sampling"] == "depth"
+        """Whether DDP must look for parameters a pass leaves unused (soft-only or depth sub-networks:
+        :meth:`GradAugOptions.unused_parameters_reason
+        <gradaug_det.gradaug.options.GradAugOptions.unused_parameters_reason>`)."""
+        return self.gradaug_options.unused_parameters_reason() is not None
 
     @contextlib.contextmanager
     def gradaug_pass(self, state: _Pass):
@@ -288,29 +270,16 @@ class GradAugDetectorMixin:
         return losses
 
 
-def _check_options(gradaug: Optional[dict]) -> dict:
-    gradaug = dict(gradaug or {})
-    unknown = sorted(set(gradaug) - set(GRADAUG_DEFAULTS))
-    if unknown:
-        raise ValueError(f"model.gradaug has unknown keys {unknown}; allowed: {sorted(GRADAUG_DEFAULTS)}")
-    opts = dict(GRADAUG_DEFAULTS, **gradaug)
-    validate_sampler_args(num_subnets=opts["num_subnets"], min_width=opts["min_width"],
-                          max_width=opts["max_width"], sampling=opts["sampling"],
-                          min_keep=opts["depth_min_keep"], transform=opts["transform"],
-                          scales=opts["scales"], rotation=opts["rotation"], prefix="model.gradaug.", lowercase=True)
-    validate_loss_args(subnet_loss=opts["subnet_loss"], soft_weight=opts["soft_weight"],
-                       gt_weight=opts["gt_weight"], prefix="model.gradaug.", lowercase=True)
-    return opts
-
-
 @MODELS.register_module()
 class GradAugMaskRCNN(GradAugDetectorMixin, MaskRCNN):
-    """mmdet ``MaskRCNN`` trained with GradAug (``model.gradaug``: :data:`GRADAUG_DEFAULTS`)."""
+    """mmdet ``MaskRCNN`` trained with GradAug (``model.gradaug``: GradAug's options,
+    :class:`~gradaug_det.gradaug.options.GradAugOptions`)."""
 
 
 @MODELS.register_module()
 class GradAugFasterRCNN(GradAugDetectorMixin, FasterRCNN):
-    """mmdet ``FasterRCNN`` trained with GradAug (``model.gradaug``: :data:`GRADAUG_DEFAULTS`)."""
+    """mmdet ``FasterRCNN`` trained with GradAug (``model.gradaug``: GradAug's options,
+    :class:`~gradaug_det.gradaug.options.GradAugOptions`)."""
 
 
 @MODELS.register_module()

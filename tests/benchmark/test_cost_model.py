@@ -8,7 +8,7 @@ from detectron2.utils.events import EventStorage
 
 from gradaug_det.benchmark import PHASES, PassProbe, PassRecord, cost_model, count_train_flops
 from gradaug_det.benchmark.iteration import FixedSampler, synthetic_detection_batch
-from gradaug_det.gradaug import DetectionTask, SubnetSpec, gradaug_step
+from gradaug_det.gradaug import DetectionTask, GradAugOptions, SubnetSpec, gradaug_step
 
 
 class _Toy(nn.Module):
@@ -92,7 +92,7 @@ def test_soft_subnet_pass_counts_backbone_and_box_head_only(make_rcnn_cfg):
     torch.manual_seed(0)
     model = build_model(cfg).train()
     batch = synthetic_detection_batch(2, 64, 64, num_classes=3, instances=2)
-    task = DetectionTask(model, "soft")
+    task = DetectionTask(model, GradAugOptions(subnet_loss="soft"))
     rois = []
     handle = model.roi_heads.box_head.register_forward_hook(lambda m, a, o: rois.append(a[0].shape[0]))
     sampler = FixedSampler([[SubnetSpec(width=1.0), SubnetSpec(width=0.5, scale=0.5)]])
@@ -119,7 +119,7 @@ def test_time_probe_records_every_phase(make_rcnn_cfg):
     torch.manual_seed(0)
     model = build_model(cfg).train()
     batch = synthetic_detection_batch(2, 64, 64, num_classes=3, instances=2)
-    task = DetectionTask(model, "soft")
+    task = DetectionTask(model, GradAugOptions(subnet_loss="soft"))
     sampler = FixedSampler([[SubnetSpec(width=0.75, scale=0.5)]])
     with EventStorage(0), PassProbe(model, "time") as probe:
         gradaug_step(model, batch, sampler, task, autocast=probe.autocast, backward=probe.backward)

@@ -11,8 +11,7 @@ from detectron2.utils.events import EventStorage
 
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
 from gradaug_det.engine import GradAugSimpleTrainer
-from gradaug_det.gradaug import ClassificationTask, SubnetSampler
-from gradaug_det.gradaug.sampler import validate_loss_args
+from gradaug_det.gradaug import ClassificationTask, GradAugOptions, SubnetSampler
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "engine"))
 from toy_model import ToyClassifier, toy_batch  # noqa: E402
@@ -103,10 +102,10 @@ def test_loss_weights_must_be_finite_and_nonnegative(key, value):
     kwargs = dict(subnet_loss="gt+soft", soft_weight=1.0, gt_weight=1.0)
     kwargs[key.lower()] = value
     with pytest.raises(ValueError, match=f"GRADAUG.{key}=.*finite number >= 0"):
-        validate_loss_args(**kwargs)
+        GradAugOptions(**kwargs)
     with pytest.raises(ValueError, match=f"model.gradaug.{key.lower()}="):  # mmdet's spelling
-        validate_loss_args(**kwargs, prefix="model.gradaug.", lowercase=True)
-    validate_loss_args(subnet_loss="gt", soft_weight=0.0, gt_weight=2.5)
+        GradAugOptions(**kwargs, key_prefix="model.gradaug.")
+    GradAugOptions(subnet_loss="gt", soft_weight=0.0, gt_weight=2.5)
 
 
 def test_infinite_soft_weight_in_config_is_refused(tmp_path):

@@ -20,7 +20,7 @@ GLOBAL_BATCH = 8
 
 
 def sampler(sampling):
-    return SubnetSampler(num_subnets=3, min_width=0.5, sampling=sampling, min_keep=0.5,
+    return SubnetSampler(num_subnets=3, min_width=0.5, sampling=sampling, depth_min_keep=0.5,
                          scales=(1.0, 0.75, 0.5), seed=7)
 
 

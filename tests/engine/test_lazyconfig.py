@@ -38,7 +38,7 @@ def test_lazy_config_builds_the_yacs_model_and_trains_with_gradaug(make_batch):
     assert needs_unused_parameter_search_lazy(cfg)  # "soft" sub-network loss under DDP
 
     cfg.gradaug.subnet_loss = "gt+soft"
-    cfg.gradaug.sampler.num_subnets = 1
+    cfg.gradaug.num_subnets = 1
     model.train()
     optim = torch.optim.SGD(model.parameters(), lr=1e-3)
     trainer = build_lazy_step_trainer(cfg, model, _Loader(make_batch(1, 64)), optim)

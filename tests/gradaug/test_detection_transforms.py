@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints, PolygonMasks, RotatedBoxes
 from detectron2.utils.events import EventStorage
 
-from gradaug_det.gradaug import DetectionTask, SubnetSampler, SubnetSpec, gradaug_step, soft_label_kl
+from gradaug_det.gradaug import DetectionTask, GradAugOptions, SubnetSampler, SubnetSpec, gradaug_step, soft_label_kl
 from gradaug_det.gradaug.tasks import check_subnet_loss_support
 from gradaug_det.gradaug.transforms import (
     SubnetGeometry, check_batch_fields, check_transformable_fields, transform_detection_batch,
@@ -204,7 +204,7 @@ def test_unknown_fields_are_refused_before_any_pass(make_rcnn_cfg, make_batch):
     calls = []
     model.backbone.register_forward_hook(lambda *a: calls.append(1))
     with EventStorage(0), pytest.raises(NotImplementedError, match="'depth'"):
-        gradaug_step(model, batch, SubnetSampler(seed=0), DetectionTask(model, "gt"))
+        gradaug_step(model, batch, SubnetSampler(seed=0), DetectionTask(model, GradAugOptions(subnet_loss="gt")))
     assert not calls  # refused before the full network's pass
     batch = make_batch(1, 64)
     batch[0]["instances"].gt_rotated = RotatedBoxes(torch.zeros(2, 5))
@@ -287,7 +287,7 @@ def test_models_with_every_field_train_gradaug_steps(make_rcnn_cfg, make_batch, 
     sampler = SubnetSampler(num_subnets=2, min_width=0.5, scales=(0.5,), transform="scale_rotate",
                             rotation=(10.0, 10.0), seed=0)
     with EventStorage(0):
-        out = gradaug_step(model, batch, sampler, DetectionTask(model, loss))
+        out = gradaug_step(model, batch, sampler, DetectionTask(model, GradAugOptions(subnet_loss=loss)))
     assert seen == [(64, 64), (32, 32), (32, 32)]
     expected = {"SemanticSegmentor": {"loss_sem_seg"}, "PanopticFPN": {"loss_soft_cls"},
                 "keypoints": {"loss_keypoint"}, "proposals": {"loss_soft_cls" if loss == "soft" else "loss_cls"}}[arch]

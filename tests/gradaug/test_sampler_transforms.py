@@ -18,12 +18,12 @@ def test_width_draws_follow_the_reference():
         assert widths == sorted(widths, reverse=True)  # widest first
         assert all(0.9 <= w <= 1.0 for w in widths)
         assert all(x.scale in (1.0, 0.857, 0.714, 0.571) and x.angle == 0.0 for x in specs)
-    no_smallest = SubnetSampler(num_subnets=2, min_width=0.5, smallest=False, seed=1)
+    no_smallest = SubnetSampler(num_subnets=2, min_width=0.5, smallest_subnet=False, seed=1)
     assert not any(x.width == 0.5 for _ in range(50) for x in no_smallest.sample())
 
 
 def test_depth_draws_keep_linearly_falling_probabilities():
-    s = SubnetSampler(num_subnets=1, sampling="depth", min_keep=0.5, seed=0)
+    s = SubnetSampler(num_subnets=1, sampling="depth", depth_min_keep=0.5, seed=0)
     keeps = np.array([s.sample(num_blocks=5)[0].keep for _ in range(4000)], dtype=float)
     expected = linear_keep_probs(5, 0.5)
     assert expected == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5])
@@ -54,7 +54,7 @@ def test_rotation_and_resume_state():
     (dict(transform="flip"), "GRADAUG.TRANSFORM='flip'"),
     (dict(scales=()), "GRADAUG.SCALES=()"),
     (dict(rotation=(10, -10)), "GRADAUG.ROTATION"),
-    (dict(min_keep=0.0), "GRADAUG.DEPTH_MIN_KEEP=0.0"),
+    (dict(depth_min_keep=0.0), "GRADAUG.DEPTH_MIN_KEEP=0.0"),
 ])
 def test_invalid_arguments_name_the_key(kwargs, key):
     with pytest.raises(ValueError) as e:

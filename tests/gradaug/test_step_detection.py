@@ -12,7 +12,7 @@ from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 import gradaug_det
-from gradaug_det.gradaug import DetectionTask, SubnetSampler, gradaug_step
+from gradaug_det.gradaug import DetectionTask, GradAugOptions, SubnetSampler, gradaug_step
 
 
 def _grads(model):
@@ -101,7 +101,7 @@ def test_gradient_parity_with_hand_computation(make_rcnn_cfg, make_batch, loss_m
     state = copy.deepcopy(model.state_dict())
     with EventStorage(0):
         torch.manual_seed(1)
-        gradaug_step(model, batch, sampler, DetectionTask(model, loss_mode))
+        gradaug_step(model, batch, sampler, DetectionTask(model, GradAugOptions(subnet_loss=loss_mode)))
         ours = _grads(model)
         model.zero_grad(set_to_none=True)
         model.load_state_dict(state)  # BN running stats of the full pass
@@ -137,7 +137,8 @@ def test_subnets_leave_bn_running_stats_and_width(make_rcnn_cfg, make_batch):
         after_full = {n: b.clone() for n, b in model.named_buffers()}
         model.load_state_dict(state)
         torch.manual_seed(1)
-        gradaug_step(model, batch, SubnetSampler(seed=0, min_width=0.5), DetectionTask(model, "gt"))
+        gradaug_step(model, batch, SubnetSampler(seed=0, min_width=0.5),
+                     DetectionTask(model, GradAugOptions(subnet_loss="gt")))
     for n, b in model.named_buffers():
         if "running_" in n:
             assert torch.equal(b, after_full[n]), n
@@ -154,11 +155,11 @@ def test_width_restored_when_a_pass_raises(make_rcnn_cfg, make_batch):
             raise RuntimeError("boom")
 
     with EventStorage(0), pytest.raises(RuntimeError, match="boom"):
-        gradaug_step(model, make_batch(1, 64), SubnetSampler(seed=0), Boom(model, "gt"))
+        gradaug_step(model, make_batch(1, 64), SubnetSampler(seed=0), Boom(model, GradAugOptions(subnet_loss="gt")))
     assert gradaug_det.get_width(model) == 1.0
     with EventStorage(0), pytest.raises(RuntimeError, match="boom"):
-        gradaug_step(model, make_batch(1, 64), SubnetSampler(seed=0, sampling="depth", min_keep=0.1),
-                     Boom(model, "gt"))
+        gradaug_step(model, make_batch(1, 64), SubnetSampler(seed=0, sampling="depth", depth_min_keep=0.1),
+                     Boom(model, GradAugOptions(subnet_loss="gt")))
     assert not any(b.drop for b in gradaug_det.slim.residual_blocks(model))
 
 
@@ -174,7 +175,8 @@ def test_soft_only_subnetworks_compute_features_and_soft_labels_only(make_rcnn_c
         calls[name] = 0
         module.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
     with EventStorage(0):
-        out = gradaug_step(model, make_batch(2, 96), SubnetSampler(num_subnets=3, seed=0), DetectionTask(model, "soft"))
+        out = gradaug_step(model, make_batch(2, 96), SubnetSampler(num_subnets=3, seed=0),
+                           DetectionTask(model, GradAugOptions(subnet_loss="soft")))
     assert calls == {"anchors": 1, "mask": 1, "backbone": 4}  # RPN and mask head: full pass only
     assert [set(d) for d in out.subnet_losses] == [{"loss_soft_cls"}] * 3
     assert all(float(d["loss_soft_cls"]) > 0 for d in out.subnet_losses)

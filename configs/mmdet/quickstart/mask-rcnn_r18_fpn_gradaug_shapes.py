@@ -59,7 +59,7 @@ model = dict(
         rpn=dict(nms_pre=500, max_per_img=100, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
         rcnn=dict(score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5), max_per_img=50,
                   mask_thr_binary=0.5)),
-    # GradAug (keys and defaults: gradaug_det.mmdet.GRADAUG_DEFAULTS)
+    # GradAug (keys and defaults: gradaug_det.gradaug.GradAugOptions, MMDET_KEYS)
     gradaug=dict(num_subnets=3, min_width=0.9, max_width=1.0, scales=(1.0, 0.857, 0.714, 0.571),
                  subnet_loss='soft', seed=0),
 )
