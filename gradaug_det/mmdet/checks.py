@@ -1,9 +1,8 @@
 """Build-time checks shared by the slimmable mmdet modules: errors name the config key."""
-import math
-
 from torch import nn
 
 from ..slim import check_channel_rule
+from ..slim.channels import GroupNormSlice, check_group_norm_slicing
 
 __all__ = ["check_slimmable_args", "check_group_norms"]
 
@@ -41,20 +40,25 @@ def check_slimmable_args(owner: str, key: str, kwargs: dict, channel_divisor, un
         )
 
 
-def check_group_norms(module: nn.Module, channel_divisor: int, owner: str, key: str) -> None:
-    """Every GroupNorm of ``module`` must keep whole groups at every width.
+def check_group_norms(module: nn.Module, channel_divisor: int, owner: str, key: str,
+                      channel_rule: str = "round") -> None:
+    """Every GroupNorm of ``module`` must keep whole groups at every width (the rule of
+    :func:`gradaug_det.slim.channels.check_group_norm_slicing`).
+
+    Args:
+        module: the slimmable backbone or neck (every convolution is sliced).
+        channel_divisor, channel_rule: its ``channel_divisor`` / ``channel_rule`` arguments.
+        owner: class name for the message (``"SlimmableResNet"``).
+        key: the config path of the module (``"model.backbone"``).
 
     Raises:
-        ValueError: naming the layer and the ``channel_divisor`` that would work.
+        ValueError: naming the layer and ``key``'s ``channel_divisor`` (a multiple that would
+            work) or ``channel_rule``.
     """
-    group_norms = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.GroupNorm)]
-    required = math.lcm(1, *(m.num_channels // m.num_groups for _, m in group_norms))
-    for name, m in group_norms:
-        per_group = m.num_channels // m.num_groups
-        if channel_divisor % per_group != 0:
-            raise ValueError(
-                f"{owner}: {name} is GroupNorm({m.num_groups}, {m.num_channels}) with {per_group} "
-                f"channels per group, which cannot be sliced at every width with "
-                f"{key}.channel_divisor={channel_divisor}; set it to a multiple of {required} "
-                "(the least common multiple of every GN layer's channels per group), or use BN"
-            )
+    layers = [GroupNormSlice(name, m.num_groups, m.num_channels, channel_divisor, channel_rule)
+              for name, m in module.named_modules() if isinstance(m, nn.GroupNorm)]
+    try:
+        check_group_norm_slicing(layers, divisor_key=f"{key}.channel_divisor", rule_key=f"{key}.channel_rule",
+                                 bn_fix=f"a BN-type norm ({key}.norm_cfg.type: BN, SyncBN)")
+    except ValueError as e:
+        raise ValueError(f"{owner}: {e}") from None

@@ -65,7 +65,7 @@ class SlimmableFPN(FPN):
             if type(m) is ConvModule:
                 m.__class__ = SlimConvModule
                 m.width, m.divisor, m.rule = 1.0, channel_divisor, channel_rule
-        check_group_norms(self, channel_divisor, "SlimmableFPN", "model.neck")
+        check_group_norms(self, channel_divisor, "SlimmableFPN", "model.neck", channel_rule)
 
     def forward(self, inputs):
         """mmdet's FPN levels, each at ``out_channels`` (sub-network channels first)."""

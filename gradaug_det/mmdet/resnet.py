@@ -129,7 +129,7 @@ class SlimmableResNet(ResNet, SlimmableModule):
             if type(m) in _SLIM_BLOCKS:
                 m.__class__ = _SLIM_BLOCKS[type(m)]
                 m.width, m.divisor, m.rule, m.inner_ratio = 1.0, channel_divisor, channel_rule, self.ratios["inner"]
-        check_group_norms(self, channel_divisor, "SlimmableResNet", "model.backbone")
+        check_group_norms(self, channel_divisor, "SlimmableResNet", "model.backbone", channel_rule)
         self._full_channels = [self.base_channels * 2**i * self.block.expansion for i in range(self.num_stages)]
 
     def _stem(self, x):

@@ -7,7 +7,6 @@ block can be dropped (depth sub-networks). At width ``w < 1`` the returned featu
 hold the sub-network's channels first and zeros after, at the full channel count, so
 ``output_shape()`` never changes and every consumer (FPN, C4 res5 head) works as is.
 """
-import math
 from typing import List, Sequence, Type
 
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 
 from ..config import slimmable_config
 from ..slim import DroppableBlock, SlimConv2d, check_channel_rule, pad_channels, resnet_channel_ratios
+from ..slim.channels import GroupNormSlice, check_group_norm_slicing
 
 __all__ = [
     "SlimBasicStem",
@@ -166,7 +166,8 @@ def check_slimmable_norms(model: nn.Module, prefix: str = "") -> None:
     FrozenBN, BN and SyncBN slice per channel. GroupNorm slices cleanly only when
     every sliced channel count is a whole number of groups, i.e. when
     ``MODEL.SLIMMABLE.CHANNEL_DIVISOR`` is a multiple of every GN layer's channels per
-    group (and never inside grouped, ResNeXt, convolutions). Other norms cannot be
+    group (and never inside grouped, ResNeXt, convolutions): the rule of
+    :func:`gradaug_det.slim.channels.check_group_norm_slicing`. Other norms cannot be
     sliced.
 
     Raises:
@@ -186,32 +187,12 @@ def check_slimmable_norms(model: nn.Module, prefix: str = "") -> None:
             f"{name}.norm is {type(m.norm).__name__}, which cannot be sliced to a sub-network "
             "width. Use FrozenBN, BN, SyncBN or GN (MODEL.RESNETS.NORM, MODEL.FPN.NORM)."
         )
-    required = 1
-    for _, m in group_norms:
-        required = math.lcm(required, m.norm.num_channels // m.norm.num_groups)
-    for name, m in group_norms:
-        per_group = m.norm.num_channels // m.norm.num_groups
-        desc = f"{name}.norm is GroupNorm({m.norm.num_groups}, {m.norm.num_channels}) with {per_group} channels per group"
-        if m.out_layout != 1:
-            raise ValueError(
-                f"{desc} inside a grouped (ResNeXt) convolution, whose sub-networks keep the "
-                "leading channels of every convolution group and so cannot keep whole GN groups. "
-                "Use a BN-type norm (MODEL.RESNETS.NORM: FrozenBN, BN, SyncBN) or "
-                "MODEL.RESNETS.NUM_GROUPS=1."
-            )
-        if m.divisor % per_group != 0 and getattr(m, "rule", "round") == "reference":
-            raise ValueError(
-                f"{desc}: MODEL.SLIMMABLE.CHANNEL_RULE='reference' keeps channel counts that are not "
-                "whole GN groups. Use CHANNEL_RULE 'round' with MODEL.SLIMMABLE.CHANNEL_DIVISOR a "
-                f"multiple of {required}, or a BN-type norm (FrozenBN, BN, SyncBN)."
-            )
-        if m.divisor % per_group != 0:
-            raise ValueError(
-                f"{desc}, which cannot be sliced at every width with "
-                f"MODEL.SLIMMABLE.CHANNEL_DIVISOR={m.divisor}. Set MODEL.SLIMMABLE.CHANNEL_DIVISOR "
-                f"to a multiple of {required} (the least common multiple of every GN layer's "
-                "channels per group in this model) or use a BN-type norm (FrozenBN, BN, SyncBN)."
-            )
+    check_group_norm_slicing(
+        [GroupNormSlice(f"{name}.norm", m.norm.num_groups, m.norm.num_channels, m.divisor,
+                        getattr(m, "rule", "round"), grouped=m.out_layout != 1) for name, m in group_norms],
+        divisor_key="MODEL.SLIMMABLE.CHANNEL_DIVISOR", rule_key="MODEL.SLIMMABLE.CHANNEL_RULE",
+        bn_fix="a BN-type norm (MODEL.RESNETS.NORM / MODEL.FPN.NORM: FrozenBN, BN, SyncBN)",
+        groups_fix="MODEL.RESNETS.NUM_GROUPS=1")
 
 
 @BACKBONE_REGISTRY.register()

@@ -17,8 +17,12 @@ the benchmark's channel counts):
 
 The ratio of a layer is structural (which role it plays in the network, see
 :func:`resnet_channel_ratios`); only ``"reference"`` reads it.
+
+Which GroupNorm layers can be sliced at every width follows from the rule too
+(:func:`check_group_norm_slicing`, used by the detectron2 and the MMDetection backbones).
 """
-from typing import Dict, List, Optional
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 __all__ = [
     "CHANNEL_RULES",
@@ -29,6 +33,8 @@ __all__ = [
     "check_channel_rule",
     "resnet_channel_ratios",
     "resnet_channel_counts",
+    "GroupNormSlice",
+    "check_group_norm_slicing",
 ]
 
 #: The channel rules :func:`slim_channels` implements (``MODEL.SLIMMABLE.CHANNEL_RULE``).
@@ -208,3 +214,70 @@ def resnet_channel_counts(depth: int, width: float, divisor: int = 1, rule: str 
         else:
             inner.append(slim_channels(c_out, width, divisor, rule, ratios["inner"]))
     return {"stem": stem, "inner": inner, "out": out, "classifier_in": out[-1]}
+
+
+class GroupNormSlice(NamedTuple):
+    """A GroupNorm layer that a slimmable network slices (:func:`check_group_norm_slicing`).
+
+    Attributes:
+        name: the layer's name in messages (``"backbone.res2.0.conv1.norm"``).
+        num_groups, num_channels: the GroupNorm's.
+        divisor, rule: the channel divisor and rule of the convolution it normalises.
+        grouped: it follows a grouped (ResNeXt) convolution, whose sub-networks keep the
+            leading channels of every convolution group.
+    """
+
+    name: str
+    num_groups: int
+    num_channels: int
+    divisor: int = 1
+    rule: str = "round"
+    grouped: bool = False
+
+
+def check_group_norm_slicing(layers: Sequence[GroupNormSlice], *, divisor_key: str, rule_key: str,
+                             bn_fix: str, groups_fix: str = "") -> None:
+    """The GroupNorm rule: a sliced GN keeps whole groups at every width.
+
+    ``"round"`` keeps multiples of the divisor, so every count is a whole number of groups
+    exactly when the divisor is a multiple of the layer's channels per group
+    (``num_channels / num_groups``); the smallest divisor that suits every layer is the least
+    common multiple of their channels per group. ``"reference"`` has no alignment, and a
+    grouped convolution keeps the leading channels of each of its groups: neither keeps whole
+    GN groups. The one definition of the rule, for detectron2's ``check_slimmable_norms``
+    and the MMDetection backbone / FPN.
+
+    Args:
+        layers: every sliced GroupNorm of the model (the least common multiple is over all).
+        divisor_key, rule_key: the caller's names of the channel divisor and rule
+            (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``, ``model.backbone.channel_divisor`` ...).
+        bn_fix: how to choose a BN-type norm instead (``"a BN-type norm (FrozenBN, BN, SyncBN)"``).
+        groups_fix: how to drop convolution groups (``"MODEL.RESNETS.NUM_GROUPS=1"``).
+
+    Raises:
+        ValueError: naming the first layer that cannot keep whole groups, the setting and what
+            to set (for the divisor: a multiple of the least common multiple).
+    """
+    required = math.lcm(1, *(layer.num_channels // layer.num_groups for layer in layers))
+    for layer in layers:
+        per_group = layer.num_channels // layer.num_groups
+        desc = (f"{layer.name} is GroupNorm({layer.num_groups}, {layer.num_channels}) with {per_group} "
+                "channels per group")
+        if layer.grouped:
+            raise ValueError(
+                f"{desc} inside a grouped (ResNeXt) convolution, whose sub-networks keep the leading channels "
+                f"of every convolution group and so cannot keep whole GN groups. Use {bn_fix}"
+                + (f" or {groups_fix}." if groups_fix else ".")
+            )
+        if layer.divisor % per_group == 0:
+            continue
+        if layer.rule == "reference":
+            raise ValueError(
+                f"{desc}: {rule_key}='reference' keeps channel counts that are not whole GN groups. Use "
+                f"{rule_key}='round' with {divisor_key} a multiple of {required}, or {bn_fix}."
+            )
+        raise ValueError(
+            f"{desc}, which cannot be sliced at every width with {divisor_key}={layer.divisor}; set it to a "
+            f"multiple of {required} (the least common multiple of every GN layer's channels per group in "
+            f"this model), or use {bn_fix}."
+        )

@@ -132,6 +132,12 @@ def test_bad_arguments_name_the_key(key, value):
 def test_group_norm_needs_a_divisor_of_whole_groups():
     with pytest.raises(ValueError, match="channel_divisor=1; set it to a multiple of 16"):
         SlimmableResNet(depth=18, norm_cfg=dict(type="GN", num_groups=32))
+    # the rule detectron2's backbone uses (slim/channels.py: check_group_norm_slicing), in mmdet's keys
+    with pytest.raises(ValueError, match=r"^SlimmableResNet: .*: model\.backbone\.channel_rule='reference' keeps "
+                                         r"channel counts that are not whole GN groups\. Use "
+                                         r"model\.backbone\.channel_rule='round' with "
+                                         r"model\.backbone\.channel_divisor a multiple of 16"):
+        SlimmableResNet(depth=18, norm_cfg=dict(type="GN", num_groups=32), channel_rule="reference")
     slim = SlimmableResNet(depth=18, norm_cfg=dict(type="GN", num_groups=32), channel_divisor=16)
     set_width(slim, 0.75)
     assert [o.shape[1] for o in slim(torch.randn(1, 3, 64, 64))] == [64, 128, 256, 512]
