@@ -2,7 +2,8 @@
 
 The full network's class distributions on its own sampled RoIs are recorded during its
 pass; the RoIs are mapped through the sub-network's input transform (on the device, see
-:mod:`.transforms`), and the sub-network's box classifier on those RoIs learns them with
+:mod:`.transforms`) by :func:`.geometry.map_teacher_rois` (the core shared with the mmdet
+side), and the sub-network's box classifier on those RoIs learns them with
 :func:`.losses.soft_label_kl`. RoIs a rotation leaves without area keep a weight of 0
 rather than being dropped (dropping needs boolean indexing: a host sync on CUDA).
 

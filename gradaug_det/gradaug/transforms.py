@@ -3,7 +3,9 @@
 Detection batches (detectron2's list of dataset dicts) are rescaled and/or rotated with
 exactly the geometry of detectron2's ``ResizeTransform`` and ``RotationTransform``
 (``expand=False``: the image keeps its size and turns counter-clockwise about its centre
-``(w / 2, h / 2)``), resize first. Where each field is transformed:
+``(w / 2, h / 2)``), resize first. The coordinate map is the plain-torch
+:class:`.geometry.AffineGeometry` shared with the MMDetection side. Where each field is
+transformed:
 
 * ``image`` (any channel count, uint8 or float), ``sem_seg`` and ``BitMasks``: on the
   model's device, batched over the images that share a size (one call per pass and size).
@@ -22,8 +24,9 @@ exactly the geometry of detectron2's ``ResizeTransform`` and ``RotationTransform
   coordinates 0 (``transform_keypoint_annotations``).
 * ``PolygonMasks``: host numpy data by nature (detectron2 keeps them so); moved with
   detectron2's own ``apply_polygons`` of the same transform (no device involved).
-* the full network's RoIs (soft labels): on the device; RoIs with no area left keep a
-  weight of 0 instead of being dropped, so no boolean indexing (a host sync on CUDA) runs.
+* the full network's RoIs (soft labels): on the device, through
+  :func:`.geometry.map_teacher_rois`; RoIs with no area left keep a weight of 0 instead of
+  being dropped, so no boolean indexing (a host sync on CUDA) runs.
 
 Host synchronisation: none of these transforms reads a device value on the host. Deciding
 whether an instance or proposal is dropped reads its (host) box; if a user's loader puts
@@ -40,7 +43,6 @@ import math
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints, PolygonMasks
 
+from .geometry import AffineGeometry, map_teacher_rois, scaled_size
 from .sampler import SubnetSpec
 
 __all__ = [
@@ -137,16 +140,12 @@ def detection_transform(height: int, width: int, spec: SubnetSpec) -> T.Transfor
     tfms = []
     h, w = height, width
     if spec.scale != 1.0:
-        nh, nw = _scaled_size(h, w, spec.scale)
+        nh, nw = scaled_size(h, w, spec.scale)
         tfms.append(T.ResizeTransform(h, w, nh, nw))
         h, w = nh, nw
     if spec.angle != 0.0:
         tfms.append(T.RotationTransform(h, w, spec.angle, expand=False))
     return T.TransformList(tfms)
-
-
-def _scaled_size(h: int, w: int, scale: float) -> Tuple[int, int]:
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,20 +256,11 @@ def _resize_nearest(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return x.index_select(-2, iy).index_select(-1, ix)
 
 
-def _source_coords(inverse: np.ndarray, h: int, w: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Source pixel coordinates (pixel-index convention, float64) of every output pixel
-    of a ``cv2.warpAffine`` whose inverse map is ``inverse`` (2x3)."""
-    ys = torch.arange(h, dtype=torch.float64, device=device)[:, None]
-    xs = torch.arange(w, dtype=torch.float64, device=device)[None, :]
-    (a, b, c), (d, e, f) = inverse.tolist()
-    return xs * a + ys * b + c, xs * d + ys * e + f
-
-
-def _rotate_bilinear(x: torch.Tensor, inverse: np.ndarray) -> torch.Tensor:
+def _rotate_bilinear(x: torch.Tensor, geo: AffineGeometry) -> torch.Tensor:
     """(N, C, H, W) through ``cv2.warpAffine(INTER_LINEAR, BORDER_CONSTANT 0)`` geometry:
     ``grid_sample`` (bilinear, zeros outside). uint8 is rounded back to uint8."""
     n, _, h, w = x.shape
-    sx, sy = _source_coords(inverse, h, w, x.device)
+    sx, sy = geo.source_pixels(h, w, x.device)
     dtype = x.dtype if x.is_floating_point() else torch.float32
     grid = torch.stack([(2 * sx + 1) / w - 1, (2 * sy + 1) / h - 1], -1).to(dtype)
     out = F.grid_sample(x.to(dtype), grid.expand(n, h, w, 2), mode="bilinear", padding_mode="zeros",
@@ -280,11 +270,11 @@ def _rotate_bilinear(x: torch.Tensor, inverse: np.ndarray) -> torch.Tensor:
     return out
 
 
-def _rotate_nearest(x: torch.Tensor, inverse: np.ndarray, fill) -> torch.Tensor:
+def _rotate_nearest(x: torch.Tensor, geo: AffineGeometry, fill) -> torch.Tensor:
     """(..., H, W) of any dtype through ``cv2.warpAffine(INTER_NEAREST)`` geometry
     (source pixel ``floor(coordinate + 0.5)``); pixels from outside become ``fill``."""
     h, w = x.shape[-2:]
-    sx, sy = _source_coords(inverse, h, w, x.device)
+    sx, sy = geo.source_pixels(h, w, x.device)
     ix, iy = torch.floor(sx + 0.5).long(), torch.floor(sy + 0.5).long()
     inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
     flat = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).reshape(-1)
@@ -295,14 +285,17 @@ def _rotate_nearest(x: torch.Tensor, inverse: np.ndarray, fill) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 # The geometry of one image's sub-network transform
 # ---------------------------------------------------------------------------------------
-class SubnetGeometry:
+class SubnetGeometry(AffineGeometry):
     """How one sub-network's transform moves an image of size (height, width), and with it
     every field of the image's training dict.
 
-    The map is detectron2's: ``ResizeTransform(h, w, round(h*s), round(w*s))`` (x scaled by
+    The map is detectron2's (:class:`~gradaug_det.gradaug.geometry.AffineGeometry` with
+    ``center="edges"``): ``ResizeTransform(h, w, round(h*s), round(w*s))`` (x scaled by
     ``new_w / w``, y by ``new_h / h``), then ``RotationTransform(new_h, new_w, angle,
     expand=False)`` (counter-clockwise by ``angle`` degrees about ``(new_w / 2, new_h / 2)``,
-    continuous coordinates: pixel ``i`` covers [i, i + 1)).
+    continuous coordinates: pixel ``i`` covers [i, i + 1)). Coordinates (``points``,
+    ``inverse_points``, ``boxes``) are the shared geometry's; this class adds the dense
+    fields, keypoints and polygons.
 
     Args:
         height, width: input image size in pixels.
@@ -310,19 +303,8 @@ class SubnetGeometry:
     """
 
     def __init__(self, height: int, width: int, spec: SubnetSpec):
-        self.in_size = (int(height), int(width))
-        self.size = _scaled_size(height, width, spec.scale) if spec.scale != 1.0 else self.in_size
-        self.resize = self.size != self.in_size
-        self.factors = (self.size[1] / width, self.size[0] / height)  # (sx, sy)
-        self.rotation = None
-        if spec.angle % 360 != 0:
-            self.rotation = T.RotationTransform(self.size[0], self.size[1], spec.angle, expand=False)
-            self.inverse = cv2.invertAffineTransform(self.rotation.rm_image)
+        super().__init__(height, width, spec.scale, spec.angle, center="edges")
         self.spec = spec
-
-    @property
-    def identity(self) -> bool:
-        return not self.resize and self.rotation is None
 
     @functools.cached_property
     def transform(self) -> T.TransformList:
@@ -335,7 +317,7 @@ class SubnetGeometry:
         if self.resize:
             x = _resize_bilinear(x, self.size)
         if self.rotation is not None:
-            x = _rotate_bilinear(x, self.inverse)
+            x = _rotate_bilinear(x, self)
         return x
 
     def label_map(self, x: torch.Tensor, fill) -> torch.Tensor:
@@ -344,51 +326,10 @@ class SubnetGeometry:
         if self.resize:
             x = _resize_nearest(x, self.size)
         if self.rotation is not None:
-            x = _rotate_nearest(x, self.inverse, fill)
+            x = _rotate_nearest(x, self, fill)
         return x
 
-    # -- coordinates ---------------------------------------------------------------------
-    def _rotate_xy(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        (a, b, c), (d, e, f) = self.rotation.rm_coords.tolist()  # cv2.transform, float64
-        x, y = x.double(), y.double()
-        return x * a + y * b + c, x * d + y * e + f
-
-    def points(self, xy: torch.Tensor) -> torch.Tensor:
-        """(..., 2) continuous (x, y) coordinates in pixels, computed in float64 as
-        detectron2's ``apply_coords`` on float64 input (keypoints); returns float64."""
-        x, y = xy[..., 0].double(), xy[..., 1].double()
-        if self.resize:
-            x, y = x * self.factors[0], y * self.factors[1]
-        if self.rotation is not None:
-            x, y = self._rotate_xy(x, y)
-        return torch.stack([x, y], -1)
-
-    def inverse_points(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Where output coordinates (x, y) (pixels, continuous, float64) came from in the input
-        image: the inverse of :meth:`points`."""
-        if self.rotation is not None:
-            (a, b, c), (d, e, f) = cv2.invertAffineTransform(self.rotation.rm_coords).tolist()
-            x, y = x * a + y * b + c, x * d + y * e + f
-        if self.resize:
-            x, y = x / self.factors[0], y / self.factors[1]
-        return x, y
-
-    def boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(R, 4) XYXY boxes in pixels -> the boxes enclosing their moved corners, clipped
-        to the output image (detectron2's ``apply_box`` then ``Boxes.clip``). Scaling runs
-        in the boxes' dtype (float32, as ``ResizeTransform.apply_coords``), the rotation in
-        float64 (as ``RotationTransform.apply_coords``). Same dtype and device as the input."""
-        x1, y1, x2, y2 = boxes.unbind(-1)
-        if self.resize:
-            sx, sy = self.factors
-            x1, y1, x2, y2 = x1 * sx, y1 * sy, x2 * sx, y2 * sy
-        if self.rotation is not None:
-            xs, ys = self._rotate_xy(torch.stack([x1, x2, x1, x2], -1), torch.stack([y1, y1, y2, y2], -1))
-            x1, x2 = xs.min(-1).values.to(boxes.dtype), xs.max(-1).values.to(boxes.dtype)
-            y1, y2 = ys.min(-1).values.to(boxes.dtype), ys.max(-1).values.to(boxes.dtype)
-        h, w = self.size
-        return torch.stack([x1.clamp(0, w), y1.clamp(0, h), x2.clamp(0, w), y2.clamp(0, h)], -1)
-
+    # -- keypoints and polygons ---------------------------------------------------------
     def keypoints(self, kp: torch.Tensor) -> torch.Tensor:
         """(N, K, 3) keypoints (x, y, visibility) -> moved; points outside the output image
         get visibility 0 and all points with visibility 0 get (0, 0, 0), as detectron2's
@@ -521,10 +462,8 @@ def _transform_detection_batch(batch, spec, teacher, device, ignore_value):
     if teacher is not None:
         new_teacher = []
         for t, geo in zip(teacher, geos):
-            boxes = geo.boxes(t["boxes"])
-            w = Boxes(boxes).nonempty().to(t["logits"].dtype if t["logits"].is_floating_point() else torch.float32)
-            if "weights" in t:
-                w = w * t["weights"]
+            dtype = t["logits"].dtype if t["logits"].is_floating_point() else torch.float32
+            boxes, w = map_teacher_rois(t["boxes"], geo.boxes, t.get("weights"), dtype)
             new_teacher.append(dict(t, boxes=boxes, weights=w))  # other keys (e.g. "stage_sizes") pass
     return new_batch, new_teacher
 

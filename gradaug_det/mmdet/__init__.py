@@ -29,7 +29,7 @@ from .detector import (  # noqa: E402
     gradaug_train_step,
 )
 from .hooks import GradAugSamplerStateHook  # noqa: E402
-from .transforms import BatchGeometry, rescale_batch, rescale_rois, rotate_batch, transform_batch  # noqa: E402
+from .transforms import BatchGeometry, rescale_batch, rotate_batch, transform_batch  # noqa: E402
 from .wrapper import GradAugDistributedDataParallel  # noqa: E402
 
 __all__ = [k for k in globals() if not k.startswith("_") and k != "importlib"]

@@ -8,7 +8,9 @@ iteration through the shared :func:`gradaug_det.gradaug.gradaug_step`:
    batch and back-propagates;
 2. each sampled sub-network (width / depth set on the backbone and neck) sees the batch
    rescaled and/or rotated (:func:`.transforms.transform_batch`) and learns from the full network's detached RoI
-   class distributions ("soft"), the rescaled annotations ("gt") or both;
+   class distributions ("soft": the teacher's RoIs moved with the batch by
+   :meth:`.transforms.BatchGeometry.map_rois`, every row kept, weight 0 where a rotation left
+   no area), the rescaled annotations ("gt") or both;
 3. one optimizer step.
 
 Every backward goes through the optimizer wrapper (``scale_loss`` + ``backward``: AMP loss
@@ -50,6 +52,7 @@ class _Pass:
     use_gt: bool = True
     rois: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None  # (R,) 0 for RoIs the transform left without area
     recorded: Dict[str, List[torch.Tensor]] = field(default_factory=lambda: {"rois": [], "logits": []})
     features: Optional[tuple] = None
 
@@ -139,7 +142,8 @@ class MMDetTask:
             getattr(prep, "pad_size_divisor", 1), getattr(prep, "pad_value", 0.0))
         state = _Pass("teach", use_gt=self.use_gt)
         if self.use_soft:
-            state.rois, state.logits = geometry.map_rois(teacher["rois"], teacher["logits"])
+            state.rois, state.weights = geometry.map_rois(teacher["rois"])
+            state.logits = teacher["logits"]
         with net.gradaug_pass(state):
             losses = model(inputs=inputs, data_samples=samples, mode="loss")
         out = {}
@@ -266,7 +270,7 @@ class GradAugDetectorMixin:
             losses = {}
             x = self.extract_feat(batch_inputs)
         student = self.gradaug_task.soft.student_logits(x, state.rois)
-        losses["loss_soft_cls"] = soft_label_kl(student, state.logits)
+        losses["loss_soft_cls"] = soft_label_kl(student, state.logits, state.weights)
         return losses
 
 

@@ -10,30 +10,36 @@ image shapes and the full network's RoIs mapped by the same factors. A rotation 
 positive is clockwise) turns each image about the centre of its valid region
 (``img_shape``), keeping its size; boxes become the boxes enclosing their rotated corners
 (clipped to the image; instances left without area are dropped), masks rotate with mmdet's
-own ``rotate``, and the full network's RoIs map like boxes (dropped with their logits
-when nothing is left). Rescale comes first, as on the detectron2 side. The input batch is
-never modified.
+own ``rotate``, and the full network's RoIs map like boxes (RoIs left without area keep
+their row with weight 0, as on the detectron2 side). Rescale comes first, as on the
+detectron2 side. The coordinate map is the shared
+:class:`~gradaug_det.gradaug.geometry.AffineGeometry` (``center="pixels"``: mmdet's rotation
+centre ``((w - 1) / 2, (h - 1) / 2)``; ``region``: the image's ``img_shape``), and the RoIs
+go through the shared :func:`~gradaug_det.gradaug.geometry.map_teacher_rois`. The input
+batch is never modified.
 
 Everything runs where the batch lives (the model's device after mmdet's data preprocessor):
 images are resampled in one ``interpolate`` call per pass and one ``grid_sample`` call per
 pass and image size; boxes and RoIs move by the affine map with its coefficients passed as
 Python numbers (no host-to-device copy of a matrix). mmdet's instance masks
 (``BitmapMasks`` / ``PolygonMasks``) are numpy data on the host by nature and move with mmdet's
-own ``resize`` / ``rotate``. Host synchronisations left (rotation only; mmdet's preprocessor
-puts the annotations on the device): deciding whether an image's instances lost one to the
-rotation (once per image) and dropping the RoIs left without area (boolean indexing, as
-mmdet's own samplers do; once per pass).
+own ``resize`` / ``rotate``. Host synchronisation left (rotation only; mmdet's preprocessor
+puts the annotations on the device): deciding whether an image's ground-truth instances lost
+one to the rotation (once per image, as detectron2 drops empty instances); the teacher's RoIs
+need none.
 """
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rescale_batch", "rescale_rois", "rotate_batch", "transform_batch", "BatchGeometry"]
+from ..gradaug.geometry import AffineGeometry, map_teacher_rois
+
+__all__ = ["rescale_batch", "rotate_batch", "transform_batch", "BatchGeometry"]
 
 
 def _check_fields(data_samples: List) -> None:
@@ -45,23 +51,17 @@ def _check_fields(data_samples: List) -> None:
             )
 
 
-def _scaled_size(h: int, w: int, scale: float) -> Tuple[int, int]:
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-
-
-def _scale_boxes(boxes, sx: float, sy: float):
-    """(R, 4) boxes (a tensor or mmdet's HorizontalBoxes) scaled like ``HorizontalBoxes.rescale_``
-    (float32 products), with the factors as Python numbers (no host-to-device copy)."""
-    t = getattr(boxes, "tensor", boxes)
-    x1, y1, x2, y2 = t.unbind(-1)
-    moved = torch.stack([x1 * sx, y1 * sy, x2 * sx, y2 * sy], -1)
+def _move_boxes(boxes, geometry: AffineGeometry):
+    """(R, 4) boxes (a tensor or mmdet's HorizontalBoxes) through ``geometry.boxes``."""
+    moved = geometry.boxes(getattr(boxes, "tensor", boxes))
     return type(boxes)(moved) if hasattr(boxes, "tensor") else moved
 
 
-def _scale_instances(instances, sx: float, sy: float, mask_size: Tuple[int, int], pad_size: Tuple[int, int]):
+def _scale_instances(instances, geometry: AffineGeometry, pad_size: Tuple[int, int]):
     out = instances.clone()
+    mask_size = geometry.size
     if "bboxes" in out:
-        out.bboxes = _scale_boxes(out.bboxes, sx, sy)
+        out.bboxes = _move_boxes(out.bboxes, geometry)
     if "masks" in out:
         masks = out.masks.resize(mask_size)
         out.masks = masks.pad(pad_size) if hasattr(masks, "pad") else masks
@@ -88,8 +88,8 @@ def rescale_batch(inputs: torch.Tensor, data_samples: List, scale: float,
     if scale == 1.0:
         return inputs, data_samples, (1.0, 1.0)
     h, w = inputs.shape[-2:]
-    nh, nw = _scaled_size(h, w, scale)
-    sx, sy = nw / w, nh / h
+    geometry = AffineGeometry(h, w, scale)
+    (nh, nw), (sx, sy) = geometry.size, geometry.factors
     out = F.interpolate(inputs, size=(nh, nw), mode="bilinear", align_corners=False)  # cv2.resize's geometry
     ph = int(math.ceil(nh / size_divisor)) * size_divisor
     pw = int(math.ceil(nw / size_divisor)) * size_divisor
@@ -108,20 +108,15 @@ def rescale_batch(inputs: torch.Tensor, data_samples: List, scale: float,
         new.set_metainfo(meta)
         for key in ("gt_instances", "ignored_instances"):
             if key in sample:
-                setattr(new, key, _scale_instances(getattr(sample, key), sx, sy, (nh, nw), (ph, pw)))
+                setattr(new, key, _scale_instances(getattr(sample, key), geometry, (ph, pw)))
         samples.append(new)
     return out, samples, (sx, sy)
 
 
-def rescale_rois(rois: torch.Tensor, factors: Optional[Tuple[float, float]]) -> torch.Tensor:
-    """Map (R, 5) RoIs ``[batch_index, x1, y1, x2, y2]`` by the factors of :func:`rescale_batch`."""
-    if factors is None or factors == (1.0, 1.0):
-        return rois
-    sx, sy = factors
-    return torch.cat([rois[:, :1], _scale_boxes(rois[:, 1:], sx, sy)], 1)
-
-
 def _no_autocast(t: torch.Tensor):
+    """Autocast off on the tensor's device (a no-op context where autocast does not exist)."""
+    if not torch.amp.is_autocast_available(t.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
@@ -131,25 +126,27 @@ def _center(img_shape) -> Tuple[float, float]:
     return (w - 1) * 0.5, (h - 1) * 0.5
 
 
-def _rotation_matrix(img_shape, angle: float) -> np.ndarray:
-    """The 2x3 matrix of mmdet's rotations (``cv2.getRotationMatrix2D(center, -angle, 1)``)."""
-    return cv2.getRotationMatrix2D(_center(img_shape), -angle, 1.0)
+def _rotation(size: Tuple[int, int], img_shape, angle: float) -> AffineGeometry:
+    """mmdet's rotation (clockwise ``angle`` degrees) of an image whose valid region
+    ``img_shape`` lies in a padded ``size``: about ``((w - 1) / 2, (h - 1) / 2)`` of that region
+    (``cv2.getRotationMatrix2D(center, -angle, 1)``, boxes and images alike), boxes clipped to it."""
+    return AffineGeometry(size[0], size[1], 1.0, -angle, center="pixels", region=img_shape[:2])
 
 
 def _has_area(boxes: torch.Tensor) -> torch.Tensor:
     return ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
 
 
-def _rotate_images(imgs: torch.Tensor, matrix: np.ndarray, valid: Tuple[int, int], pad_value: float) -> torch.Tensor:
-    """Rotate (N, C, H, W) images that share their valid region by ``matrix`` (bilinear, one
-    ``grid_sample`` call); pixels from outside the valid region, and the padding, become
-    ``pad_value``. The source grid is computed on the images' device in float64."""
+def _rotate_images(imgs: torch.Tensor, geometry: AffineGeometry, pad_value: float) -> torch.Tensor:
+    """Rotate (N, C, H, W) images that share their valid region (``geometry.region``) by
+    ``geometry`` (bilinear, one ``grid_sample`` call); pixels from outside the valid region,
+    and the padding, become ``pad_value``. The source grid is computed on the images' device
+    in float64."""
     n, c, hp, wp = imgs.shape
-    h, w = valid
-    (a, b, cx), (d, e, cy) = cv2.invertAffineTransform(matrix).tolist()
-    ys = torch.arange(hp, dtype=torch.float64, device=imgs.device)[:, None].expand(hp, wp)
-    xs = torch.arange(wp, dtype=torch.float64, device=imgs.device)[None, :].expand(hp, wp)
-    src_x, src_y = xs * a + ys * b + cx, xs * d + ys * e + cy  # (H, W) source x, y in pixels
+    h, w = geometry.region
+    src_x, src_y = geometry.source_pixels(hp, wp, imgs.device)  # (H, W) source x, y in pixels
+    ys = torch.arange(hp, dtype=torch.float64, device=imgs.device)[:, None]
+    xs = torch.arange(wp, dtype=torch.float64, device=imgs.device)[None, :]
     inside = (src_x >= -0.5) & (src_x <= w - 0.5) & (src_y >= -0.5) & (src_y <= h - 0.5) & (xs < w) & (ys < h)
     grid = torch.stack([src_x * 2 / max(wp - 1, 1) - 1, src_y * 2 / max(hp - 1, 1) - 1], -1).to(imgs.dtype)
     out = F.grid_sample(imgs, grid.expand(n, hp, wp, 2), mode="bilinear", padding_mode="border", align_corners=True)
@@ -165,24 +162,11 @@ def _rotate_instances(instances, img_shape, angle: float, pad_shape):
         out.masks = valid.rotate((h, w), angle, center=_center(img_shape)).pad(tuple(pad_shape))
     if "bboxes" in out:
         boxes = out.bboxes  # mmdet HorizontalBoxes, or a plain (R, 4) tensor
-        moved = _rotate_boxes(getattr(boxes, "tensor", boxes), _rotation_matrix(img_shape, angle), (h, w))
-        out.bboxes = type(boxes)(moved) if hasattr(boxes, "tensor") else moved
-        keep = _has_area(moved)
+        out.bboxes = _move_boxes(boxes, _rotation(pad_shape, img_shape, angle))
+        keep = _has_area(getattr(out.bboxes, "tensor", out.bboxes))
         if not bool(keep.all()):
             out = out[keep]
     return out
-
-
-def _rotate_boxes(boxes: torch.Tensor, matrix: np.ndarray, img_shape) -> torch.Tensor:
-    """(R, 4) boxes -> the boxes enclosing their corners moved by ``matrix``, clipped (in the
-    boxes' dtype, as mmdet's ``HorizontalBoxes.rotate_``; coefficients as Python numbers)."""
-    (a, b, c), (d, e, f) = matrix.tolist()
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    xs, ys = torch.stack([x1, x2, x1, x2], -1), torch.stack([y1, y1, y2, y2], -1)  # (R, 4) corners
-    mx, my = xs * a + ys * b + c, xs * d + ys * e + f
-    h, w = img_shape[:2]
-    return torch.stack([mx.min(-1).values.clamp(0, w), my.min(-1).values.clamp(0, h),
-                        mx.max(-1).values.clamp(0, w), my.max(-1).values.clamp(0, h)], -1)
 
 
 def rotate_batch(inputs: torch.Tensor, data_samples: List, angle: float, pad_value: float = 0.0):
@@ -191,13 +175,13 @@ def rotate_batch(inputs: torch.Tensor, data_samples: List, angle: float, pad_val
     Args:
         inputs: (N, C, H, W) batch tensor.
         data_samples: the batch's ``DetDataSample`` list.
-        angle: degrees, positive clockwise (mmdet's convention); 0 returns the inputs.
+        angle: degrees, positive clockwise (mmdet's convention); a multiple of 360 returns the inputs.
         pad_value: value of the padding and of pixels rotated in from outside the image.
 
     Returns:
         ``(inputs, data_samples)``: new tensor and samples.
     """
-    if angle == 0.0:
+    if angle % 360 == 0:
         return inputs, data_samples
     _check_fields(data_samples)
     samples, rotated = [], [None] * len(data_samples)
@@ -207,7 +191,7 @@ def rotate_batch(inputs: torch.Tensor, data_samples: List, angle: float, pad_val
         groups.setdefault(tuple(sample.metainfo["img_shape"][:2]), []).append(i)
     for img_shape, idx in groups.items():  # one grid_sample per image size
         x = inputs[idx[0]][None] if len(idx) == 1 else torch.stack([inputs[i] for i in idx])
-        y = _rotate_images(x, _rotation_matrix(img_shape, angle), img_shape, pad_value)
+        y = _rotate_images(x, _rotation(pad_shape, img_shape, angle), pad_value)
         for k, i in enumerate(idx):
             rotated[i] = y[k]
     out = torch.stack(rotated)
@@ -226,33 +210,54 @@ class BatchGeometry:
     """How :func:`transform_batch` moved a batch: maps the full network's RoIs likewise.
 
     Attributes:
-        factors: (sx, sy) of the rescale.
-        angle: rotation in degrees (mmdet's convention).
+        in_size: (H, W) of the batch tensor before the transform.
+        scale: the relative scale of the rescale.
+        angle: rotation in degrees (mmdet's convention: clockwise).
         img_shapes: every image's (h, w) after the rescale (the rotation keeps them).
     """
 
-    factors: Tuple[float, float]
+    in_size: Tuple[int, int]
+    scale: float
     angle: float
     img_shapes: Sequence[Tuple[int, int]]
 
-    def map_rois(self, rois: torch.Tensor, logits: torch.Tensor):
-        """Move (R, 5) RoIs ``[batch_index, x1, y1, x2, y2]``; RoIs rotated out of their
-        image are dropped together with their rows of ``logits``."""
-        rois = rescale_rois(rois, self.factors)
-        if self.angle == 0.0:
-            return rois, logits
-        boxes = rois[:, 1:]
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.angle % 360 == 0
+
+    def image_geometry(self, img_shape) -> AffineGeometry:
+        """The shared geometry of an image whose valid region after the rescale is ``img_shape``."""
+        rotates = self.angle % 360 != 0
+        return AffineGeometry(self.in_size[0], self.in_size[1], self.scale, -self.angle, center="pixels",
+                              region=img_shape[:2] if rotates else None)
+
+    def _boxes(self, boxes: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        groups = {}
+        for i, img_shape in enumerate(self.img_shapes):
+            groups.setdefault(tuple(img_shape[:2]), []).append(i)
+        out = None
+        for img_shape, idx in groups.items():  # every RoI moved by each image size's map, kept where it belongs
+            moved = self.image_geometry(img_shape).boxes(boxes)
+            if out is None:
+                out = moved
+            else:
+                sel = sum((image_index == i) for i in idx)[:, None].bool()
+                out = torch.where(sel, moved, out)
+        return out
+
+    def map_rois(self, rois: torch.Tensor):
+        """Move (R, 5) RoIs ``[batch_index, x1, y1, x2, y2]`` with their images
+        (:func:`~gradaug_det.gradaug.geometry.map_teacher_rois`: every row kept).
+
+        Returns:
+            ``(rois (R, 5), weights)``: ``weights`` (R,) float32, 0 for RoIs left without
+            area, or None when the transform is the identity (rois returned as they are).
+        """
+        if self.identity:
+            return rois, None
         with _no_autocast(rois):
-            groups = {}
-            for i, img_shape in enumerate(self.img_shapes):
-                groups.setdefault(tuple(img_shape[:2]), []).append(i)
-            for img_shape, idx in groups.items():  # every RoI moved by each image size's map, kept where it belongs
-                moved = _rotate_boxes(rois[:, 1:], _rotation_matrix(img_shape, self.angle), img_shape)
-                sel = sum((rois[:, 0] == i) for i in idx)[:, None].bool()
-                boxes = torch.where(sel, moved, boxes)
-        out = torch.cat([rois[:, :1], boxes], 1)
-        keep = _has_area(boxes)
-        return out[keep], logits[keep]
+            boxes, weights = map_teacher_rois(rois[:, 1:], lambda b: self._boxes(b, rois[:, 0]))
+        return torch.cat([rois[:, :1], boxes], 1), weights
 
 
 def transform_batch(inputs: torch.Tensor, data_samples: List, scale: float = 1.0, angle: float = 0.0,
@@ -263,8 +268,9 @@ def transform_batch(inputs: torch.Tensor, data_samples: List, scale: float = 1.0
         ``(inputs, data_samples, geometry)``; ``geometry.map_rois`` maps the full
         network's RoIs the same way.
     """
+    in_size = tuple(inputs.shape[-2:])
     with _no_autocast(inputs):  # sub-network passes run under AMP: coordinates stay float32
-        inputs, data_samples, factors = rescale_batch(inputs, data_samples, scale, size_divisor, pad_value)
+        inputs, data_samples, _ = rescale_batch(inputs, data_samples, scale, size_divisor, pad_value)
         inputs, data_samples = rotate_batch(inputs, data_samples, angle, pad_value)
     shapes = [tuple(s.metainfo["img_shape"][:2]) for s in data_samples]
-    return inputs, data_samples, BatchGeometry(factors, angle, shapes)
+    return inputs, data_samples, BatchGeometry(in_size, scale, angle, shapes)

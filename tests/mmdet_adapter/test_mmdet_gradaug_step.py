@@ -246,7 +246,7 @@ def test_every_pass_goes_through_the_optim_wrapper(make_batch, mask_rcnn_cfg, de
 
 def test_rotated_subnetworks_learn_on_the_teachers_rotated_rois(make_batch, mask_rcnn_cfg, detector):
     """transform='rotate': each soft-only sub-network classifies the full network's RoIs moved
-    with its input (boxes enclosing the rotated RoIs; RoIs rotated out are dropped)."""
+    with its input (boxes enclosing the rotated RoIs; RoIs rotated out keep their row, weight 0)."""
     model = detector(mask_rcnn_cfg(gradaug=dict(transform="rotate", rotation=(-45.0, 45.0), seed=4)))
     model.train()
     seen = []
@@ -259,7 +259,7 @@ def test_rotated_subnetworks_learn_on_the_teachers_rotated_rois(make_batch, mask
     for spec, rois in zip(specs, seen[1:]):
         assert spec.angle != 0.0 and spec.scale == 1.0
         _, _, geometry = transform_batch(data["inputs"], data["data_samples"], spec.scale, spec.angle, 32)
-        want, _ = geometry.map_rois(seen[0], torch.zeros(len(seen[0]), 1))
+        want, _ = geometry.map_rois(seen[0])
         torch.testing.assert_close(rois, want)
         assert not torch.equal(rois[:, 1:], seen[0][: len(rois), 1:])
         assert float(log_vars[f"gradaug/sub{specs.index(spec)}/angle"]) == pytest.approx(spec.angle)

@@ -87,7 +87,7 @@ def _sample(img_shape, boxes, pad_shape):
     return s
 
 
-def test_boxes_and_rois_rotated_out_of_the_image_are_dropped():
+def test_boxes_rotated_out_of_the_image_are_dropped_rois_get_weight_0():
     # a wide 40 x 100 image: a box at its left end leaves it after a quarter turn
     inputs = torch.zeros(2, 3, 64, 128)
     inside, leaving = [40.0, 15.0, 60.0, 25.0], [0.0, 15.0, 10.0, 25.0]
@@ -99,10 +99,12 @@ def test_boxes_and_rois_rotated_out_of_the_image_are_dropped():
     torch.testing.assert_close(new[0].gt_instances.bboxes.tensor, torch.tensor([[44.0, 10.0, 54.0, 30.0]]))
     assert len(new[1].gt_instances) == 1
     rois = torch.tensor([[0.0, *inside], [0.0, *leaving], [1.0, *inside]])
-    logits = torch.arange(6.0).reshape(3, 2)
-    moved, kept = geometry.map_rois(rois, logits)
-    assert moved[:, 0].tolist() == [0.0, 1.0] and torch.equal(kept, logits[[0, 2]])
+    # every RoI keeps its row (no boolean indexing, no host sync); the one rotated out weighs 0
+    moved, weights = geometry.map_rois(rois)
+    assert moved[:, 0].tolist() == [0.0, 0.0, 1.0] and weights.tolist() == [1.0, 0.0, 1.0]
+    assert weights.dtype == torch.float32
     torch.testing.assert_close(moved[0, 1:], new[0].gt_instances.bboxes.tensor[0])
+    assert not bool(((moved[1, 3] > moved[1, 1]) & (moved[1, 4] > moved[1, 2])))  # no area left
 
 
 def test_rescale_then_rotate_maps_rois_like_boxes():
@@ -113,7 +115,7 @@ def test_rescale_then_rotate_maps_rois_like_boxes():
     assert out.shape[-2:] == (64, 96)  # 48 x 72, padded to multiples of 32
     assert new[0].metainfo["img_shape"][:2] == (48, 72)
     rois = torch.tensor([[0.0, *b] for b in boxes])
-    moved, _ = geometry.map_rois(rois, torch.zeros(2, 3))
+    moved, _ = geometry.map_rois(rois)
     torch.testing.assert_close(moved[:, 1:], new[0].gt_instances.bboxes.tensor)
     assert (new[0].gt_instances.bboxes.tensor[:, 2:] <= torch.tensor([72.0, 48.0])).all()
 
@@ -128,7 +130,7 @@ def test_transforms_keep_float32_coordinates_under_autocast():
     def run():
         out, new, geometry = transform_batch(inputs, [_sample((64, 96), boxes, (64, 96))],
                                              scale=0.857, angle=13.0, size_divisor=32)
-        return out, new[0].gt_instances.bboxes.tensor, geometry.map_rois(rois, torch.zeros(2, 3))[0]
+        return out, new[0].gt_instances.bboxes.tensor, geometry.map_rois(rois)[0]
 
     want = run()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -184,3 +186,24 @@ def test_rotation_is_batched_per_image_size():
         torch.testing.assert_close(out[i], alone[0], rtol=0, atol=0)
         torch.testing.assert_close(new[i].gt_instances.bboxes.tensor, alone_new[0].gt_instances.bboxes.tensor)
     assert torch.all(out[1, :, 40:, :] == 7.0) and torch.all(out[1, :, :, 60:] == 7.0)
+
+
+@pytest.mark.parametrize("scale,angle", [(0.5, 0.0), (0.857, 45.0), (1.0, -30.0)])
+def test_images_and_rois_are_never_read_on_the_host(scale, angle):
+    """The batch tensor and the teacher's RoIs live on PyTorch's "meta" device here, where any
+    host read of a value (``.item()``, ``bool()``, ``.cpu()``, boolean indexing, ``nonzero``)
+    raises: the images and the RoIs are transformed, and the soft-label loss formed, without a
+    host synchronisation. Ground-truth boxes stay on the host here (deciding whether a rotation
+    dropped one reads them, once per image)."""
+    from gradaug_det.gradaug import soft_label_kl
+
+    meta = torch.device("meta")
+    samples = [_sample((64, 96), [[10.0, 8.0, 40.0, 30.0]], (64, 96)), _sample((40, 60), [[0.0, 0.0, 4.0, 4.0]], (64, 96))]
+    inputs = torch.zeros(2, 3, 64, 96, device=meta)
+    rois = torch.zeros(7, 5, device=meta)
+    out, new, geometry = transform_batch(inputs, samples, scale=scale, angle=angle, size_divisor=32, pad_value=0.0)
+    assert out.device == meta and out.shape[0] == 2
+    moved, weights = geometry.map_rois(rois)
+    assert moved.device == meta and moved.shape == (7, 5) and weights.shape == (7,) and weights.device == meta
+    loss = soft_label_kl(torch.zeros(7, 3, device=meta), torch.zeros(7, 3, device=meta), weights)
+    assert loss.device == meta
