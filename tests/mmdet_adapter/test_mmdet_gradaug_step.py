@@ -264,3 +264,29 @@ def test_rotated_subnetworks_learn_on_the_teachers_rotated_rois(make_batch, mask
         assert not torch.equal(rois[:, 1:], seen[0][: len(rois), 1:])
         assert float(log_vars[f"gradaug/sub{specs.index(spec)}/angle"]) == pytest.approx(spec.angle)
     assert all(torch.isfinite(log_vars[f"gradaug/sub{i}/loss_soft_cls"]) for i in range(3))
+
+
+def test_soft_loss_leaves_out_rois_rotated_out_of_the_image(make_batch, mask_rcnn_cfg, detector):
+    """A teacher RoI that the rotation leaves without area keeps its row with weight 0 (no
+    boolean indexing): the sub-network's soft KL is the mean over the other RoIs only."""
+    from gradaug_det.gradaug import SubnetSpec, soft_label_kl
+
+    model = detector(mask_rcnn_cfg(gradaug=dict(subnet_loss="soft", transform="rotate", seed=0)))
+    model.train()
+    data = model.data_preprocessor(copy.deepcopy(make_batch((0, 1))), True)
+    # a small box in an image's corner leaves it when turned 45 degrees about the centre
+    rois = torch.tensor([[0.0, 30.0, 30.0, 60.0, 50.0], [0.0, 0.0, 0.0, 4.0, 4.0], [1.0, 20.0, 25.0, 50.0, 70.0]])
+    num_classes = model.roi_head.bbox_head.num_classes + 1
+    logits = torch.randn(3, num_classes, generator=torch.Generator().manual_seed(0))
+    spec = SubnetSpec(scale=1.0, angle=45.0)
+    out = model.gradaug_task.subnet_pass(model, data, {"rois": rois, "logits": logits}, spec)
+
+    inputs, _, geometry = transform_batch(data["inputs"], data["data_samples"], 1.0, 45.0,
+                                          model.data_preprocessor.pad_size_divisor)
+    moved, weights = geometry.map_rois(rois)
+    assert weights.tolist() == [1.0, 0.0, 1.0]
+    student = model.gradaug_task.soft.student_logits(model.extract_feat(inputs), moved)
+    keep = [0, 2]
+    want = soft_label_kl(student[keep], logits[keep]) * model.gradaug_options.soft_weight
+    torch.testing.assert_close(out["loss_soft_cls"], want)
+    assert not torch.allclose(out["loss_soft_cls"], soft_label_kl(student, logits) * model.gradaug_options.soft_weight)
