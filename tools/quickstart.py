@@ -3,9 +3,10 @@
 
 Each stage is the tool a user would run, in its own process, feeding the next:
 
-1. data: the quickstart shapes (COCO instance segmentation: circles, rectangles, triangles
-   that occlude each other, 15-77 px, with unannotated clutter, 128 px images) and the
-   classification images of the same look (8 glyph classes), generated on first use under
+1. data: the quickstart shapes (COCO instance segmentation: circles, rectangles, triangles,
+   each class in its own hue band, that occlude each other, 15-77 px, with unannotated
+   clutter of any colour, 128 px images) and the classification images of the same look
+   (8 glyph classes), generated on first use under
    ``$DETECTRON2_DATASETS`` (default ``./datasets``; ``gradaug_det.data.QUICKSTART_SHAPES``,
    ``QUICKSTART_CLASSES``);
 2. ``tools/train_net.py --config-file configs/quickstart/pretrain_r18_gradaug.yaml``: GradAug

@@ -146,7 +146,7 @@ def register_quickstart(
 
     The classification twin (``gradaug_quickstart_cls_*``, for pretraining the
     backbone, ``configs/quickstart/pretrain_r18_gradaug.yaml``) is an ImageFolder
-    of the detection data's look (``generate_imagefolder(style="shapes")``),
+    of the detection data's look (``generate_imagefolder(style="shapes", appearance="category")``),
     registered like ``register_imagenet``'s names and generated lazily too.
 
     Calling this again is harmless: names that are already registered are kept

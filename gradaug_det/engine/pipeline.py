@@ -135,9 +135,11 @@ def parse_copypaste(text: str) -> "OrderedDict[str, Dict[str, float]]":
 
 
 # Evaluation scalars in metrics.json: "<task>/<metric>" or "<task>@w<width>/<metric>"
-# (gradaug_det.evaluation.widths), task one of detectron2's evaluators' names.
+# (gradaug_det.evaluation.widths), task one of detectron2's evaluators' names, "+bncal"
+# after it for results with calibrated BN statistics (TEST.BN_CALIBRATION_BATCHES).
 _EVAL_KEY_RE = re.compile(
-    r"^(?P<task>(?:bbox|segm|keypoints|classification|sem_seg|panoptic_seg)(?:@w[0-9.]+)?)/(?P<metric>[^/]+)$")
+    r"^(?P<task>(?:bbox|segm|keypoints|classification|sem_seg|panoptic_seg)(?:\+bncal)?(?:@w[0-9.]+)?)"
+    r"/(?P<metric>[^/]+)$")
 
 
 def _read_metrics_rows(output_dir: str) -> List[dict]:

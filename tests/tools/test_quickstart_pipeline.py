@@ -34,12 +34,14 @@ def test_final_results_and_curve_from_metrics_json(tmp_path):
     rows = [{"iteration": 0, "total_loss": 3.0, "gradaug/sub0/loss_soft_cls": 0.1},
             {"iteration": 4, "bbox/AP": 10.0, "segm/AP": 8.0},  # periodic: after the 5th iteration
             {"iteration": 9, "total_loss": 1.0},
-            {"iteration": 10, "bbox/AP": 20.0, "segm/AP": 15.0, "bbox@w0.75/AP": 12.0}]  # final
+            {"iteration": 10, "bbox/AP": 20.0, "segm/AP": 15.0, "bbox@w0.75/AP": 12.0,
+             "bbox+bncal@w0.75/AP": 13.0}]  # final, with a BN-calibrated sub-width
     with open(tmp_path / "metrics.json", "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     assert pipeline.read_eval_curve(str(tmp_path), "bbox/AP") == [(5, 10.0), (10, 20.0)]
     final = pipeline.read_final_results(str(tmp_path))
-    assert final == {"bbox": {"AP": 20.0}, "segm": {"AP": 15.0}, "bbox@w0.75": {"AP": 12.0}}
+    assert final == {"bbox": {"AP": 20.0}, "segm": {"AP": 15.0}, "bbox@w0.75": {"AP": 12.0},
+                     "bbox+bncal@w0.75": {"AP": 13.0}}
     with pytest.raises(SystemExit, match="no evaluation results"):
         pipeline.read_final_results(str(tmp_path / "missing"))
 
