@@ -8,17 +8,18 @@ starts the tasks again from the stored checkpoint() submission).
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from gradaug_det.engine import slurm
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _submit_helpers import (REPO, assert_bit_equal, enter_job_env, job_env, job_log,  # noqa: E402
+                             run_preempted_once, submit_and_wait, task_starts)
+
 CONFIG = os.path.join(REPO, "configs", "quickstart", "mask_rcnn_gradaug.yaml")
 MAX_ITER = 3
 PREEMPT_AFTER = 1  # the signal reaches every task during iteration 1 of the first run
@@ -33,8 +34,7 @@ TIMEOUT_S = 400
 def env(tmp_path_factory):
     """Environment of the jobs: the quickstart data's smoke-size twin (8 images) generated once,
     as the tools register it."""
-    root = str(tmp_path_factory.mktemp("datasets"))
-    e = dict(os.environ, DETECTRON2_DATASETS=root, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e = job_env(str(tmp_path_factory.mktemp("datasets")))
     subprocess.run([sys.executable, "-c", "import gradaug_det; from detectron2.data import DatasetCatalog; "
                     "DatasetCatalog.get('gradaug_quickstart_tiny_train')"], env=e, check=True, timeout=300,
                    capture_output=True)
@@ -65,26 +65,13 @@ def assert_same_weights(run_dir, ref_dir):
     (got, it), (ref, ref_it) = weights(run_dir), weights(ref_dir)
     assert it == ref_it == MAX_ITER - 1
     assert got.keys() == ref.keys()
-    # the same computation in the same processes: bit-equal
-    diff = {k: (got[k].double() - ref[k].double()).abs().max().item() for k in ref if ref[k].numel()}
-    worst = max(diff, key=diff.get)
-    assert diff[worst] == 0, f"{worst} differs by {diff[worst]}"
-
-
-def task_starts(job_dir):
-    """How many times task 0 was started (1 + number of requeues), from submitit's log."""
-    logs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(job_dir, "submitit")) for f in fs
-            if f.endswith("_0_log.out")]
-    return sum(open(p).read().count("Starting with JobEnvironment") for p in logs)
+    assert_bit_equal(got, ref)  # the same computation in the same processes
 
 
 def test_submit_local_job_equals_launch(env, launch_run, tmp_path):
     job_dir = str(tmp_path / "job")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "submit.py"), "--cluster", "local",
-                           "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout", "10", "--job-dir", job_dir,
-                           "--wait", "tools/train_net.py", "--config-file", CONFIG, *TINY],
-                          env=env, cwd=REPO, timeout=TIMEOUT_S, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = submit_and_wait("tools/train_net.py", ["--config-file", CONFIG, *TINY], job_dir, tasks_per_node=2,
+                           env=env, timeout_s=TIMEOUT_S)
     assert "Submitted job" in proc.stdout and "finished" in proc.stdout
     assert_same_weights(job_dir, launch_run)
     got, ref = last_metrics(job_dir), last_metrics(launch_run)
@@ -95,48 +82,17 @@ def test_submit_local_job_equals_launch(env, launch_run, tmp_path):
     assert os.path.isfile(os.path.join(job_dir, "log.txt")) and os.path.isfile(os.path.join(job_dir, "config.yaml"))
 
 
-class PreemptedOnce(slurm.TrainingJob):
-    """The job, but in its first run every task gets Slurm's preemption signal during
-    iteration ``PREEMPT_AFTER`` (as when Slurm preempts it); the requeued run gets none."""
-
-    def __call__(self):
-        if not self.resume:
-            after_step = slurm.PreemptionHook.after_step
-
-            def signalled_after_step(hook):
-                if hook.trainer.iter == PREEMPT_AFTER:
-                    os.kill(os.getpid(), signal.SIGUSR2)
-                after_step(hook)
-
-            slurm.PreemptionHook.after_step = signalled_after_step
-        return super().__call__()
-
-
 def test_preempted_job_checkpoints_requeues_and_resumes_to_same_weights(env, launch_run, tmp_path, monkeypatch):
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job imports nothing from tests/
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.chdir(REPO)
+    enter_job_env(monkeypatch, env)
     job_dir = str(tmp_path / "job")
     tool = os.path.join(REPO, "tools", "train_net.py")
     args = slurm.prepare_tool_args(tool, ["--config-file", CONFIG, *TINY], job_dir)
-    executor = slurm.make_executor(job_dir, cluster="local", gpus_per_node=0, tasks_per_node=2, timeout_min=10)
-    job = executor.submit(PreemptedOnce(tool, args, job_dir))
-    deadline = time.time() + TIMEOUT_S
-    while not job.done():
-        if time.time() > deadline:
-            job.cancel()
-            pytest.fail(f"job did not end in {TIMEOUT_S} s; logs in {job.paths.folder}")
-        time.sleep(1)
-    job.results()  # raises with the tasks' traceback if they failed
+    run_preempted_once(tool, args, job_dir, tasks_per_node=2, preempt_after=PREEMPT_AFTER, timeout_s=TIMEOUT_S)
 
     assert task_starts(job_dir) == 2  # requeued once
     # the checkpoint of the preempted step, and the resumed run started after it
     assert os.path.isfile(os.path.join(job_dir, f"model_{PREEMPT_AFTER:07d}.pth"))
-    with open(os.path.join(job_dir, "log.txt")) as f:
-        log = f.read()
+    log = job_log(job_dir)
     assert "Received SIGUSR2: saving a checkpoint after the current iteration" in log
     assert f"Starting training from iteration {PREEMPT_AFTER + 1}" in log
     assert_same_weights(job_dir, launch_run)

@@ -9,17 +9,17 @@ datasets (coco_2017_train/val) from the tiny generated root of tests/conftest.py
 import json
 import os
 import runpy
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from gradaug_det.engine import slurm
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _submit_helpers import (REPO, assert_bit_equal, enter_job_env, job_env, job_log,  # noqa: E402
+                             run_preempted_once, submit_and_wait, task_starts)
+
 LAZY_TEST = os.path.join(REPO, "tests", "tools", "test_lazyconfig_train_net_cli.py")
 MAX_ITER = 2
 PREEMPT_AFTER = 0  # the signal reaches the task during iteration 0 of the first run
@@ -37,14 +37,7 @@ def tool_args():
 
 @pytest.fixture(scope="module")
 def env(tiny_coco):
-    return dict(os.environ, DETECTRON2_DATASETS=tiny_coco[0], OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def task_starts(job_dir):
-    """How many times task 0 was started (1 + number of requeues), from submitit's log."""
-    logs = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(job_dir, "submitit")) for f in fs
-            if f.endswith("_0_log.out")]
-    return sum(open(p).read().count("Starting with JobEnvironment") for p in logs)
+    return job_env(tiny_coco[0])
 
 
 def loss_iterations(job_dir):
@@ -62,11 +55,8 @@ def final_checkpoint(job_dir):
 def submitted_run(env, tool_args, tmp_path_factory):
     """``tools/submit.py --cluster local --wait`` of the lazy tool, as a user runs it."""
     job_dir = str(tmp_path_factory.mktemp("lazy_submit") / "job")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "submit.py"), "--cluster", "local",
-                           "--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout", "10", "--job-dir", job_dir,
-                           "--wait", "tools/lazyconfig_train_net.py", *tool_args],
-                          env=env, cwd=REPO, timeout=TIMEOUT_S, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = submit_and_wait("tools/lazyconfig_train_net.py", tool_args, job_dir, tasks_per_node=1, env=env,
+                           timeout_s=TIMEOUT_S)
     return job_dir, proc.stdout
 
 
@@ -77,59 +67,27 @@ def test_submit_lazyconfig_tool_trains_in_the_job_dir(submitted_run):
     saved = final_checkpoint(job_dir)
     assert saved["iteration"] == MAX_ITER - 1 and "gradaug_sampler" in saved["trainer"]
     assert loss_iterations(job_dir) == list(range(MAX_ITER))
-    with open(os.path.join(job_dir, "log.txt")) as f:
-        log = f.read()
+    log = job_log(job_dir)
     assert "Starting training from iteration 0" in log and "Received SIGUSR2" not in log
     assert os.path.isfile(os.path.join(job_dir, "config.yaml"))
     assert task_starts(job_dir) == 1  # ended normally: not requeued
 
 
-class PreemptedOnce(slurm.TrainingJob):
-    """The job, but in its first run the task gets Slurm's preemption signal during
-    iteration ``PREEMPT_AFTER`` (as when Slurm preempts it); the requeued run gets none."""
-
-    def __call__(self):
-        if not self.resume:
-            after_step = slurm.PreemptionHook.after_step
-
-            def signalled_after_step(hook):
-                if hook.trainer.iter == PREEMPT_AFTER:
-                    os.kill(os.getpid(), signal.SIGUSR2)
-                after_step(hook)
-
-            slurm.PreemptionHook.after_step = signalled_after_step
-        return super().__call__()
-
-
 def test_preempted_lazyconfig_job_checkpoints_requeues_and_resumes(env, tool_args, submitted_run, tmp_path,
                                                                    monkeypatch):
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job imports nothing from tests/
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.chdir(REPO)
+    enter_job_env(monkeypatch, env)
     job_dir = str(tmp_path / "job")
     tool = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
     args = slurm.prepare_tool_args(tool, tool_args, job_dir)
     assert args[-1] == f"train.output_dir={job_dir}"
-    executor = slurm.make_executor(job_dir, cluster="local", gpus_per_node=0, tasks_per_node=1, timeout_min=10)
-    job = executor.submit(PreemptedOnce(tool, args, job_dir))
-    deadline = time.time() + TIMEOUT_S
-    while not job.done():
-        if time.time() > deadline:
-            job.cancel()
-            pytest.fail(f"job did not end in {TIMEOUT_S} s; logs in {job.paths.folder}")
-        time.sleep(1)
-    job.results()  # raises with the task's traceback if it failed
+    run_preempted_once(tool, args, job_dir, tasks_per_node=1, preempt_after=PREEMPT_AFTER, timeout_s=TIMEOUT_S)
 
     assert task_starts(job_dir) == 2  # requeued once
     # the checkpoint of the preempted step; the requeued run (--resume) started after it
     early = torch.load(os.path.join(job_dir, f"model_{PREEMPT_AFTER:07d}.pth"), map_location="cpu",
                        weights_only=False)
     assert early["iteration"] == PREEMPT_AFTER
-    with open(os.path.join(job_dir, "log.txt")) as f:
-        log = f.read()
+    log = job_log(job_dir)
     assert "Received SIGUSR2: saving a checkpoint after the current iteration" in log
     assert f"Starting training from iteration {PREEMPT_AFTER + 1}" in log
     assert loss_iterations(job_dir) == list(range(MAX_ITER))  # each iteration ran once over both runs
@@ -140,7 +98,4 @@ def test_preempted_lazyconfig_job_checkpoints_requeues_and_resumes(env, tool_arg
     assert saved["trainer"]["gradaug_sampler"] == ref["trainer"]["gradaug_sampler"]
     assert saved["trainer"]["gradaug_sampler"] != early["trainer"]["gradaug_sampler"]
     # ... and, with the data position restored too, at the uninterrupted job's weights
-    diff = {k: (saved["model"][k].double() - ref["model"][k].double()).abs().max().item()
-            for k in ref["model"] if ref["model"][k].numel()}
-    worst = max(diff, key=diff.get)
-    assert diff[worst] == 0, f"{worst} differs by {diff[worst]}"
+    assert_bit_equal(saved["model"], ref["model"])
