@@ -101,3 +101,31 @@ def make_batch(shapes_dataset):
         return pseudo_collate([shapes_dataset[i] for i in indices])
 
     return make
+
+
+@pytest.fixture
+def shapes_data_options(shapes_root):
+    """``--cfg-options`` that point the quickstart config's data at :func:`shapes_root`: no
+    loader workers, validation and test images at 160 x 128."""
+    options = [
+        f"data_root={shapes_root}/", f"train_dataloader.dataset.data_root={shapes_root}/",
+        f"val_dataloader.dataset.data_root={shapes_root}/",
+        f"val_evaluator.ann_file={shapes_root}/annotations/instances_val.json",
+        "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
+        "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
+        "val_dataloader.dataset.pipeline.1.scale=(160,128)"]
+    # the config's test_* entries are copies of its val_* ones, made when it was parsed
+    return options + [o.replace("val_", "test_", 1) for o in options if o.startswith("val_")]
+
+
+@pytest.fixture
+def short_train_options():
+    """``short_train_options(iters)``: ``--cfg-options`` that shrink the quickstart config's
+    training to ``iters`` iterations at 160 x 128, validated and checkpointed at the end,
+    logged every iteration."""
+    def options(iters):
+        return [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}", "default_hooks.logger.interval=1",
+                f"default_hooks.checkpoint.interval={iters}",
+                "train_pipeline.2.scales=[(160,128)]", "train_dataloader.dataset.pipeline.2.scales=[(160,128)]"]
+
+    return options

@@ -53,22 +53,10 @@ def test_gradaug_and_baseline_differ_only_in_gradaug():
         assert module == {k: v for k, v in b.model[key].items() if k != "type"}, key
 
 
-def test_short_training_run_through_the_tool(tmp_path, shapes_root):
+def test_short_training_run_through_the_tool(tmp_path, shapes_data_options, short_train_options):
     work = tmp_path / "work"
-    data_options = [
-        f"data_root={shapes_root}/", f"train_dataloader.dataset.data_root={shapes_root}/",
-        f"val_dataloader.dataset.data_root={shapes_root}/",
-        f"val_evaluator.ann_file={shapes_root}/annotations/instances_val.json",
-        "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
-        "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
-        "val_dataloader.dataset.pipeline.1.scale=(160,128)"]
-    # the config's test_* entries are copies of its val_* ones, made when it was parsed
-    data_options += [o.replace("val_", "test_", 1) for o in data_options if o.startswith("val_")]
     cmd = [sys.executable, os.path.join(ROOT, "tools", "mmdet_train.py"), QUICKSTART,
-           "--work-dir", str(work), "--cfg-options", *data_options,
-           "train_cfg.max_iters=4", "train_cfg.val_interval=4", "default_hooks.logger.interval=1",
-           "default_hooks.checkpoint.interval=4",
-           "train_pipeline.2.scales=[(160,128)]", "train_dataloader.dataset.pipeline.2.scales=[(160,128)]"]
+           "--work-dir", str(work), "--cfg-options", *shapes_data_options, *short_train_options(4)]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -114,7 +102,7 @@ def test_short_training_run_through_the_tool(tmp_path, shapes_root):
     out = tmp_path / "widths.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "mmdet_test.py"), QUICKSTART, str(work / "iter_4.pth"),
            "--widths", "1.0", "0.75", "--work-dir", str(tmp_path / "test"), "--out", str(out),
-           "--cfg-options", *data_options]
+           "--cfg-options", *shapes_data_options]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     widths = json.loads(out.read_text())

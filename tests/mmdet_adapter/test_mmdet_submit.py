@@ -2,8 +2,8 @@
 submitit job (local executor), as a user submits it: it trains in the job directory (the
 tool's --work-dir) and ends without requeueing.
 
-The config is shrunk as in test_mmdet_runner.py (the shapes data of conftest.py, 12 training /
-4 validation images at 128 px, trained at 160 x 128), 2 iterations.
+The config is shrunk as in test_mmdet_runner.py, by conftest.py's options (its shapes data,
+12 training / 4 validation images at 128 px, trained at 160 x 128), 2 iterations.
 """
 import glob
 import json
@@ -21,22 +21,11 @@ QUICKSTART = os.path.join("configs", "mmdet", "quickstart", "mask-rcnn_r18_fpn_g
 MAX_ITERS = 2
 
 
-def test_submit_mmdet_train_local_job(tmp_path, shapes_root):
+def test_submit_mmdet_train_local_job(tmp_path, shapes_data_options, short_train_options):
     job_dir = tmp_path / "job"
-    data_options = [
-        f"data_root={shapes_root}/", f"train_dataloader.dataset.data_root={shapes_root}/",
-        f"val_dataloader.dataset.data_root={shapes_root}/",
-        f"val_evaluator.ann_file={shapes_root}/annotations/instances_val.json",
-        "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False",
-        "val_dataloader.num_workers=0", "val_dataloader.persistent_workers=False",
-        "val_dataloader.dataset.pipeline.1.scale=(160,128)"]
-    data_options += [o.replace("val_", "test_", 1) for o in data_options if o.startswith("val_")]
     cmd = [sys.executable, os.path.join(ROOT, "tools", "submit.py"), "--cluster", "local", "--gpus-per-node", "0",
            "--tasks-per-node", "1", "--timeout", "10", "--job-dir", str(job_dir), "--wait",
-           "tools/mmdet_train.py", QUICKSTART, "--cfg-options", *data_options,
-           f"train_cfg.max_iters={MAX_ITERS}", f"train_cfg.val_interval={MAX_ITERS}",
-           "default_hooks.logger.interval=1", f"default_hooks.checkpoint.interval={MAX_ITERS}",
-           "train_pipeline.2.scales=[(160,128)]", "train_dataloader.dataset.pipeline.2.scales=[(160,128)]"]
+           "tools/mmdet_train.py", QUICKSTART, "--cfg-options", *shapes_data_options, *short_train_options(MAX_ITERS)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
