@@ -50,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2, help="images per step")
     p.add_argument("--iters", type=int, default=10, help="timed rounds (median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
-    p.add_argument("--divisor", type=int, default=8, help="aligned MODEL.SLIMMABLE.CHANNEL_DIVISOR")
+    p.add_argument("--divisor", type=int, default=None,
+                   help="aligned MODEL.SLIMMABLE.CHANNEL_DIVISOR (default: the device's, "
+                        "gradaug_det.slim.preferred_channel_divisor: 8 on a GPU, 16 on an AVX-512 CPU, else 8)")
     p.add_argument("--widths", type=float, nargs="+", default=[0.9, 0.75, 0.5], help="sub-network widths")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

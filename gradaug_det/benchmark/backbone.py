@@ -14,14 +14,14 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from .cost import count_train_flops
 
-__all__ = ["BackboneBench", "check_backbone_bench", "backbone_cfg", "run_backbone_benchmark", "backbone_markdown",
-           "width_one_overhead"]
+__all__ = ["BackboneBench", "check_backbone_bench", "backbone_cfg", "backbone_step", "run_backbone_benchmark",
+           "backbone_markdown", "width_one_overhead"]
 
 
 @dataclass
@@ -36,7 +36,8 @@ class BackboneBench:
         size: square input size, pixels.
         batch: images per step.
         iters, warmup: timed rounds (median reported) and untimed steps per configuration.
-        divisor: the aligned ``CHANNEL_DIVISOR`` compared with 1.
+        divisor: the aligned ``CHANNEL_DIVISOR`` compared with 1 (None: the device's,
+            :func:`~gradaug_det.slim.preferred_channel_divisor`).
         widths: sub-network widths.
         device: "cpu" or "cuda".
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` on GPU.
@@ -51,11 +52,17 @@ class BackboneBench:
     batch: int = 2
     iters: int = 10
     warmup: int = 2
-    divisor: int = 8
+    divisor: Optional[int] = None
     widths: List[float] = field(default_factory=lambda: [0.9, 0.75, 0.5])
     device: str = "cpu"
     cudnn_benchmark: bool = True
     seed: int = 0
+
+    def __post_init__(self):
+        if self.divisor is None:
+            from ..slim import preferred_channel_divisor
+
+            self.divisor = preferred_channel_divisor(self.device)
 
 
 def check_backbone_bench(bench: BackboneBench) -> BackboneBench:
@@ -148,8 +155,21 @@ def kept_channels(bench: BackboneBench, width: float, divisor: int) -> str:
     return "/".join(map(str, [counts["stem"]] + counts["out"]))
 
 
-def _step(model, x, width, device, probe_autocast=None, probe_backward=None):
-    """One training step (forward + backward) at ``width``; returns seconds."""
+def backbone_step(model, x, width, device, probe_autocast=None, probe_backward=None) -> float:
+    """One training step of a backbone, forward + backward, at ``width``.
+
+    Args:
+        model: a backbone returning a dict of feature maps (slimmable, or stock: then
+            ``width`` must be 1.0, the width context is a no-op).
+        x: ``(N, 3, H, W)`` input on ``device``.
+        width: the width the forward runs at.
+        device: where ``model`` lives (CUDA is synchronised around the step).
+        probe_autocast, probe_backward: a :class:`~.cost.PassProbe`'s hooks, to count or
+            time the step as a pass.
+
+    Returns:
+        Wall seconds of the step (the parameters' gradients are cleared first).
+    """
     import contextlib
 
     import gradaug_det
@@ -201,7 +221,7 @@ def run_backbone_benchmark(bench: BackboneBench, progress: bool = True) -> List[
 
     flops = {}
     for label, model, w, divisor in configs:
-        (rec,) = count_train_flops(lambda a, b: _step(model, x, w, device, a, b), model)
+        (rec,) = count_train_flops(lambda a, b: backbone_step(model, x, w, device, a, b), model)
         flops[(label, w, divisor)] = rec
 
     times = {(label, w, divisor): [] for label, _, w, divisor in configs}
@@ -213,11 +233,11 @@ def run_backbone_benchmark(bench: BackboneBench, progress: bool = True) -> List[
         bar = tqdm(total=total, desc="timing", unit="step", file=sys.stderr, leave=False)
     for _, model, w, _ in configs:
         for _ in range(bench.warmup):
-            _step(model, x, w, device)
+            backbone_step(model, x, w, device)
             bar and bar.update(1)
     for _ in range(bench.iters):
         for label, model, w, divisor in configs:
-            times[(label, w, divisor)].append(_step(model, x, w, device))
+            times[(label, w, divisor)].append(backbone_step(model, x, w, device))
             bar and bar.update(1)
     if bar is not None:
         bar.close()

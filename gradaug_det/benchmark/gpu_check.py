@@ -18,8 +18,9 @@ Sections:
 * ``cudnn``: ``cudnn.benchmark`` on and off while the width changes every step: time of
   the first and of later steps per width, outputs equal between the two settings;
 * ``iteration``: Mask R-CNN (R50-FPN at 800 x 1333, batch 2; tiny: the quickstart R18 at
-  64 x 96): baseline vs GradAug at divisor 1 and 8, fp32 and AMP -- s/iter, allocator
-  peak, time / cost model (:mod:`.iteration`);
+  64 x 96): baseline vs GradAug at divisor 1 and at the device's aligned divisor
+  (:func:`~gradaug_det.slim.preferred_channel_divisor`: 8 on a GPU), fp32 and AMP --
+  s/iter, allocator peak, time / cost model (:mod:`.iteration`);
 * ``backbone``: the backbone benchmark (:mod:`.backbone`) at widths 1.0 / 0.9 / 0.75 / 0.5.
 """
 import itertools
@@ -74,6 +75,13 @@ class CheckContext:
     @property
     def cuda(self) -> bool:
         return self.device == "cuda"
+
+    @property
+    def aligned_divisor(self) -> int:
+        """The aligned ``CHANNEL_DIVISOR`` compared with 1 (8 on a GPU; the CPU's own on a CPU)."""
+        from ..slim import preferred_channel_divisor
+
+        return preferred_channel_divisor(self.device)
 
     def cfg(self, divisor: int = 1):
         """The ``iteration`` / ``amp`` sections' detectron2 config on this device."""
@@ -146,7 +154,7 @@ def section_amp(ctx: CheckContext) -> Dict:
     max_steps = 6 if ctx.tiny else 10
     rows = []
     for dtype in ctx.amp_dtypes():
-        cfg = ctx.cfg(divisor=8)
+        cfg = ctx.cfg(divisor=ctx.aligned_divisor)
         torch.manual_seed(0)
         model = build_model(cfg).train()
         before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -221,6 +229,8 @@ def _syncbn_worker(device: str, tiny: bool, result: str, tmp: str) -> None:
     import gradaug_det
     from gradaug_det.modeling import build_slimmable_resnet_fpn_backbone
 
+    from gradaug_det.slim import preferred_channel_divisor
+
     from .backbone import backbone_cfg
 
     backend = "nccl" if device == "cuda" else "gloo"
@@ -236,7 +246,7 @@ def _syncbn_worker(device: str, tiny: bool, result: str, tmp: str) -> None:
     # detectron2's "SyncBN" is torch's nn.SyncBatchNorm, which DDP refuses on CPU modules;
     # "naiveSyncBN" is detectron2's NaiveSyncBatchNorm (all-reduce of mean and mean of squares)
     for norm in ("BN", "SyncBN", "naiveSyncBN") if device == "cuda" else ("BN", "naiveSyncBN"):
-        cfg = backbone_cfg(depth=depth, norm=norm, freeze_at=0, divisor=8)
+        cfg = backbone_cfg(depth=depth, norm=norm, freeze_at=0, divisor=preferred_channel_divisor(device))
         torch.manual_seed(0)
         model = build_slimmable_resnet_fpn_backbone(cfg, ShapeSpec(channels=3)).to(device).train()
         if reference is not None:
@@ -326,7 +336,7 @@ def section_cudnn(ctx: CheckContext) -> Dict:
 
 
 def section_iteration(ctx: CheckContext) -> Dict:
-    """Baseline vs GradAug d=1 / d=8, fp32 and AMP: s/iter, allocator peak, time / cost model."""
+    """Baseline vs GradAug d=1 / aligned (d=8 on a GPU), fp32 and AMP: s/iter, allocator peak, time / cost model."""
     from detectron2.modeling import build_model
 
     from ..gradaug import DetectionTask, GradAugOptions, SubnetSampler
@@ -340,7 +350,7 @@ def section_iteration(ctx: CheckContext) -> Dict:
     results = []
     for dtype in precisions:
         measured = {}
-        modes = [("baseline", 1), ("gradaug", 1), ("gradaug", 8)]
+        modes = [("baseline", 1), ("gradaug", 1), ("gradaug", ctx.aligned_divisor)]
         if ctx.tiny and dtype is not None:  # the CPU smoke run: AMP's code path once, not every mode
             modes.remove(("gradaug", 1))
         for mode, divisor in modes:
@@ -368,8 +378,8 @@ def section_iteration(ctx: CheckContext) -> Dict:
                             "time_over_model": it["time_over_model"], "memory_ratio": it["memory_ratio"],
                             "passes": c["passes"], "overhead_s": c["overhead_s"]})
     kind = "CUDA allocator peak" if ctx.cuda else "peak RSS (one process: not per mode)"
-    aligned = [r for r in results if r["divisor"] == 8]
-    summary = "; ".join(f"{r['precision']} d=8: {r['median_s']:.3f} s/iter, {r['time_over_model']:.2f}x model, "
+    aligned = [r for r in results if r["divisor"] == ctx.aligned_divisor]
+    summary = "; ".join(f"{r['precision']} d={r['divisor']}: {r['median_s']:.3f} s/iter, {r['time_over_model']:.2f}x model, "
                         f"memory {r['memory_ratio']:.2f}x" for r in aligned)
     return {"config": TINY_CONFIG if ctx.tiny else FULL_CONFIG, "image_hw": list(ctx.image_size()), "batch": 2,
             "iters": iters, "warmup": warmup, "memory_kind": kind, "rows": results,
@@ -377,14 +387,14 @@ def section_iteration(ctx: CheckContext) -> Dict:
 
 
 def section_backbone(ctx: CheckContext) -> Dict:
-    """The backbone benchmark at widths 1.0 / 0.9 / 0.75 / 0.5 (divisor 1 and 8)."""
+    """The backbone benchmark at widths 1.0 / 0.9 / 0.75 / 0.5 (divisor 1 and the aligned one)."""
     from .backbone import BackboneBench, run_backbone_benchmark
 
     bench = BackboneBench(depth=18 if ctx.tiny else 50, size=32 if ctx.tiny else 800, batch=2,
-                          iters=1 if ctx.tiny else 10, warmup=0 if ctx.tiny else 2, divisor=8,
+                          iters=1 if ctx.tiny else 10, warmup=0 if ctx.tiny else 2, divisor=ctx.aligned_divisor,
                           widths=[0.9, 0.75, 0.5], device=ctx.device)
     rows = run_backbone_benchmark(bench)
-    aligned = [r for r in rows if r["divisor"] == 8]
+    aligned = [r for r in rows if r["divisor"] == ctx.aligned_divisor]
     summary = ", ".join(f"w={r['width']:g}: {r['time_ratio']:.2f} time vs {r['flop_ratio']:.2f} FLOPs" for r in aligned)
     return {"settings": bench.__dict__, "rows": rows, "summary": summary}
 

@@ -10,6 +10,7 @@ from .channels import (
     check_channel_rule,
     check_width,
     make_divisible,
+    preferred_channel_divisor,
     resnet_channel_counts,
     resnet_channel_ratios,
     slim_channels,

@@ -31,6 +31,7 @@ __all__ = [
     "slim_channels",
     "check_width",
     "check_channel_rule",
+    "preferred_channel_divisor",
     "resnet_channel_ratios",
     "resnet_channel_counts",
     "GroupNormSlice",
@@ -88,6 +89,30 @@ def check_channel_rule(rule: str, divisor: int, *, rule_key: str = "MODEL.SLIMMA
             f"{divisor_key}={divisor}; set {divisor_key} to 1, or use {rule_key}='round' for "
             "aligned channel counts"
         )
+
+
+def preferred_channel_divisor(device="cpu") -> int:
+    """The channel alignment (``MODEL.SLIMMABLE.CHANNEL_DIVISOR``) a device's kernels run fastest at.
+
+    * CUDA: 8. Tensor cores take fp16 / bf16 (and TF32) channel counts in multiples of 8.
+    * CPU with AVX-512 (``torch.backends.cpu.get_cpu_capability()`` starts with
+      ``"AVX512"``): 16. oneDNN blocks the channels of its convolutions in 16 fp32 lanes,
+      and other counts take a slower path (on this project's AVX-512 CPU a 56-channel
+      convolution runs no faster than the 64-channel one; measured in the README's
+      "Channel divisor").
+    * Any other CPU (AVX2: 8 fp32 lanes; ARM; no vector unit): 8.
+
+    Args:
+        device: a ``torch.device`` or its name ("cpu", "cuda", "cuda:1").
+
+    Returns:
+        The divisor, 8 or 16.
+    """
+    import torch  # here, not at module level: the channel rule itself is plain Python
+
+    if torch.device(device).type == "cuda":
+        return 8
+    return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
 def make_divisible(v: float) -> int:

@@ -264,3 +264,14 @@ def test_reference_rule_prunes_to_the_same_network(make_rcnn_cfg):
     _, pruned = prune_model(model, cfg, w)
     assert pruned.backbone.bottom_up.stem.conv1.out_channels == 15
     assert feature_difference(model, pruned.eval(), w, 64, 64) < 1e-4
+
+
+@pytest.mark.parametrize("capability, cpu", [("AVX512", 16), ("AVX512_BF16", 16), ("AVX2", 8), ("DEFAULT", 8),
+                                             ("NO AVX", 8)])
+def test_preferred_channel_divisor_follows_the_device(monkeypatch, capability, cpu):
+    from gradaug_det.slim import preferred_channel_divisor
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert preferred_channel_divisor("cpu") == preferred_channel_divisor(torch.device("cpu")) == cpu
+    # a GPU's tensor cores want multiples of 8, whatever the host CPU
+    assert preferred_channel_divisor("cuda") == preferred_channel_divisor("cuda:1") == 8
