@@ -7,7 +7,8 @@ memory is its own: CUDA allocator peak, or the CPU process's peak resident set):
 * ``baseline``: detectron2's step (forward, backward, optimizer step);
 * ``gradaug d=1``: the GradAug iteration with ``MODEL.SLIMMABLE.CHANNEL_DIVISOR 1``;
 * ``gradaug d=D``: the same sub-networks (identical widths and scales, one plan replayed
-  by every mode) with channels aligned to a multiple of ``--divisor``.
+  by every mode) with channels aligned to a multiple of ``--divisor`` (by default the
+  device's own alignment, :func:`gradaug_det.slim.preferred_channel_divisor`).
 
 The cost model (``gradaug_det.benchmark.cost``): every pass's training FLOPs (its forward
 and backward, exactly the modules it runs, at its width and input size, counted by
@@ -23,6 +24,7 @@ Writes a Markdown table (stdout, ``--markdown``) and JSON (``--json``).
         --json bench.json --markdown bench.md
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -33,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import gradaug_det  # noqa: F401  (registers backbones and datasets)
-from gradaug_det.benchmark.iteration import compare, measure_iterations, synthetic_detection_batch
+from gradaug_det.benchmark.iteration import compare, measure_iterations, measure_slicing, synthetic_detection_batch
 from gradaug_det.benchmark.report import device_name, markdown_table, write_json
 from gradaug_det.engine.setup import get_gradaug_cfg
 
@@ -42,6 +44,9 @@ AMP = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: iteration time / cost model goals (aligned channels) and the memory goal, issue 13
 TIME_GOAL = {"cpu": 1.10, "cuda": 1.05}
 MEMORY_GOAL = 1.05
+#: --no-cpu-caches: glibc returns every freed block above 64 KiB to the system at once (no
+#: retained free blocks, no growing mmap threshold); oneDNN keeps no convolution primitives
+NO_CPU_CACHES = {"MALLOC_MMAP_THRESHOLD_": "65536", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0"}
 
 
 def parse_args(argv=None):
@@ -53,17 +58,29 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2, help="images per iteration")
     p.add_argument("--iters", type=int, default=8, help="timed iterations per mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    p.add_argument("--divisor", type=int, default=8, help="aligned channel divisor to compare")
+    p.add_argument("--divisor", type=int, default=None,
+                   help="aligned channel divisor to compare (default: the device's, "
+                        "gradaug_det.slim.preferred_channel_divisor: 8 on a GPU, 16 on an AVX-512 CPU, else 8)")
     p.add_argument("--amp", choices=sorted(AMP), default="fp32", help="autocast dtype of every pass")
     p.add_argument("--synthetic", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="a random batch of this size (pixels) instead of the config's first training images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-slicing", action="store_true",
+                   help="skip timing each sub-network's backbone slimmed vs pruned (the slicing column)")
+    p.add_argument("--no-cpu-caches", action="store_true",
+                   help="CPU memory diagnosis: run every mode with glibc's retention of freed blocks and oneDNN's "
+                        f"primitive cache off ({' '.join(f'{k}={v}' for k, v in NO_CPU_CACHES.items())}), so the "
+                        "peak resident set counts tensors rather than those caches (times are then not representative)")
     p.add_argument("--json", default=None, help="write every number here")
     p.add_argument("--markdown", default=None, help="also write the tables here")
     p.add_argument("--worker", choices=MODES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
+    if args.divisor is None:
+        from gradaug_det.slim import preferred_channel_divisor
+
+        args.divisor = preferred_channel_divisor(args.device)
     for name in ("batch", "iters", "divisor"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -73,6 +90,8 @@ def parse_args(argv=None):
         p.error(f"--synthetic H W must be >= 32 pixels each, got {args.synthetic}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no GPU")
+    if args.no_cpu_caches and args.device != "cpu":
+        p.error("--no-cpu-caches diagnoses CPU resident memory; on a GPU the allocator peak is measured")
     if args.amp == "fp16" and args.device == "cpu":
         p.error("--amp fp16 needs --device cuda (CPU autocast runs bf16)")
     if not os.path.isfile(args.config_file):
@@ -133,6 +152,12 @@ def run_mode(args, mode):
     out = measure_iterations(model, batch, optimizer, plan=plan, task=task, iters=args.iters,
                              warmup=args.warmup, amp=AMP[args.amp], progress=lambda _: bar.update(1))
     bar.close()
+    out["environment"] = {k: os.environ.get(k) for k in NO_CPU_CACHES}  # what this worker ran under
+    if plan is not None and not args.no_slicing:
+        bar = tqdm(desc=f"{mode}: slimmed vs pruned backbones", file=sys.stderr, leave=False)
+        with torch.autocast(args.device, dtype=AMP[args.amp]) if args.amp != "fp32" else contextlib.nullcontext():
+            out["slicing"] = measure_slicing(model, cfg, out, plan, args.warmup, progress=lambda _: bar.update(1))
+        bar.close()
     return out
 
 
@@ -151,10 +176,13 @@ def report(args, results, plan):
                      f"{it['memory_ratio']:.3f}"])
     kind = base["memory_kind"]
     images = "random " + "x".join(map(str, args.synthetic)) if args.synthetic else "dataset images"
+    caches = (" with " + " ".join(f"{k}={v}" for k, v in NO_CPU_CACHES.items()) + " (times not representative)"
+              if args.no_cpu_caches else "")
     text = [f"{args.config_file}, batch {args.batch} ({images}), "
-            f"{args.amp}, {args.iters} timed iterations after {args.warmup} warm-up, {device}",
+            f"{args.amp}, {args.iters} timed iterations after {args.warmup} warm-up, {device}{caches}",
             "", markdown_table(["mode", "divisor", "median s/iter", "time / baseline", "cost model s",
                                 "time / model", f"{kind} MiB", "memory / baseline"], rows)]
+    pass_memory = "peak alloc" if args.device == "cuda" else "RSS"
     for m, c in comparisons.items():
         text += ["", f"Per pass, {m} (divisor {divisor[m]}; mean over the timed iterations; model = training "
                      f"GFLOPs x baseline's {c['rate_s_per_gflop'] * 1e3:.1f} ms/GFLOP):", ""]
@@ -166,10 +194,27 @@ def report(args, results, plan):
                          f"{r['fwd_gflops']:.2f}", f"{r['bwd_gflops']:.2f}", f"{r['model_s'] * 1e3:.0f}",
                          f"{r['measured_s'] * 1e3:.0f}", f"{r['time_over_model']:.2f}",
                          *(f"{ph.get(p, 0.0) * 1e3:.1f}" for p in ("backbone", "heads", "backward", "transform",
-                                                                    "preprocess", "teacher"))])
+                                                                    "preprocess", "teacher")),
+                         f"{r['peak_mb']:.0f}"])
         text.append(markdown_table(["pass", "width", "scale", "input HxW", "fwd GFLOP", "bwd GFLOP", "model ms",
                                     "measured ms", "time / model", "backbone ms", "heads ms", "backward ms",
-                                    "transform ms", "preprocess ms", "teacher ms"], prow))
+                                    "transform ms", "preprocess ms", "teacher ms", f"{pass_memory} MiB"], prow))
+        subs = [r for r in c["passes"] if "slicing_s" in r and r["pass"] != "full"]
+        if subs:
+            full = results[m]["slicing"]["full"]
+            text += ["", f"Sub-network backbones of {m} (backbone + FPN forward and backward timed alone on each "
+                         "pass's padded input; slimmed = the model's own under its width, pruned = the same weights "
+                         "in a stock network of that width; slicing = slimmed - pruned, ours; narrow kernels = "
+                         "pruned - its training FLOPs at the full backbone's rate "
+                         f"({full['dense_s'] * 1e3:.1f} ms for {full['dense_flops'] / 1e9:.2f} GFLOP at "
+                         f"{'x'.join(map(str, full['input_hw']))}), the hardware's, paid by any network of that "
+                         "width; beyond model = the pass's measured time - its cost model; ms):", ""]
+            srow = [[r["pass"], f"{r['width_mean']:.3f}", f"{r['backbone_slim_s'] * 1e3:.1f}",
+                     f"{r['backbone_dense_s'] * 1e3:.1f}", f"{r['slicing_s'] * 1e3:.1f}",
+                     f"{100 * r['slicing_s'] / r['backbone_slim_s']:.0f}%", f"{r['narrow_s'] * 1e3:.1f}",
+                     f"{(r['measured_s'] - r['model_s']) * 1e3:.1f}"] for r in subs]
+            text.append(markdown_table(["pass", "width", "backbone slimmed ms", "backbone pruned ms", "slicing ms",
+                                        "slicing / slimmed", "narrow kernels ms", "beyond model ms"], srow))
         ov = c["overhead_s"]
         text += ["", "Overhead per iteration outside the model's own compute (ms): " + ", ".join(
             f"{k} {v * 1e3:.1f}" for k, v in ov.items()) + f" (baseline: optimizer "
@@ -183,6 +228,7 @@ def report(args, results, plan):
         text.append(f"- {m} {kind} / baseline: {r:.3f} (goal <= {MEMORY_GOAL:.2f}) -> "
                     f"{'met' if r <= MEMORY_GOAL else 'NOT met'}")
     doc = {"config": args.config_file, "device": device, "batch": args.batch, "amp": args.amp,
+           "no_cpu_caches": args.no_cpu_caches,
            "iters": args.iters, "warmup": args.warmup, "divisor": args.divisor,
            "synthetic": args.synthetic, "opts": args.opts,
            "plan": [[s.describe() for s in specs] for specs in plan],
@@ -202,7 +248,7 @@ def main(argv=None):
         for mode in MODES:
             path = os.path.join(tmp, f"{mode}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--result", path] + argv
-            proc = subprocess.run(cmd)
+            proc = subprocess.run(cmd, env={**os.environ, **(NO_CPU_CACHES if args.no_cpu_caches else {})})
             if proc.returncode != 0:
                 sys.exit(f"benchmark: the {mode} worker failed (exit code {proc.returncode}); see its output above")
             with open(path) as f:

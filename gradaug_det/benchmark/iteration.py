@@ -10,7 +10,9 @@ Shared by ``tools/benchmark.py`` and ``tools/gpu_check.py``. One call measures o
    phase of every pass, the optimizer step, and what is left outside the passes;
 3. the same iterations' passes under a ``"flops"`` probe: training FLOPs per pass.
 
-:func:`compare` then prices every GradAug iteration with :func:`~.cost.cost_model`,
+:func:`measure_slicing` then splits each sub-network pass's backbone into what slicing
+costs and what a physically narrow network of that width costs (the same backbone pruned,
+timed on the same input), and :func:`compare` prices every GradAug iteration with :func:`~.cost.cost_model`,
 calibrated on the baseline, and returns the per-pass and per-iteration table rows.
 """
 import contextlib
@@ -22,9 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..gradaug import SubnetSpec, gradaug_step
-from .cost import PHASES, PassProbe, PassRecord, cost_model, peak_rss_mb
+from .cost import PHASES, PassProbe, PassRecord, cost_model, count_train_flops, peak_rss_mb
 
-__all__ = ["FixedSampler", "synthetic_detection_batch", "measure_iterations", "compare", "sync"]
+__all__ = ["FixedSampler", "synthetic_detection_batch", "measure_iterations", "measure_slicing", "compare", "sync"]
 
 
 class FixedSampler:
@@ -233,6 +235,93 @@ def _measure(model, optimizer, device, one, plan_of, warmup, iters, autocast, ba
             "probed": probed, "flops": flops}
 
 
+def measure_slicing(model, cfg, gradaug: Dict, plan: Sequence[Sequence[SubnetSpec]], warmup: int, *,
+                    reps: int = 5, progress: Optional[Callable[[str], None]] = None) -> Dict:
+    """What slicing costs in every timed sub-network pass: slimmed vs pruned backbone.
+
+    For each sub-network pass of the timed iterations, the backbone (+FPN) forward and
+    backward at the pass's width, on a random batch of the pass's size (its images
+    padded to the backbone's ``size_divisibility``, as detectron2's ``ImageList`` pads
+    them), is timed twice, interleaved: the model's own backbone under
+    :func:`gradaug_det.width`, and the same weights pruned to that width
+    (:func:`~gradaug_det.checkpoint.prune.prune_model`: a stock detectron2 backbone with
+    exactly the sub-network's channels). The difference is what slicing costs (weight
+    copies, full-size weight gradients, the sliced norms). The full backbone is timed
+    and counted the same way on the full pass's input, so the pruned backbone's time can
+    be set against its training FLOPs at the full backbone's own rate: what remains is
+    what the hardware charges for narrower, smaller convolutions, which a physically
+    narrow network pays too.
+
+    Args:
+        model: the slimmable detector the GradAug mode measured (DDP looked through).
+        cfg: its detectron2 config (for pruning).
+        gradaug: :func:`measure_iterations`' result of that mode (input sizes per pass).
+        plan: the plan it replayed; warmup: its warm-up iterations at the head of ``plan``.
+        reps: timed steps per backbone and shape (median; 2 untimed steps first).
+        progress: called with a short label after every shape.
+
+    Returns:
+        ``{"full": entry, "passes": [[entry per sub-network pass] per timed iteration]}``;
+        an entry is ``{"width", "input_hw" (padded, pixels), "num_images", "slim_s",
+        "dense_s", "slicing_s" (slim - dense), "dense_flops"}`` (the full entry: width
+        1.0, ``slim_s == dense_s``, nothing sliced; so are width-1.0 sub-network passes,
+        e.g. of depth sampling).
+
+    Raises:
+        ValueError: if ``reps < 1``.
+    """
+    from ..gradaug.losses import unwrap_model
+
+    if reps < 1:
+        raise ValueError(f"measure_slicing needs reps >= 1, got {reps}")
+    net = unwrap_model(model)
+    device = next(net.parameters()).device
+    div = max(1, int(getattr(net.backbone, "size_divisibility", 0) or 1))
+    shapes: Dict[tuple, Dict] = {}
+
+    def entry(w, rec):
+        hw = [-(-int(v) // div) * div for v in rec["input_hw"]]
+        key = (w, *hw, rec["num_images"])
+        if key not in shapes:
+            shapes[key] = _slim_vs_dense(net, cfg, w, hw, rec["num_images"], device, reps)
+            (progress or (lambda label: None))("slicing")
+        return dict(shapes[key])
+
+    full = entry(1.0, gradaug["flops"][0][0])
+    passes = [[entry(spec.width, rec) for spec, rec in zip(plan[warmup + j], flop_passes[1:])]
+              for j, flop_passes in enumerate(gradaug["flops"])]
+    for p in net.parameters():
+        p.grad = None
+    return {"full": full, "passes": passes}
+
+
+def _slim_vs_dense(net, cfg, width, hw, num_images, device, reps):
+    """One shape of :func:`measure_slicing` (at width 1.0: the full backbone alone)."""
+    from ..checkpoint.prune import prune_model
+    from .backbone import backbone_step
+
+    torch.manual_seed(0)
+    x = torch.randn(num_images, 3, *hw, device=device)
+    dense = net.backbone if width >= 1.0 else prune_model(net, cfg, width)[1].backbone
+    (rec,) = count_train_flops(lambda a, b: backbone_step(dense, x, 1.0, device, a, b), dense)
+    slim_t, dense_t = [], []
+    for i in range(reps + 2):
+        d = backbone_step(dense, x, 1.0, device)
+        s = d if width >= 1.0 else backbone_step(net.backbone, x, width, device)
+        if i >= 2:
+            slim_t.append(s)
+            dense_t.append(d)
+    slim_s, dense_s = statistics.median(slim_t), statistics.median(dense_t)
+    return {"width": width, "input_hw": list(hw), "num_images": num_images, "slim_s": slim_s, "dense_s": dense_s,
+            "slicing_s": slim_s - dense_s, "dense_flops": rec.flops}
+
+
+def _pass_memory_mb(time_dict: Dict) -> float:
+    """A timed pass's memory high-water mark, MiB: its CUDA allocator peak, or on the CPU the
+    largest resident set sampled at its phase boundaries."""
+    return time_dict.get("peak_alloc_mb") or time_dict.get("rss_mb", 0.0)
+
+
 def _record(flop_dict: Dict, time_dicts: List[Dict]) -> PassRecord:
     """A PassRecord with one pass's FLOPs and its phase seconds averaged over ``time_dicts``."""
     rec = PassRecord(flop_dict["name"], tuple(flop_dict["input_hw"]), flop_dict["num_images"],
@@ -253,14 +342,25 @@ def compare(baseline: Dict, gradaug: Dict, plan: Sequence[Sequence[SubnetSpec]],
         dict with ``rate_s_per_gflop``; ``iteration`` (measured median s, model median s,
         median of per-iteration time / model, memory ratio); ``passes``: one row per pass
         slot (full, sub1, ...) averaged over the timed iterations: width, scale, input
-        size, forward / backward GFLOPs, model s, measured s per phase, time / model;
+        size, forward / backward GFLOPs, model s, measured s per phase, time / model,
+        ``peak_mb`` (the largest over the timed iterations of the pass's CUDA allocator peak,
+        or CPU resident set at its phase boundaries);
         ``overhead``: mean seconds per iteration by phase outside the model's own compute
-        (transform, preprocess, teacher, optimizer, outside passes).
+        (transform, preprocess, teacher, optimizer, outside passes). When ``gradaug`` has
+        a ``"slicing"`` entry (:func:`measure_slicing`), every pass row also has
+        ``backbone_slim_s`` / ``backbone_dense_s`` (backbone forward + backward, slimmed /
+        pruned), ``slicing_s`` (their difference) and ``narrow_s`` (the pruned backbone's
+        time beyond its training FLOPs at the full backbone's measured rate: the hardware's
+        price of narrower, smaller convolutions), and ``overhead`` has ``slicing``.
     """
     base_time = [p["passes"][0] for p in baseline["probed"]]
     base = _record(baseline["flops"][0][0], base_time)
     probed_iters = baseline["probed"]
     base_opt = statistics.mean(p["optimizer_s"] for p in probed_iters)
+    rate = base.total_seconds / base.flops
+    slicing = gradaug.get("slicing")
+    if slicing is not None:  # the full backbone's own seconds per training FLOP
+        backbone_rate = slicing["full"]["dense_s"] / slicing["full"]["dense_flops"]
     iteration_models, ratios = [], []
     slots: Dict[int, Dict[str, list]] = {}
     for j, (t_iter, flop_passes, probed) in enumerate(zip(gradaug["times"], gradaug["flops"], gradaug["probed"])):
@@ -271,7 +371,13 @@ def compare(baseline: Dict, gradaug: Dict, plan: Sequence[Sequence[SubnetSpec]],
         specs = [None] + list(plan[warmup + j])
         for k, (rec, spec, m) in enumerate(zip(recs, specs, model["pass_model_s"])):
             s = slots.setdefault(k, {"name": rec.name, "width": [], "scale": [], "hw": [], "fwd": [], "bwd": [],
-                                     "backbone": [], "model": [], "seconds": [], "phases": []})
+                                     "backbone": [], "model": [], "seconds": [], "phases": [], "slicing": [],
+                                     "memory": []})
+            s["memory"].append(_pass_memory_mb(probed["passes"][k]))
+            if slicing is not None and k > 0:
+                sl = slicing["passes"][j][k - 1]
+                s["slicing"].append((sl["slim_s"], sl["dense_s"], sl["slicing_s"],
+                                     sl["dense_s"] - backbone_rate * sl["dense_flops"]))
             s["width"].append(1.0 if spec is None else spec.width)
             s["scale"].append(1.0 if spec is None else spec.scale)
             s["hw"].append(rec.input_hw)
@@ -293,8 +399,15 @@ def compare(baseline: Dict, gradaug: Dict, plan: Sequence[Sequence[SubnetSpec]],
             "model_s": mean(s["model"]), "measured_s": mean(s["seconds"]),
             "phases_s": {p: mean(ph[p] for ph in s["phases"]) for p in PHASES},
             "time_over_model": mean(s["seconds"]) / mean(s["model"]) if mean(s["model"]) else float("nan"),
+            "peak_mb": max(s["memory"]),
         })
+        if slicing is not None:
+            parts = s["slicing"] or [(0.0, 0.0, 0.0, 0.0)]  # the full pass slices nothing
+            rows[-1].update({name: mean(v[i] for v in parts) for i, name in enumerate(
+                ("backbone_slim_s", "backbone_dense_s", "slicing_s", "narrow_s"))})
     overhead = {p: sum(r["phases_s"][p] for r in rows) for p in ("transform", "preprocess", "teacher")}
+    if slicing is not None:
+        overhead["slicing"] = sum(r["slicing_s"] for r in rows)
     overhead["optimizer"] = mean(p["optimizer_s"] for p in gradaug["probed"])
     overhead["outside passes"] = mean(p["outside_s"] for p in gradaug["probed"])
     baseline_row = {
@@ -302,9 +415,10 @@ def compare(baseline: Dict, gradaug: Dict, plan: Sequence[Sequence[SubnetSpec]],
         "fwd_gflops": base.fwd_flops / 1e9, "bwd_gflops": base.bwd_flops / 1e9,
         "backbone_fwd_gflops": base.backbone_fwd_flops / 1e9, "model_s": base.total_seconds,
         "measured_s": base.total_seconds, "phases_s": dict(base.seconds), "time_over_model": 1.0,
+        "peak_mb": max(_pass_memory_mb(t) for t in base_time),
     }
     return {
-        "rate_s_per_gflop": base.total_seconds / base.flops * 1e9,
+        "rate_s_per_gflop": rate * 1e9,
         "baseline": {"median_s": baseline["median_s"], "peak_mb": baseline["peak_mb"], "pass": baseline_row,
                      "optimizer_s": base_opt,
                      "outside_s": mean(p["outside_s"] for p in probed_iters)},

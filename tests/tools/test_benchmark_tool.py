@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from gradaug_det.slim import preferred_channel_divisor
+
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "benchmark.py"
 
 
@@ -20,7 +22,7 @@ def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):
     out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
     doc = tool.main(["--config-file", str(TOOL.parents[1] / "configs/quickstart/mask_rcnn_gradaug.yaml"),
                      "--synthetic", "64", "64", "--iters", "1", "--warmup", "0", "--threads", "1",
-                     "--device", "cpu", "--json", str(out_json), "--markdown", str(out_md)])
+                     "--device", "cpu", "--no-cpu-caches", "--json", str(out_json), "--markdown", str(out_md)])
     text = capsys.readouterr().out
     assert json.loads(out_json.read_text())["comparisons"].keys() == {"gradaug", "gradaug_aligned"}
     assert out_md.read_text().strip() == text.strip()
@@ -47,13 +49,43 @@ def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):
         it = c["iteration"]
         assert it["model_s"] == pytest.approx(base["median_s"] + sum(p["model_s"] for p in passes[1:]))
         assert it["time_over_model"] == pytest.approx(it["median_s"] / it["model_s"])
-        assert set(c["overhead_s"]) == {"transform", "preprocess", "teacher", "optimizer", "outside passes"}
-    assert "| gradaug_aligned | 8 |" in text and text.count(f"| sub{len(plan)} |") == 2
-    assert "time / cost model" in text and "peak RSS / baseline" in text
+        assert set(c["overhead_s"]) == {"transform", "preprocess", "teacher", "slicing", "optimizer",
+                                        "outside passes"}
+        # slimmed vs pruned backbones: the full backbone on the full pass's input, each
+        # sub-network's at its width on its input padded to FPN's 32 px; the pruned one
+        # runs exactly the sub-network's training FLOPs (fewer than the full backbone's)
+        slicing = doc["modes"][mode]["slicing"]
+        full_bb = slicing["full"]
+        assert (full_bb["width"], full_bb["input_hw"], full_bb["slicing_s"]) == (1.0, [64, 64], 0.0)
+        # forward + backward of the backbone the full pass ran forward on the same input
+        # (the stem computes no input gradient: just under 3x)
+        fwd = passes[0]["backbone_fwd_gflops"] * 1e9
+        assert 2 * fwd < full_bb["dense_flops"] < 3 * fwd
+        for p, spec, sl in zip(passes[1:], plan, slicing["passes"][0]):
+            assert sl["width"] == spec["width"] < 1.0
+            assert sl["input_hw"] == [-(-round(64 * spec["scale"]) // 32) * 32] * 2
+            assert 0 < sl["dense_flops"] < full_bb["dense_flops"]
+            assert p["slicing_s"] == pytest.approx(sl["slim_s"] - sl["dense_s"])
+            assert p["narrow_s"] == pytest.approx(
+                sl["dense_s"] - full_bb["dense_s"] * sl["dense_flops"] / full_bb["dense_flops"])
+        assert c["overhead_s"]["slicing"] == pytest.approx(sum(p["slicing_s"] for p in passes))
+        assert passes[0]["slicing_s"] == 0.0 and all(p["peak_mb"] > 0 for p in passes)
+    # every mode ran with the CPU caches off, as asked
+    for mode in ("baseline", "gradaug", "gradaug_aligned"):
+        assert doc["modes"][mode]["environment"] == tool.NO_CPU_CACHES
+    assert doc["no_cpu_caches"] and "ONEDNN_PRIMITIVE_CACHE_CAPACITY=0" in text.splitlines()[0]
+    aligned = preferred_channel_divisor("cpu")  # 16 on AVX-512 CPUs, else 8
+    assert f"| gradaug_aligned | {aligned} |" in text and text.count(f"| sub{len(plan)} |") == 2 * 2
+    assert "time / cost model" in text and "peak RSS / baseline" in text and "| sub1 | " in text
 
 
 @pytest.mark.parametrize("bad", [["--iters", "0"], ["--synthetic", "8", "8"], ["--amp", "fp16", "--device", "cpu"],
-                                 ["--config-file", "nope.yaml"]])
+                                 ["--config-file", "nope.yaml"], ["--divisor", "0"]])
 def test_benchmark_tool_rejects_bad_arguments(tool, bad):
     with pytest.raises(SystemExit):
         tool.parse_args(bad)
+
+
+def test_benchmark_tool_default_divisor_is_the_devices(tool):
+    assert tool.parse_args([]).divisor == preferred_channel_divisor("cpu")
+    assert tool.parse_args(["--divisor", "4"]).divisor == 4
