@@ -340,7 +340,7 @@ def section_iteration(ctx: CheckContext) -> Dict:
     from detectron2.modeling import build_model
 
     from ..gradaug import DetectionTask, GradAugOptions, SubnetSampler
-    from .iteration import compare, measure_iterations
+    from .iteration import compare, measure_iterations, measure_slicing
 
     iters, warmup = (1, 0) if ctx.tiny else (ctx.iters, ctx.warmup)
     precisions = [None, ctx.amp_dtypes()[0]]
@@ -363,6 +363,12 @@ def section_iteration(ctx: CheckContext) -> Dict:
             measured[(mode, divisor)] = measure_iterations(
                 model, ctx.batch(cfg), optimizer, plan=None if mode == "baseline" else plan, task=task,
                 iters=iters, warmup=warmup, amp=dtype)
+            if dtype is None and (mode, divisor) == ("gradaug", ctx.aligned_divisor):
+                # slicing vs narrow kernels per sub-network (fp32, aligned; the first timed
+                # iteration's sub-networks: one pruned model each)
+                ctx.progress(f"iteration: slimmed vs pruned backbones ({ctx.elapsed():.0f} s)")
+                measured[(mode, divisor)]["slicing"] = measure_slicing(
+                    model, cfg, measured[(mode, divisor)], plan, warmup, reps=1 if ctx.tiny else 3, iterations=1)
             del model, optimizer, task
             _free(ctx.device)
         base = measured[("baseline", 1)]
@@ -376,7 +382,8 @@ def section_iteration(ctx: CheckContext) -> Dict:
                             "median_s": it["median_s"], "peak_mb": it["peak_mb"],
                             "time_over_baseline": it["time_over_baseline"], "model_s": it["model_s"],
                             "time_over_model": it["time_over_model"], "memory_ratio": it["memory_ratio"],
-                            "passes": c["passes"], "overhead_s": c["overhead_s"]})
+                            "passes": c["passes"], "overhead_s": c["overhead_s"],
+                            "slicing": measured[("gradaug", divisor)].get("slicing")})
     kind = "CUDA allocator peak" if ctx.cuda else "peak RSS (one process: not per mode)"
     aligned = [r for r in results if r["divisor"] == ctx.aligned_divisor]
     summary = "; ".join(f"{r['precision']} d={r['divisor']}: {r['median_s']:.3f} s/iter, {r['time_over_model']:.2f}x model, "
@@ -457,6 +464,20 @@ def markdown_report(ctx: CheckContext, results: Dict[str, Dict]) -> str:
                                    f"{r['time_over_baseline']:.2f}", f"{r['model_s']:.3f}",
                                    f"{r['time_over_model']:.2f}", f"{r['peak_mb']:.0f}", f"{r['memory_ratio']:.3f}"]
                                   for r in it["rows"]])]
+        for r in it["rows"]:
+            if r["mode"] != "gradaug" or r["precision"] != "fp32" or not r.get("slicing"):
+                continue
+            lines += ["", f"Per pass, fp32, divisor {r['divisor']} (mean over the timed iterations; slicing = "
+                          "backbone + FPN forward and backward slimmed - pruned to a stock network of the width, "
+                          "narrow kernels = pruned - its training FLOPs at the full backbone's rate; both from the "
+                          "first timed iteration):", "",
+                      markdown_table(["pass", "width", "input HxW", "model ms", "measured ms", "time / model",
+                                      "slicing ms", "narrow kernels ms"],
+                                     [[p["pass"], f"{p['width_mean']:.3f}",
+                                       "x".join(f"{v:.0f}" for v in p["input_hw_mean"]), f"{p['model_s'] * 1e3:.1f}",
+                                       f"{p['measured_s'] * 1e3:.1f}", f"{p['time_over_model']:.2f}",
+                                       f"{p.get('slicing_s', 0.0) * 1e3:.1f}", f"{p.get('narrow_s', 0.0) * 1e3:.1f}"]
+                                      for p in r["passes"]])]
     bb = results.get("backbone", {})
     if bb.get("status") == "ok":
         from .backbone import backbone_markdown

@@ -236,7 +236,8 @@ def _measure(model, optimizer, device, one, plan_of, warmup, iters, autocast, ba
 
 
 def measure_slicing(model, cfg, gradaug: Dict, plan: Sequence[Sequence[SubnetSpec]], warmup: int, *,
-                    reps: int = 5, progress: Optional[Callable[[str], None]] = None) -> Dict:
+                    reps: int = 5, iterations: Optional[int] = None,
+                    progress: Optional[Callable[[str], None]] = None) -> Dict:
     """What slicing costs in every timed sub-network pass: slimmed vs pruned backbone.
 
     For each sub-network pass of the timed iterations, the backbone (+FPN) forward and
@@ -258,6 +259,8 @@ def measure_slicing(model, cfg, gradaug: Dict, plan: Sequence[Sequence[SubnetSpe
         gradaug: :func:`measure_iterations`' result of that mode (input sizes per pass).
         plan: the plan it replayed; warmup: its warm-up iterations at the head of ``plan``.
         reps: timed steps per backbone and shape (median; 2 untimed steps first).
+        iterations: only the first this many timed iterations (None: all); :func:`compare`
+            averages the slicing columns over those.
         progress: called with a short label after every shape.
 
     Returns:
@@ -268,12 +271,13 @@ def measure_slicing(model, cfg, gradaug: Dict, plan: Sequence[Sequence[SubnetSpe
         e.g. of depth sampling).
 
     Raises:
-        ValueError: if ``reps < 1``.
+        ValueError: if ``reps < 1`` or ``iterations < 1``.
     """
     from ..gradaug.losses import unwrap_model
 
-    if reps < 1:
-        raise ValueError(f"measure_slicing needs reps >= 1, got {reps}")
+    if reps < 1 or (iterations is not None and iterations < 1):
+        raise ValueError(f"measure_slicing needs reps >= 1 and iterations >= 1 (or None), got reps={reps}, "
+                         f"iterations={iterations}")
     net = unwrap_model(model)
     device = next(net.parameters()).device
     div = max(1, int(getattr(net.backbone, "size_divisibility", 0) or 1))
@@ -289,7 +293,7 @@ def measure_slicing(model, cfg, gradaug: Dict, plan: Sequence[Sequence[SubnetSpe
 
     full = entry(1.0, gradaug["flops"][0][0])
     passes = [[entry(spec.width, rec) for spec, rec in zip(plan[warmup + j], flop_passes[1:])]
-              for j, flop_passes in enumerate(gradaug["flops"])]
+              for j, flop_passes in enumerate(gradaug["flops"][:iterations])]
     for p in net.parameters():
         p.grad = None
     return {"full": full, "passes": passes}
@@ -374,7 +378,7 @@ def compare(baseline: Dict, gradaug: Dict, plan: Sequence[Sequence[SubnetSpec]],
                                      "backbone": [], "model": [], "seconds": [], "phases": [], "slicing": [],
                                      "memory": []})
             s["memory"].append(_pass_memory_mb(probed["passes"][k]))
-            if slicing is not None and k > 0:
+            if slicing is not None and k > 0 and j < len(slicing["passes"]):
                 sl = slicing["passes"][j][k - 1]
                 s["slicing"].append((sl["slim_s"], sl["dense_s"], sl["slicing_s"],
                                      sl["dense_s"] - backbone_rate * sl["dense_flops"]))
