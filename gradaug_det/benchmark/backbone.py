@@ -155,7 +155,8 @@ def kept_channels(bench: BackboneBench, width: float, divisor: int) -> str:
     return "/".join(map(str, [counts["stem"]] + counts["out"]))
 
 
-def backbone_step(model, x, width, device, probe_autocast=None, probe_backward=None) -> float:
+def backbone_step(model, x, width, device, probe_autocast=None, probe_backward=None, *,
+                  keep_grads: bool = False) -> float:
     """One training step of a backbone, forward + backward, at ``width``.
 
     Args:
@@ -166,16 +167,19 @@ def backbone_step(model, x, width, device, probe_autocast=None, probe_backward=N
         device: where ``model`` lives (CUDA is synchronised around the step).
         probe_autocast, probe_backward: a :class:`~.cost.PassProbe`'s hooks, to count or
             time the step as a pass.
+        keep_grads: accumulate into the parameters' ``.grad`` (as a GradAug sub-network
+            pass does after the full pass) instead of clearing them first.
 
     Returns:
-        Wall seconds of the step (the parameters' gradients are cleared first).
+        Wall seconds of the step.
     """
     import contextlib
 
     import gradaug_det
 
-    for p in model.parameters():
-        p.grad = None
+    if not keep_grads:
+        for p in model.parameters():
+            p.grad = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

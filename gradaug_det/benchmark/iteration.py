@@ -246,12 +246,13 @@ def measure_slicing(model, cfg, gradaug: Dict, plan: Sequence[Sequence[SubnetSpe
     them), is timed twice, interleaved: the model's own backbone under
     :func:`gradaug_det.width`, and the same weights pruned to that width
     (:func:`~gradaug_det.checkpoint.prune.prune_model`: a stock detectron2 backbone with
-    exactly the sub-network's channels). The difference is what slicing costs (weight
-    copies, full-size weight gradients, the sliced norms). The full backbone is timed
-    and counted the same way on the full pass's input, so the pruned backbone's time can
-    be set against its training FLOPs at the full backbone's own rate: what remains is
-    what the hardware charges for narrower, smaller convolutions, which a physically
-    narrow network pays too.
+    exactly the sub-network's channels); both accumulate into existing ``.grad``, as a
+    sub-network pass does after the full pass. The difference is what slicing costs
+    (weight copies, full-size weight gradients added into ``.grad``, the sliced norms).
+    The full backbone is timed and counted the same way on the full pass's input, so the
+    pruned backbone's time can be set against its training FLOPs at the full backbone's
+    own rate: what remains is what the hardware charges for narrower, smaller
+    convolutions, which a physically narrow network pays too.
 
     Args:
         model: the slimmable detector the GradAug mode measured (DDP looked through).
@@ -309,9 +310,9 @@ def _slim_vs_dense(net, cfg, width, hw, num_images, device, reps):
     dense = net.backbone if width >= 1.0 else prune_model(net, cfg, width)[1].backbone
     (rec,) = count_train_flops(lambda a, b: backbone_step(dense, x, 1.0, device, a, b), dense)
     slim_t, dense_t = [], []
-    for i in range(reps + 2):
-        d = backbone_step(dense, x, 1.0, device)
-        s = d if width >= 1.0 else backbone_step(net.backbone, x, width, device)
+    for i in range(reps + 2):  # into existing .grad (the full pass made it), as a sub-network pass
+        d = backbone_step(dense, x, 1.0, device, keep_grads=i > 0)
+        s = d if width >= 1.0 else backbone_step(net.backbone, x, width, device, keep_grads=i > 0)
         if i >= 2:
             slim_t.append(s)
             dense_t.append(d)
