@@ -35,7 +35,8 @@ import torch
 from tqdm import tqdm
 
 import gradaug_det  # noqa: F401  (registers backbones and datasets)
-from gradaug_det.benchmark.iteration import compare, measure_iterations, measure_slicing, synthetic_detection_batch
+from gradaug_det.benchmark.iteration import (compare, measure_iterations, measure_slicing, pool_rounds,
+                                             synthetic_detection_batch)
 from gradaug_det.benchmark.report import device_name, markdown_table, write_json
 from gradaug_det.engine.setup import get_gradaug_cfg
 
@@ -58,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2, help="images per iteration")
     p.add_argument("--iters", type=int, default=8, help="timed iterations per mode")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the modes one after another this many times and pool each mode's timed iterations "
+                        "(drifts of the machine then weigh on every mode alike)")
     p.add_argument("--divisor", type=int, default=None,
                    help="aligned channel divisor to compare (default: the device's, "
                         "gradaug_det.slim.preferred_channel_divisor: 8 on a GPU, 16 on an AVX-512 CPU, else 8)")
@@ -81,7 +85,7 @@ def parse_args(argv=None):
         from gradaug_det.slim import preferred_channel_divisor
 
         args.divisor = preferred_channel_divisor(args.device)
-    for name in ("batch", "iters", "divisor"):
+    for name in ("batch", "iters", "divisor", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -164,7 +168,8 @@ def run_mode(args, mode):
 def report(args, results, plan):
     """The JSON document and the Markdown text of a finished comparison."""
     device = device_name(args.device)
-    comparisons = {m: compare(results["baseline"], results[m], plan, args.warmup) for m in MODES[1:]}
+    pooled_plan = list(plan[:args.warmup]) + list(plan[args.warmup:]) * args.rounds  # round after round
+    comparisons = {m: compare(results["baseline"], results[m], pooled_plan, args.warmup) for m in MODES[1:]}
     divisor = {"baseline": "-", "gradaug": 1, "gradaug_aligned": args.divisor}
     base = results["baseline"]
     rows = [["baseline", "-", f"{base['median_s']:.3f}", "1.00", f"{base['median_s']:.3f}", "1.00",
@@ -178,8 +183,11 @@ def report(args, results, plan):
     images = "random " + "x".join(map(str, args.synthetic)) if args.synthetic else "dataset images"
     caches = (" with " + " ".join(f"{k}={v}" for k, v in NO_CPU_CACHES.items()) + " (times not representative)"
               if args.no_cpu_caches else "")
+    pooled = (f"; {args.rounds} rounds pooled, median s/iter per round: " + ", ".join(
+        f"{m} " + " / ".join(f"{t:.3f}" for t in results[m]["round_median_s"]) for m in MODES)
+        if args.rounds > 1 else "")
     text = [f"{args.config_file}, batch {args.batch} ({images}), "
-            f"{args.amp}, {args.iters} timed iterations after {args.warmup} warm-up, {device}{caches}",
+            f"{args.amp}, {args.iters} timed iterations after {args.warmup} warm-up, {device}{caches}{pooled}",
             "", markdown_table(["mode", "divisor", "median s/iter", "time / baseline", "cost model s",
                                 "time / model", f"{kind} MiB", "memory / baseline"], rows)]
     pass_memory = "peak alloc" if args.device == "cuda" else "RSS"
@@ -228,7 +236,7 @@ def report(args, results, plan):
         text.append(f"- {m} {kind} / baseline: {r:.3f} (goal <= {MEMORY_GOAL:.2f}) -> "
                     f"{'met' if r <= MEMORY_GOAL else 'NOT met'}")
     doc = {"config": args.config_file, "device": device, "batch": args.batch, "amp": args.amp,
-           "no_cpu_caches": args.no_cpu_caches,
+           "no_cpu_caches": args.no_cpu_caches, "rounds": args.rounds,
            "iters": args.iters, "warmup": args.warmup, "divisor": args.divisor,
            "synthetic": args.synthetic, "opts": args.opts,
            "plan": [[s.describe() for s in specs] for specs in plan],
@@ -243,17 +251,22 @@ def main(argv=None):
         write_json(args.result, run_mode(args, args.worker))
         return None
     argv = list(sys.argv[1:] if argv is None else argv)
-    results = {}
+    rounds = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
-            path = os.path.join(tmp, f"{mode}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--result", path] + argv
-            proc = subprocess.run(cmd, env={**os.environ, **(NO_CPU_CACHES if args.no_cpu_caches else {})})
-            if proc.returncode != 0:
-                sys.exit(f"benchmark: the {mode} worker failed (exit code {proc.returncode}); see its output above")
-            with open(path) as f:
-                results[mode] = json.load(f)
-            print(f"done: {mode}", file=sys.stderr)
+        for r in range(args.rounds):
+            for mode in MODES:
+                path = os.path.join(tmp, f"{mode}.json")
+                # slicing vs pruned backbones: measured in the first round only (flags before
+                # argv: its config overrides take the rest of the line)
+                cmd = ([sys.executable, os.path.abspath(__file__), "--worker", mode, "--result", path]
+                       + (["--no-slicing"] if r > 0 else []) + argv)
+                proc = subprocess.run(cmd, env={**os.environ, **(NO_CPU_CACHES if args.no_cpu_caches else {})})
+                if proc.returncode != 0:
+                    sys.exit(f"benchmark: the {mode} worker failed (exit code {proc.returncode}); see its output above")
+                with open(path) as f:
+                    rounds[mode].append(json.load(f))
+                print(f"done: {mode} (round {r + 1} of {args.rounds})", file=sys.stderr)
+    results = {mode: pool_rounds(rounds[mode]) for mode in MODES}
     cfg = make_cfg(args)
     plan = make_plan(cfg, args.warmup + args.iters)
     doc, text = report(args, results, plan)

@@ -26,7 +26,8 @@ import torch
 from ..gradaug import SubnetSpec, gradaug_step
 from .cost import PHASES, PassProbe, PassRecord, cost_model, count_train_flops, peak_rss_mb
 
-__all__ = ["FixedSampler", "synthetic_detection_batch", "measure_iterations", "measure_slicing", "compare", "sync"]
+__all__ = ["FixedSampler", "synthetic_detection_batch", "measure_iterations", "measure_slicing", "pool_rounds",
+           "compare", "sync"]
 
 
 class FixedSampler:
@@ -319,6 +320,46 @@ def _slim_vs_dense(net, cfg, width, hw, num_images, device, reps):
     slim_s, dense_s = statistics.median(slim_t), statistics.median(dense_t)
     return {"width": width, "input_hw": list(hw), "num_images": num_images, "slim_s": slim_s, "dense_s": dense_s,
             "slicing_s": slim_s - dense_s, "dense_flops": rec.flops}
+
+
+def pool_rounds(rounds: Sequence[Dict]) -> Dict:
+    """One mode's :func:`measure_iterations` results of several rounds, as one result.
+
+    A benchmark that runs its modes one after another in rounds (baseline, GradAug, ...,
+    then again) and pools each mode's timed iterations compares the modes over the same
+    stretch of time, so slow drifts of the machine weigh on all of them alike.
+
+    Args:
+        rounds: the mode's results, one per round, each replaying the same plan.
+
+    Returns:
+        A result of the same form: ``times``, ``probed`` and ``flops`` concatenated round
+        after round (timed iteration ``j`` of round ``r`` is index ``r * iters + j``; give
+        :func:`compare` the plan's timed part repeated as often), ``median_s`` over all
+        timed iterations, ``peak_mb`` the largest round's, ``round_median_s`` each round's
+        median; ``slicing`` (if measured: in the first rounds, e.g. only the first) with
+        the first round's ``full`` entry and those rounds' passes.
+
+    Raises:
+        ValueError: for no rounds, or rounds of different lengths.
+    """
+    if not rounds:
+        raise ValueError("pool_rounds needs at least one round")
+    if len({len(r["times"]) for r in rounds}) != 1:
+        raise ValueError(f"rounds of different lengths: {[len(r['times']) for r in rounds]} timed iterations")
+    out = dict(rounds[0])
+    for key in ("times", "probed", "flops"):
+        out[key] = [x for r in rounds for x in r[key]]
+    out["median_s"] = statistics.median(out["times"])
+    out["peak_mb"] = max(r["peak_mb"] for r in rounds)
+    out["round_median_s"] = [r["median_s"] for r in rounds]
+    out.pop("slicing", None)
+    sliced = [r["slicing"] for r in rounds if "slicing" in r]
+    if sliced:
+        if any("slicing" not in r for r in rounds[:len(sliced)]):
+            raise ValueError("slicing must be measured in the first rounds (its passes are indexed from round 1)")
+        out["slicing"] = {"full": sliced[0]["full"], "passes": [p for x in sliced for p in x["passes"]]}
+    return out
 
 
 def _pass_memory_mb(time_dict: Dict) -> float:

@@ -22,12 +22,19 @@ def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):
     out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
     doc = tool.main(["--config-file", str(TOOL.parents[1] / "configs/quickstart/mask_rcnn_gradaug.yaml"),
                      "--synthetic", "64", "64", "--iters", "1", "--warmup", "0", "--threads", "1",
-                     "--device", "cpu", "--no-cpu-caches", "--json", str(out_json), "--markdown", str(out_md)])
+                     "--device", "cpu", "--no-cpu-caches", "--rounds", "2", "--json", str(out_json),
+                     "--markdown", str(out_md)])
     text = capsys.readouterr().out
     assert json.loads(out_json.read_text())["comparisons"].keys() == {"gradaug", "gradaug_aligned"}
     assert out_md.read_text().strip() == text.strip()
     plan = doc["plan"][0]
     base = doc["modes"]["baseline"]
+    # two rounds, pooled: each mode's timed iterations of both rounds, its median over them
+    for mode in ("baseline", "gradaug", "gradaug_aligned"):
+        m = doc["modes"][mode]
+        assert len(m["times"]) == len(m["probed"]) == len(m["flops"]) == 2 and len(m["round_median_s"]) == 2
+        assert m["median_s"] == pytest.approx(sorted(m["times"])[0] / 2 + sorted(m["times"])[1] / 2)
+    assert "2 rounds pooled" in text.splitlines()[0]
     for mode in ("gradaug", "gradaug_aligned"):
         c = doc["comparisons"][mode]
         passes = c["passes"]
@@ -54,7 +61,8 @@ def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):
         # slimmed vs pruned backbones: the full backbone on the full pass's input, each
         # sub-network's at its width on its input padded to FPN's 32 px; the pruned one
         # runs exactly the sub-network's training FLOPs (fewer than the full backbone's)
-        slicing = doc["modes"][mode]["slicing"]
+        slicing = doc["modes"][mode]["slicing"]  # measured in the first round only
+        assert len(slicing["passes"]) == 1
         full_bb = slicing["full"]
         assert (full_bb["width"], full_bb["input_hw"], full_bb["slicing_s"]) == (1.0, [64, 64], 0.0)
         # forward + backward of the backbone the full pass ran forward on the same input
@@ -80,7 +88,7 @@ def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad", [["--iters", "0"], ["--synthetic", "8", "8"], ["--amp", "fp16", "--device", "cpu"],
-                                 ["--config-file", "nope.yaml"], ["--divisor", "0"]])
+                                 ["--config-file", "nope.yaml"], ["--divisor", "0"], ["--rounds", "0"]])
 def test_benchmark_tool_rejects_bad_arguments(tool, bad):
     with pytest.raises(SystemExit):
         tool.parse_args(bad)
@@ -89,3 +97,17 @@ def test_benchmark_tool_rejects_bad_arguments(tool, bad):
 def test_benchmark_tool_default_divisor_is_the_devices(tool):
     assert tool.parse_args([]).divisor == preferred_channel_divisor("cpu")
     assert tool.parse_args(["--divisor", "4"]).divisor == 4
+
+
+def test_pool_rounds_refuses_mismatched_rounds():
+    from gradaug_det.benchmark.iteration import pool_rounds
+
+    one = {"times": [1.0], "probed": [{}], "flops": [[]], "median_s": 1.0, "peak_mb": 1.0}
+    two = {"times": [1.0, 2.0], "probed": [{}, {}], "flops": [[], []], "median_s": 1.5, "peak_mb": 2.0}
+    with pytest.raises(ValueError, match="different lengths"):
+        pool_rounds([one, two])
+    with pytest.raises(ValueError, match="at least one"):
+        pool_rounds([])
+    late = dict(one, slicing={"full": {}, "passes": [[]]})
+    with pytest.raises(ValueError, match="first rounds"):
+        pool_rounds([one, late])
