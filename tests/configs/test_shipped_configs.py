@@ -80,3 +80,14 @@ def test_quickstart_pair_differs_only_in_gradaug_enabled():
     baseline.GRADAUG.ENABLED = True
     baseline.OUTPUT_DIR = gradaug.OUTPUT_DIR
     assert baseline == gradaug
+
+
+def test_benchmark_config_is_the_quickstart_with_two_soft_subnetworks():
+    """tools/benchmark.py's config: the quickstart Mask R-CNN with 2 soft-label sub-networks
+    (what the README's benchmark numbers were measured with, as command-line overrides)."""
+    bench = _load(os.path.join(REPO, "configs", "quickstart", "benchmark_gradaug.yaml"))
+    quickstart = _load(os.path.join(REPO, "configs", "quickstart", "mask_rcnn_gradaug.yaml"))
+    assert (quickstart.GRADAUG.NUM_SUBNETS, quickstart.GRADAUG.SUBNET_LOSS) != (2, "soft")
+    quickstart.merge_from_list(["GRADAUG.SUBNET_LOSS", "soft", "GRADAUG.NUM_SUBNETS", "2"])
+    quickstart.OUTPUT_DIR = bench.OUTPUT_DIR
+    assert bench == quickstart

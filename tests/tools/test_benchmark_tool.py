@@ -20,7 +20,7 @@ def tool():
 
 def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):
     out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
-    doc = tool.main(["--config-file", str(TOOL.parents[1] / "configs/quickstart/mask_rcnn_gradaug.yaml"),
+    doc = tool.main(["--config-file", str(TOOL.parents[1] / "configs/quickstart/benchmark_gradaug.yaml"),
                      "--synthetic", "64", "64", "--iters", "1", "--warmup", "0", "--threads", "1",
                      "--device", "cpu", "--no-cpu-caches", "--rounds", "2", "--json", str(out_json),
                      "--markdown", str(out_md)])
