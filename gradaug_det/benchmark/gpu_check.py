@@ -228,7 +228,6 @@ def _syncbn_worker(device: str, tiny: bool, result: str, tmp: str) -> None:
 
     import gradaug_det
     from gradaug_det.modeling import build_slimmable_resnet_fpn_backbone
-
     from gradaug_det.slim import preferred_channel_divisor
 
     from .backbone import backbone_cfg
