@@ -131,10 +131,14 @@ def test_lazy_tool_two_gloo_processes(tmp_path, tiny_coco):
     train, --resume, --eval-only at test.slim_widths."""
     out = tmp_path / "out"
     env = dict(os.environ, DETECTRON2_DATASETS=tiny_coco[0], OMP_NUM_THREADS="1")
+    # BN statistics all-reduced (detectron2's naiveSyncBN): with plain BN each process keeps
+    # its own running statistics after its last step, so the end-of-training evaluation
+    # (each process its own) and --eval-only of the saved (rank 0) weights could differ
+    sync_bn = ["model.backbone.bottom_up.stem.norm=naiveSyncBN", "model.backbone.bottom_up.stages.norm=naiveSyncBN"]
 
     def run(*argv):
         cmd = [sys.executable, TOOL, "--config-file", LAZY, "--num-gpus", "2", "--dist-url", "auto", *argv, *TINY,
-               "train.checkpointer.period=100", "train.ddp.fp16_compression=True", "test.slim_widths=[0.5]"]
+               *sync_bn, "train.checkpointer.period=100", "train.ddp.fp16_compression=True", "test.slim_widths=[0.5]"]
         proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
