@@ -215,18 +215,28 @@ def _on_device(key: tuple, make, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _pil_axis_pass(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
-    """One axis of PIL's 8-bit bilinear resize on an int32 tensor (exact integer arithmetic)."""
-    in_size = x.shape[dim]
+def _pil_axis_pass(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """One axis of PIL's 8-bit bilinear resize, on dim 0 of an int32 tensor (exact integers).
+
+    The resampled axis leads, so each tap gathers whole contiguous rows (``index_select``
+    on dim 0 copies rows; on the last dim it gathers single elements, 3x slower on a CPU).
+
+    Args:
+        x: (L, ...) int32, values in [0, 255].
+        out_size: the new length of dim 0.
+
+    Returns:
+        (out_size, ...) int32 in [0, 255].
+    """
+    in_size = x.shape[0]
     index = _on_device(("pil_index", in_size, out_size), lambda: _pil_bilinear_table(in_size, out_size)[0], x.device)
     weight = _on_device(("pil_weight", in_size, out_size),
                         lambda: _pil_bilinear_table(in_size, out_size)[1].astype(np.int32), x.device)
-    acc = None
-    for k in range(index.shape[1]):
-        w = weight[:, k] if dim == x.dim() - 1 else weight[:, k, None]
-        term = x.index_select(dim, index[:, k]) * w
-        acc = term if acc is None else acc + term
-    return ((acc + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS).clamp_(0, 255)
+    per_row = (-1,) + (1,) * (x.dim() - 1)
+    acc = x.index_select(0, index[:, 0]) * weight[:, 0].view(per_row)
+    for k in range(1, index.shape[1]):
+        acc.addcmul_(x.index_select(0, index[:, k]), weight[:, k].view(per_row))
+    return acc.add_(1 << (_PRECISION_BITS - 1)).bitwise_right_shift_(_PRECISION_BITS).clamp_(0, 255)
 
 
 def _resize_bilinear(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
@@ -236,12 +246,13 @@ def _resize_bilinear(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     Floating point: ``F.interpolate(mode="bilinear", align_corners=False)`` as detectron2.
     """
     if x.dtype == torch.uint8:
-        y = x.to(torch.int32)
+        y = x.permute(3, 0, 1, 2).to(torch.int32, memory_format=torch.contiguous_format)  # (W, N, C, H)
         if size[1] != x.shape[-1]:
-            y = _pil_axis_pass(y, y.dim() - 1, size[1])
+            y = _pil_axis_pass(y, size[1])
+        y = y.permute(3, 0, 1, 2).contiguous()  # (H, W', N, C)
         if size[0] != x.shape[-2]:
-            y = _pil_axis_pass(y, y.dim() - 2, size[0])
-        return y.to(torch.uint8)
+            y = _pil_axis_pass(y, size[0])
+        return y.permute(2, 3, 0, 1).to(torch.uint8, memory_format=torch.contiguous_format)
     if not x.is_floating_point():
         raise TypeError(f"images must be uint8 or floating point for GradAug's resize, got {x.dtype}")
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
