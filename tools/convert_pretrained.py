@@ -45,9 +45,6 @@ def parse_args(argv=None):
     p.add_argument("--emit-config", default=None, metavar="YAML",
                    help="also write the matching MODEL.WEIGHTS / PIXEL_MEAN / PIXEL_STD / INPUT.FORMAT / "
                         "RESNETS overrides to this YAML file (merge it after your detection config)")
-    from gradaug_det.checkpoint.io import add_trust_pickle_argument
-
-    add_trust_pickle_argument(p)
     return p.parse_args(argv)
 
 
@@ -82,9 +79,8 @@ def _nested(opts):
 
 def main(argv=None):
     args = parse_args(argv)
-    from gradaug_det.checkpoint.io import atomic_write, check_output_path, set_trust_pickle
+    from gradaug_det.checkpoint.io import atomic_write, check_output_path
 
-    set_trust_pickle(args.trust_pickle)
     try:  # every output is checked before the input is read
         if args.target != "torchvision" and not args.output.endswith(".pkl"):
             raise ValueError(f"output {args.output!r} must end in .pkl (detectron2 reads .pkl files as "

@@ -26,7 +26,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import gradaug_det  # noqa: F401  (registers backbones and the quickstart datasets' metadata)
 from gradaug_det import add_gradaug_config, width
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
-from gradaug_det.checkpoint.io import add_trust_pickle_argument, atomic_path, set_trust_pickle
+from gradaug_det.checkpoint.io import atomic_path
 from gradaug_det.slim import SlimmableModule
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -40,7 +40,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=float, default=1.0, help="network width in (0, 1] (default 1.0)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the drawn instances (default 0.5)")
-    add_trust_pickle_argument(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model_final.pth")
     return parser
@@ -91,7 +90,6 @@ def main(args) -> list:
     w = args.width
     if not 0.0 < w <= 1.0:
         raise SystemExit(f"--width must be in (0, 1], got {w}")
-    set_trust_pickle(args.trust_pickle)
     cfg = setup_cfg(args)
     files = expand_inputs(args.input)
     bare = cfg.clone()  # DefaultPredictor would load MODEL.WEIGHTS with detectron2's unrestricted loader

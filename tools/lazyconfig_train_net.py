@@ -12,7 +12,7 @@ it), and evaluation at the extra widths of ``test.slim_widths``::
         train.init_checkpoint=output/model_final.pth test.slim_widths=[0.75,0.5]
 
 Standard detectron2 flags: --num-gpus (on a machine without CUDA: CPU processes over gloo),
---num-machines, --machine-rank, --dist-url, --resume, --eval-only, --trust-pickle, and trailing
+--num-machines, --machine-rank, --dist-url, --resume, --eval-only, and trailing
 ``key=value`` config overrides.
 """
 import logging
@@ -24,7 +24,6 @@ from detectron2.utils.logger import setup_logger
 
 import gradaug_det  # noqa: F401  (registers datasets and components)
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer, exit_on_weights_error
-from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.data.resumable import instantiate_lazy_train_loader, resumable_data_hook
 from gradaug_det.engine import create_ddp_model
 from gradaug_det.engine.launch import launch_tool
@@ -89,14 +88,11 @@ def main(args):
 
 
 def get_parser():
-    """detectron2's ``default_argument_parser`` plus ``--trust-pickle`` (as tools/train_net.py)."""
-    parser = default_argument_parser()
-    add_trust_pickle_argument(parser)
-    return parser
+    """detectron2's ``default_argument_parser`` (as tools/train_net.py)."""
+    return default_argument_parser()
 
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
-    set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
     # a weights file refused or unreadable: the message names it and the fix (no traceback)
     exit_on_weights_error(launch_tool, main, args)

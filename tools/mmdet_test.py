@@ -13,8 +13,6 @@ import os.path as osp
 
 from mmengine.config import DictAction
 
-from gradaug_det.checkpoint.io import add_trust_pickle_argument
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -27,7 +25,6 @@ def parse_args(argv=None):
     p.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
                    help="override config keys")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    add_trust_pickle_argument(p)
     return p.parse_args(argv)
 
 
@@ -36,7 +33,7 @@ def main(argv=None):
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
 
-    from gradaug_det.checkpoint.io import CheckpointFileError, UntrustedPickleError, set_trust_pickle
+    from gradaug_det.checkpoint.io import CheckpointFileError, UntrustedPickleError
     from gradaug_det.mmdet.checkpoint import use_safe_checkpoint_loading
     from gradaug_det.mmdet.config import load_runner_config
     from gradaug_det.slim import check_width, width
@@ -49,8 +46,7 @@ def main(argv=None):
             raise SystemExit(f"--widths: {e}")
     if not osp.isfile(args.checkpoint):
         raise SystemExit(f"checkpoint not found: {args.checkpoint}")
-    set_trust_pickle(args.trust_pickle)
-    use_safe_checkpoint_loading()  # no code runs from the checkpoint (or --trust-pickle)
+    use_safe_checkpoint_loading()  # no code runs from the checkpoint
     cfg = load_runner_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     cfg.load_from = args.checkpoint
     runner = Runner.from_cfg(cfg)

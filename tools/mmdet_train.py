@@ -15,8 +15,6 @@ import os
 
 from mmengine.config import DictAction
 
-from gradaug_det.checkpoint.io import add_trust_pickle_argument
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,7 +28,6 @@ def parse_args(argv=None):
                    help="override config keys, e.g. train_cfg.max_iters=20")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
     p.add_argument("--local-rank", "--local_rank", type=int, default=0)
-    add_trust_pickle_argument(p)
     return p.parse_args(argv)
 
 
@@ -40,11 +37,10 @@ def main(argv=None):
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     from mmengine.runner import Runner
 
-    from gradaug_det.checkpoint.io import CheckpointFileError, UntrustedPickleError, set_trust_pickle
+    from gradaug_det.checkpoint.io import CheckpointFileError, UntrustedPickleError
     from gradaug_det.mmdet.checkpoint import use_safe_checkpoint_loading
     from gradaug_det.mmdet.config import load_runner_config
 
-    set_trust_pickle(args.trust_pickle)
     use_safe_checkpoint_loading()  # load_from / --resume / Pretrained paths: no code runs from a file
 
     cfg = load_runner_config(args.config, args.cfg_options, args.launcher, args.work_dir)

@@ -21,7 +21,6 @@ from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 from gradaug_det import add_gradaug_config
-from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.checkpoint.prune import prune_checkpoint
 
 logger = logging.getLogger("gradaug_det.prune")
@@ -37,7 +36,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flops-size", type=int, default=None,
                         help="square input size for the backbone FLOP count (default: INPUT.MIN_SIZE_TEST)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
-    add_trust_pickle_argument(parser)
     parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs, e.g. MODEL.DEVICE cpu")
     return parser
@@ -54,7 +52,6 @@ def setup(args):
 
 def main(args) -> dict:
     setup_logger(name="gradaug_det")
-    set_trust_pickle(args.trust_pickle)
     cfg = setup(args)
     if not 0.0 < args.width <= 1.0:
         raise SystemExit(f"--width must be in (0, 1], got {args.width}")

@@ -13,7 +13,6 @@ from detectron2.utils import comm
 
 import gradaug_det  # noqa: F401  (registers backbones, meta-architectures, datasets)
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer, exit_on_weights_error
-from gradaug_det.checkpoint.io import add_trust_pickle_argument, set_trust_pickle
 from gradaug_det.engine import GradAugTrainer, setup
 from gradaug_det.engine.launch import launch_tool
 from gradaug_det.slim.settings import strict_slimmable_settings
@@ -37,14 +36,11 @@ def main(args):
 
 
 def get_parser():
-    """detectron2's ``default_argument_parser`` plus ``--trust-pickle`` (also used by tools/submit.py)."""
-    parser = default_argument_parser()
-    add_trust_pickle_argument(parser)
-    return parser
+    """detectron2's ``default_argument_parser`` (also used by tools/submit.py)."""
+    return default_argument_parser()
 
 
 if __name__ == "__main__":
     args = get_parser().parse_args()
-    set_trust_pickle(args.trust_pickle)  # through the environment, so launch()'s workers see it too
     # a weights file refused or unreadable: the message names it and the fix (no traceback)
     exit_on_weights_error(launch_tool, main, args)  # detectron2's launch; clean gloo worker exit

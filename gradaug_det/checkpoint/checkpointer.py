@@ -4,8 +4,8 @@ What it adds to ``DetectionCheckpointer`` (same constructor, same file formats):
 
 * **Loading never runs code**: every file goes through
   :func:`gradaug_det.checkpoint.io.load_weights_file` (``.pth`` with
-  ``weights_only=True``, ``.pkl`` through a restricted unpickler); anything else needs
-  ``--trust-pickle`` / ``GRADAUG_DET_TRUST_PICKLE=1``. Unreadable files raise an error
+  ``weights_only=True``, ``.pkl`` through a restricted unpickler); a file holding any
+  other object is refused, never fully unpickled. Unreadable files raise an error
   naming the file and what was expected.
 * **Backbone shapes must match**: when a backbone tensor of the file cannot load because
   its shape differs from the model's (e.g. R50 weights into an R18 model), loading
@@ -23,7 +23,7 @@ What it adds to ``DetectionCheckpointer`` (same constructor, same file formats):
 import logging
 import os
 import re
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Tuple
 
 import torch
 
@@ -139,19 +139,17 @@ class GradAugCheckpointer(DetectionCheckpointer):
 
     Args:
         model, save_dir, save_to_disk, **checkpointables: as for ``DetectionCheckpointer``.
-        trust_pickle: fully unpickle files; None reads ``GRADAUG_DET_TRUST_PICKLE``.
         allow_backbone_mismatch: load a file whose backbone tensors differ in shape (they
             keep their initialisation) instead of raising.
     """
 
     _records: Dict[str, CheckpointRecord] = {}
 
-    def __init__(self, model, save_dir: str = "", *, trust_pickle: Optional[bool] = None,
-                 allow_backbone_mismatch: bool = False, save_to_disk=None, **checkpointables):
+    def __init__(self, model, save_dir: str = "", *, allow_backbone_mismatch: bool = False,
+                 save_to_disk=None, **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         # fvcore's save and tag_last_checkpoint write through path_manager.open(..., "wb" / "w")
         self.path_manager = _AtomicWritePathManager(self.path_manager)
-        self.trust_pickle = trust_pickle
         self.allow_backbone_mismatch = allow_backbone_mismatch
         self._loading = ""
 
@@ -187,7 +185,7 @@ class GradAugCheckpointer(DetectionCheckpointer):
         """detectron2's formats (model zoo ``.pkl``, Caffe2 ``.pkl``, pycls ``.pyth``,
         ``.pth``), read by :func:`load_weights_file`."""
         if filename.endswith(".pkl") or filename.endswith(".pyth"):
-            data = load_weights_file(filename, trusted=self.trust_pickle)
+            data = load_weights_file(filename)
             if not isinstance(data, dict):
                 raise CheckpointFileError(f"{filename}: holds a {type(data).__name__}, not the dict of a "
                                           "detectron2 weights file")
@@ -206,7 +204,7 @@ class GradAugCheckpointer(DetectionCheckpointer):
         return super()._load_file(filename)
 
     def _torch_load(self, f):
-        data = load_weights_file(f, trusted=self.trust_pickle)
+        data = load_weights_file(f)
         if not isinstance(data, dict):
             raise CheckpointFileError(f"{f}: holds a {type(data).__name__}; expected a checkpoint dict (with "
                                       "'model') or a state dict")

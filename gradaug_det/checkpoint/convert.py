@@ -105,7 +105,7 @@ def _unwrap_state_dict(obj: Any, source: str) -> StateDict:
 
 
 def _load(path: str) -> Any:
-    # never falls back to full unpickling: --trust-pickle / GRADAUG_DET_TRUST_PICKLE=1 only
+    # never fully unpickles: a file holding other objects is refused (UntrustedPickleError)
     return load_weights_file(path)
 
 

@@ -7,9 +7,9 @@ Loading
     :class:`RestrictedUnpickler`, which admits exactly what those files hold: ``dict`` /
     ``list`` / ``tuple`` / ``OrderedDict``, strings, bytes, numbers and numpy arrays,
     dtypes and scalars. Any other object in a file is refused with
-    :class:`UntrustedPickleError`, naming the file, the refused object and the explicit
-    opt-in for a file you trust: ``--trust-pickle`` on the tools, or the environment
-    variable ``GRADAUG_DET_TRUST_PICKLE=1``.
+    :class:`UntrustedPickleError`, naming the file and the refused object. No file is
+    ever fully unpickled: a file that holds other objects must be re-saved as a plain
+    state dict by the code that wrote it.
 
 Writing
     :func:`atomic_write` writes to a temporary file in the destination's directory and
@@ -19,24 +19,18 @@ Writing
 """
 import contextlib
 import io
-import logging
 import os
 import pickle
 import tempfile
 import zipfile
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 __all__ = [
-    "TRUST_PICKLE_ENV",
-    "TRUST_PICKLE_FLAG",
     "CheckpointFileError",
     "UntrustedPickleError",
     "RestrictedUnpickler",
-    "trust_pickle",
-    "set_trust_pickle",
-    "add_trust_pickle_argument",
     "load_weights_file",
     "restricted_pickle_load",
     "atomic_write",
@@ -46,13 +40,6 @@ __all__ = [
     "check_output_path",
     "is_complete_torch_file",
 ]
-
-logger = logging.getLogger(__name__)
-
-#: The environment variable that lets every entry point fully unpickle weight files.
-TRUST_PICKLE_ENV = "GRADAUG_DET_TRUST_PICKLE"
-#: The command-line flag of the tools (sets :data:`TRUST_PICKLE_ENV` for the run).
-TRUST_PICKLE_FLAG = "--trust-pickle"
 
 # (module, name) pairs a detectron2 / gradaug-det .pkl may reference. numpy 1.x pickles
 # name numpy.core.*, numpy 2.x numpy._core.*; protocol 2 files (the model zoo, written by
@@ -74,37 +61,11 @@ class UntrustedPickleError(pickle.UnpicklingError):
     """A weights file holds an object whose loading could run code; it was not loaded."""
 
 
-def trust_pickle(trusted: Optional[bool] = None) -> bool:
-    """Whether weight files may be fully unpickled.
-
-    Args:
-        trusted: an explicit choice; None reads ``GRADAUG_DET_TRUST_PICKLE`` (``1`` /
-            ``true`` / ``yes`` = trust).
-    """
-    if trusted is not None:
-        return bool(trusted)
-    return os.environ.get(TRUST_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def set_trust_pickle(trusted: bool) -> None:
-    """Trust weight files for the rest of this process and its children (``--trust-pickle``)."""
-    if trusted:
-        os.environ[TRUST_PICKLE_ENV] = "1"
-        logger.warning("%s: weight files are fully unpickled; only load files you trust", TRUST_PICKLE_FLAG)
-
-
-def add_trust_pickle_argument(parser) -> None:
-    """Add ``--trust-pickle`` to an ``argparse`` parser (one wording for every tool)."""
-    parser.add_argument(TRUST_PICKLE_FLAG, action="store_true",
-                        help="fully unpickle weight files (.pkl/.pth holding arbitrary Python objects); "
-                             "loading such a file can run code, so only for files you trust "
-                             f"(same as {TRUST_PICKLE_ENV}=1)")
-
-
 def _refusal(path: str, what: str) -> str:
-    return (f"{path}: refused to load {what}: loading it could run code. Weight files hold tensors, numpy "
-            f"arrays, numbers, strings and containers. If you trust this file, pass {TRUST_PICKLE_FLAG} "
-            f"or set {TRUST_PICKLE_ENV}=1")
+    return (f"{path}: refused to load {what}: loading it could run code. Weight files must hold only "
+            "tensors, numpy arrays, numbers, strings and containers (dict, list, tuple). Re-save the "
+            "weights as a plain state dict from the code that wrote this file, e.g. "
+            'torch.save({"model": model.state_dict()}, path) with a .pth path')
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -170,16 +131,15 @@ def _expected(path: str) -> str:
     return "a PyTorch checkpoint written by torch.save (e.g. model_final.pth) or a state dict"
 
 
-def load_weights_file(path: str, *, trusted: Optional[bool] = None, safe_globals: Sequence[Any] = ()) -> Any:
+def load_weights_file(path: str, *, safe_globals: Sequence[Any] = ()) -> Any:
     """Load a weights file without running code from it.
 
     ``.pkl``: :class:`RestrictedUnpickler` (detectron2 model-zoo and converted weights);
     anything else: ``torch.load(weights_only=True)`` onto the CPU (numpy arrays admitted).
-    With ``trusted`` (or ``GRADAUG_DET_TRUST_PICKLE=1``) the file is fully unpickled.
+    No file is ever fully unpickled.
 
     Args:
         path: a local path or a detectron2 ``PathManager`` URL.
-        trusted: fully unpickle; None reads ``GRADAUG_DET_TRUST_PICKLE``.
         safe_globals: further classes/functions a ``.pth`` may reference, in
             ``torch.serialization.safe_globals`` form (e.g. mmengine's ``HistoryBuffer``,
             :mod:`gradaug_det.mmdet.checkpoint`).
@@ -189,20 +149,15 @@ def load_weights_file(path: str, *, trusted: Optional[bool] = None, safe_globals
 
     Raises:
         FileNotFoundError: no such file.
-        UntrustedPickleError: the file holds other objects (names the file and the opt-in).
+        UntrustedPickleError: the file holds other objects (names the file, the refused
+            object and how to re-save the weights).
         CheckpointFileError: the file is empty, truncated or not a weights file (names the
             file and what was expected).
     """
-    trusted = trust_pickle(trusted)
     try:
         if path.endswith(".pkl"):
-            if trusted:
-                with _open(path) as f:
-                    return pickle.load(f, encoding="latin1")
             return restricted_pickle_load(path)
         with _open(path) as f:
-            if trusted:
-                return torch.load(f, map_location="cpu", weights_only=False)
             with torch.serialization.safe_globals(_numpy_safe_globals() + list(safe_globals)):
                 return torch.load(f, map_location="cpu", weights_only=True)
     except (FileNotFoundError, UntrustedPickleError):

@@ -393,15 +393,12 @@ class TrainingJob:
                 stream.flush()
             os._exit(outcome.code if isinstance(outcome.code, int) else 1)
         raise outcome  # submitit records why the job was not requeued
+
     def _run_detectron2(self, env: DistributedEnv):
         from detectron2.engine.launch import _distributed_worker  # launch()'s per-process entry
 
         tool = _load_tool(self.tool)
         args = _tool_parser(tool).parse_args(self.argv())
-        if getattr(args, "trust_pickle", False):  # what the tool's __main__ does with it
-            from ..checkpoint.io import set_trust_pickle
-
-            set_trust_pickle(True)
         args.num_gpus, args.num_machines = env.local_world_size, env.num_nodes
         args.machine_rank, args.dist_url = env.node, env.dist_url
         results = []

@@ -12,9 +12,9 @@ holds.
 :func:`use_safe_checkpoint_loading` makes mmengine's local loader
 :func:`gradaug_det.checkpoint.io.load_weights_file` with exactly these extra objects
 admitted (:func:`mmengine_safe_globals`): anything else is refused with
-:class:`~gradaug_det.checkpoint.io.UntrustedPickleError`, naming the file and the opt-in
-(``--trust-pickle`` / ``GRADAUG_DET_TRUST_PICKLE=1``), the same rule as every other
-loader of the project.
+:class:`~gradaug_det.checkpoint.io.UntrustedPickleError`, naming the file and the
+refused object, the same rule as every other loader of the project (no file is ever
+fully unpickled).
 """
 import collections
 import pickle
@@ -59,7 +59,7 @@ def load_mmengine_checkpoint(filename: str, map_location=None) -> Any:
         The checkpoint (a dict).
 
     Raises:
-        UntrustedPickleError: the file holds other objects (names the file and the opt-in).
+        UntrustedPickleError: the file holds other objects (names the file and the object).
         CheckpointFileError: the file is empty, damaged or not a checkpoint.
         FileNotFoundError: no such file.
     """

@@ -1,25 +1,25 @@
 """Every entry point that loads weights refuses a file whose unpickling would create a file,
-before it creates it, and bad output paths fail before any work (issue 11 §1, §4)."""
+before it creates it, and bad output paths fail before any work (issue 11 §1, §4). No tool
+has a way to fully unpickle a file: the removed opt-in flag is an argparse error."""
 import os
 import runpy
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from gradaug_det.checkpoint.io import TRUST_PICKLE_ENV, UntrustedPickleError
+from gradaug_det.checkpoint.io import UntrustedPickleError
+
+from .test_loading import assert_refusal
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tool(name):
     return runpy.run_path(os.path.join(REPO, "tools", f"{name}.py"), run_name=name)
-
-
-@pytest.fixture(autouse=True)
-def _untrusted(monkeypatch):
-    monkeypatch.delenv(TRUST_PICKLE_ENV, raising=False)
 
 
 @pytest.fixture
@@ -46,8 +46,9 @@ def test_train_net(tmp_path, tiny_yaml, malicious, fmt):
         args = default_argument_parser().parse_args(
             ["--config-file", tiny_yaml, *extra, "MODEL.WEIGHTS", path, "OUTPUT_DIR", str(tmp_path / "out"),
              "DATALOADER.NUM_WORKERS", "0"])
-        with pytest.raises(UntrustedPickleError, match="--trust-pickle"):
+        with pytest.raises(UntrustedPickleError) as e:
             tool["main"](args)
+        assert_refusal(str(e.value), path)
         assert not target.exists()
 
 
@@ -57,8 +58,9 @@ def test_convert_pretrained(tmp_path, malicious, source, fmt):
     path, target = malicious(fmt)
     out = tmp_path / "out.pkl"
     cfg = ["--config-file", os.path.join(REPO, "configs", "imagenet", "resnet50_gradaug.yaml")]
-    with pytest.raises(UntrustedPickleError, match="--trust-pickle"):
+    with pytest.raises(UntrustedPickleError) as e:
         _tool("convert_pretrained")["main"]([path, str(out), "--source", source, *cfg])
+    assert_refusal(str(e.value), path)
     assert not target.exists() and not out.exists()
 
 
@@ -67,8 +69,9 @@ def test_prune(tmp_path, tiny_yaml, malicious):
     tool = _tool("prune")
     args = tool["get_parser"]().parse_args(["--config-file", tiny_yaml, "--weights", path, "--width", "0.5",
                                             "--output", str(tmp_path / "pruned"), "--no-flops"])
-    with pytest.raises(UntrustedPickleError):
+    with pytest.raises(UntrustedPickleError) as e:
         tool["main"](args)
+    assert_refusal(str(e.value), path)
     assert not target.exists()
 
 
@@ -78,22 +81,27 @@ def test_demo(tmp_path, tiny_yaml, malicious):
     tool = _tool("demo")
     args = tool["get_parser"]().parse_args(["--config-file", tiny_yaml, "--input", str(tmp_path / "img.png"),
                                             "--output", str(tmp_path / "drawn"), "--opts", "MODEL.WEIGHTS", path])
-    with pytest.raises(UntrustedPickleError):
+    with pytest.raises(UntrustedPickleError) as e:
         tool["main"](args)
+    assert_refusal(str(e.value), path)
     assert not target.exists() and not (tmp_path / "drawn").exists()
+
+
+def _lazy_eval_args(path, out):
+    return ["--config-file", os.path.join(REPO, "configs", "lazy", "mask_rcnn_gradaug_R_50_FPN_1x.py"),
+            "--eval-only", "train.device=cpu", f"train.init_checkpoint={path}", f"train.output_dir={out}",
+            "model.backbone.bottom_up.stages.depth=18", "model.backbone.out_channels=32",
+            "model.proposal_generator.head.in_channels=32", "model.roi_heads.box_head.input_shape.channels=32",
+            "model.roi_heads.mask_head.input_shape.channels=32"]
 
 
 def test_lazyconfig_eval_only(tmp_path, malicious):
     path, target = malicious("pkl")
     tool = _tool("lazyconfig_train_net")
-    args = tool["get_parser"]().parse_args([
-        "--config-file", os.path.join(REPO, "configs", "lazy", "mask_rcnn_gradaug_R_50_FPN_1x.py"), "--eval-only",
-        "train.device=cpu", f"train.init_checkpoint={path}", f"train.output_dir={tmp_path / 'out'}",
-        "model.backbone.bottom_up.stages.depth=18", "model.backbone.out_channels=32",
-        "model.proposal_generator.head.in_channels=32", "model.roi_heads.box_head.input_shape.channels=32",
-        "model.roi_heads.mask_head.input_shape.channels=32"])
-    with pytest.raises(UntrustedPickleError):
+    args = tool["get_parser"]().parse_args(_lazy_eval_args(path, tmp_path / "out"))
+    with pytest.raises(UntrustedPickleError) as e:
         tool["main"](args)
+    assert_refusal(str(e.value), path)
     assert not target.exists()
 
 
@@ -121,18 +129,52 @@ def test_convert_checks_outputs_before_work(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["r18.pkl", "r18.pth", "r18.yaml"]
 
 
-def test_train_net_command_line_prints_the_error_without_traceback(tmp_path, malicious):
-    """As a user runs it: exit status 1, one line naming the file and the opt-in, nothing created."""
-    import subprocess
-    import sys
+def _command_line(tool, tmp_path, tiny_yaml, weights):
+    """The arguments a user gives ``tools/<tool>.py`` to load ``weights``."""
+    out = str(tmp_path / "out")
+    if tool == "train_net":
+        return ["--config-file", os.path.join(REPO, "configs", "quickstart", "mask_rcnn_gradaug.yaml"),
+                "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out, "MODEL.DEVICE", "cpu"]
+    if tool == "lazyconfig_train_net":
+        return _lazy_eval_args(weights, out)
+    if tool == "prune":
+        return ["--config-file", tiny_yaml, "--weights", weights, "--width", "0.5", "--output", out, "--no-flops"]
+    if tool == "demo":
+        cv2.imwrite(str(tmp_path / "img.png"), np.zeros((64, 80, 3), np.uint8))
+        return ["--config-file", tiny_yaml, "--input", str(tmp_path / "img.png"), "--output", out,
+                "--opts", "MODEL.WEIGHTS", weights]
+    assert tool == "convert_pretrained"
+    return [weights, str(tmp_path / "out.pkl"), "--source", "torchvision", "--config-file",
+            os.path.join(REPO, "configs", "imagenet", "resnet50_gradaug.yaml")]
 
-    path, target = malicious("pkl")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
-                           os.path.join(REPO, "configs", "quickstart", "mask_rcnn_gradaug.yaml"), "MODEL.WEIGHTS", path,
-                           "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.DEVICE", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != TRUST_PICKLE_ENV})
-    assert proc.returncode == 1
-    assert f"error: {path}: refused to load the object" in proc.stderr and "--trust-pickle" in proc.stderr
+
+def _run_tool(tool, argv):
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", f"{tool}.py"), *argv],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("tool,fmt", [("train_net", "pkl"), ("lazyconfig_train_net", "pth"), ("prune", "pkl"),
+                                      ("demo", "pth"), ("convert_pretrained", "pkl")])
+def test_command_line_prints_the_refusal_without_traceback(tmp_path, tiny_yaml, malicious, tool, fmt):
+    """As a user runs each tool: exit status 1, one message naming the file, the object and
+    how to re-save the weights (no opt-in), no traceback, and the file's code not run."""
+    path, target = malicious(fmt)
+    proc = _run_tool(tool, _command_line(tool, tmp_path, tiny_yaml, path))
+    assert proc.returncode == 1, proc.stderr
+    refused = "the object" if fmt == "pkl" else "an object that is not a tensor"
+    assert f"error: {path}: refused to load {refused}" in proc.stderr, proc.stderr
+    message = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert_refusal(message[len("error: "):], path)
     assert "Traceback" not in proc.stderr
     assert not target.exists()
+
+
+def test_removed_opt_in_flag_is_an_argparse_error(tmp_path):
+    """The removed opt-in: a script that still passes it stops at argument parsing, before any
+    file is read or written."""
+    argv = _command_line("train_net", tmp_path, None, str(tmp_path / "model.pth"))
+    proc = _run_tool("train_net", argv[:2] + ["--trust-pickle"] + argv[2:])
+    assert proc.returncode == 2, proc.stderr
+    assert "error: unrecognized arguments: --trust-pickle" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -3,8 +3,9 @@
 tools/mmdet_train.py (``load_from``, ``--resume``) and tools/mmdet_test.py load local
 checkpoints with ``weights_only`` and mmengine's own objects admitted
 (gradaug_det/mmdet/checkpoint.py); a file holding anything else is refused with the
-project's error (file, refused object, ``--trust-pickle``) and nothing in it runs. A real
-mmengine checkpoint still resumes: tests/mmdet_adapter/test_mmdet_runner.py.
+project's error (file, refused object, how to re-save the weights) and nothing in it runs;
+no flag loads it anyway. A real mmengine checkpoint still resumes:
+tests/mmdet_adapter/test_mmdet_runner.py.
 """
 import builtins
 import importlib.util
@@ -12,8 +13,6 @@ import os
 
 import pytest
 import torch
-
-from gradaug_det.checkpoint.io import TRUST_PICKLE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(ROOT, "configs", "mmdet", "quickstart", "mask-rcnn_r18_fpn_gradaug_shapes.py")
@@ -44,7 +43,6 @@ def malicious(tmp_path, monkeypatch):
     """(checkpoint, marker): a .pth whose unpickling would create ``marker``."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    monkeypatch.delenv(TRUST_PICKLE_ENV, raising=False)  # the tools may set it (--trust-pickle)
     monkeypatch.setitem(CheckpointLoader._schemes, "", CheckpointLoader._schemes[""])  # restored after
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
@@ -64,7 +62,11 @@ def _options(root):
 def _assert_refused(exc, path, marker):
     msg = str(exc.value.code)
     assert str(path) in msg and "refused to load" in msg and "io.open" in msg, msg
-    assert "--trust-pickle" in msg and TRUST_PICKLE_ENV in msg
+    rest = msg.replace(str(path), "")
+    assert "Weight files must hold only tensors, numpy arrays, numbers, strings and containers" in rest, msg
+    assert 'torch.save({"model": model.state_dict()}, path)' in rest, msg
+    for opt_in in ("trust", "weights_only", "unpickl"):  # no flag, variable or loader option offered
+        assert opt_in not in rest.lower(), msg
     assert not marker.exists()
 
 
@@ -84,15 +86,17 @@ def test_train_load_from_and_resume_refuse_malicious_checkpoint(malicious, shape
     assert not list(work.glob("*.pth"))
 
 
-def test_test_tool_refuses_malicious_checkpoint_unless_trusted(malicious, shapes_root, tmp_path):
+def test_test_tool_refuses_malicious_checkpoint(malicious, shapes_root, tmp_path, capsys):
     path, marker = malicious
     argv = [QUICKSTART, str(path), "--widths", "1.0", "--work-dir", str(tmp_path / "test"),
             "--cfg-options", *_options(shapes_root)]
     with pytest.raises(SystemExit) as e:
         mmdet_test.main(argv)
     _assert_refused(e, path, marker)
-    # the explicit opt-in unpickles the file (so its code runs: only for files you trust); its
-    # empty state dict leaves the model as initialised, and the evaluation runs
-    results = mmdet_test.main(argv + ["--trust-pickle"])
-    assert marker.exists()
-    assert set(results) == {1.0} and "coco/bbox_mAP" in results[1.0]
+    # the removed opt-in: a stale script that passes it stops at argument parsing
+    for tool, args in ((mmdet_test, argv), (mmdet_train, [QUICKSTART, "--work-dir", str(tmp_path / "train")])):
+        with pytest.raises(SystemExit) as e:
+            tool.main(args + ["--trust-pickle"])
+        assert e.value.code == 2
+        assert "error: unrecognized arguments: --trust-pickle" in capsys.readouterr().err
+        assert not marker.exists()

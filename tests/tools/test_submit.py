@@ -52,7 +52,7 @@ def launch_run(env, tmp_path_factory):
 
 
 def weights(run_dir):
-    state = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(run_dir, "model_final.pth"), map_location="cpu", weights_only=True)
     return state["model"], state["iteration"]
 
 
@@ -109,6 +109,8 @@ def test_bad_arguments_fail_before_submission(tmp_path, monkeypatch):
         (["tools/train_net.py", "--config-file", CONFIG, "OUTPUT_DIR", "x"], "OUTPUT_DIR is the job directory"),
         (["tools/train_net.py", "--config-file", "missing.yaml"], "config file 'missing.yaml' does not exist"),
         (["tools/train_net.py", "--config-file", CONFIG, "--eval-only"], "--eval-only is not a training job"),
+        (["tools/train_net.py", "--config-file", CONFIG, "--trust-pickle"],  # removed: no file is fully unpickled
+         f"the tool's arguments '--config-file {CONFIG} --trust-pickle' are invalid"),
         (["tools/demo.py", "--config-file", CONFIG], "the tool must be one of"),
         (["--nodes", "0", "tools/train_net.py", "--config-file", CONFIG], "nodes=0 is invalid"),
     ]
@@ -130,8 +132,8 @@ def test_bad_arguments_fail_before_submission(tmp_path, monkeypatch):
     assert job.argv() == ["--config-file", CONFIG] and job.checkpoint().function.argv()[0] == "--resume"
     # the tool's own flags pass through; the output goes to the job directory
     tool = os.path.join(REPO, "tools", "train_net.py")
-    assert slurm.prepare_tool_args(tool, ["--config-file", CONFIG, "--trust-pickle", "SOLVER.MAX_ITER", "5"],
-                                   "/jobs/1") == ["--config-file", CONFIG, "--trust-pickle", "SOLVER.MAX_ITER", "5",
+    assert slurm.prepare_tool_args(tool, ["--config-file", CONFIG, "--resume", "SOLVER.MAX_ITER", "5"],
+                                   "/jobs/1") == ["--config-file", CONFIG, "--resume", "SOLVER.MAX_ITER", "5",
                                                   "OUTPUT_DIR", "/jobs/1"]
 
 
