@@ -70,7 +70,7 @@ def test_lazy_tool_trains_resumes_and_evaluates_at_widths(tmp_path, tiny_coco, t
     assert math.isfinite(ap["bbox/AP"]) and math.isfinite(ap["bbox@w0.5/AP"])
 
     # --resume continues from model_final (iteration 1) with the sampler's state
-    saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
+    saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=True)
     assert saved["iteration"] == 1 and "gradaug_sampler" in saved["trainer"]
     trainer = _run(tool, "--resume", *TINY, *data, "train.max_iter=3")
     assert trainer.start_iter == 2 and trainer.iter == 3

@@ -48,7 +48,7 @@ def loss_iterations(job_dir):
 def final_checkpoint(job_dir):
     with open(os.path.join(job_dir, "last_checkpoint")) as f:
         assert f.read().strip() == "model_final.pth"
-    return torch.load(os.path.join(job_dir, "model_final.pth"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(job_dir, "model_final.pth"), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_preempted_lazyconfig_job_checkpoints_requeues_and_resumes(env, tool_arg
     assert task_starts(job_dir) == 2  # requeued once
     # the checkpoint of the preempted step; the requeued run (--resume) started after it
     early = torch.load(os.path.join(job_dir, f"model_{PREEMPT_AFTER:07d}.pth"), map_location="cpu",
-                       weights_only=False)
+                       weights_only=True)
     assert early["iteration"] == PREEMPT_AFTER
     log = job_log(job_dir)
     assert "Received SIGUSR2: saving a checkpoint after the current iteration" in log

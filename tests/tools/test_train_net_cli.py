@@ -37,7 +37,7 @@ def test_train_resume_eval_only_at_widths(tmp_path, tiny_coco, tiny_rcnn_opts, t
     assert all(math.isfinite(r["total_loss"]) and "gradaug/sub2/loss_soft_cls" in r for r in losses)
     assert {"bbox/AP", "segm/AP", "bbox@w0.9/AP", "segm@w0.9/AP"} <= rows[-1].keys()
 
-    saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
+    saved = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=True)
     assert saved["iteration"] == 1 and "gradaug_sampler" in saved["trainer"]["_trainer"]
     run("--resume", *tiny_rcnn_opts, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "3")
     rows = _rows(out)
