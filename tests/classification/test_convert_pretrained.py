@@ -1,6 +1,5 @@
 """Converted weights load into detectron2 Mask R-CNN with every backbone tensor matched."""
 import importlib.util
-import pickle
 from pathlib import Path
 from typing import List, NamedTuple, Tuple
 
@@ -27,6 +26,7 @@ from gradaug_det.checkpoint import (
     save_d2_checkpoint,
     torchvision_to_d2,
 )
+from gradaug_det.checkpoint.io import restricted_pickle_load
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,8 +114,7 @@ def test_torchvision_into_mask_rcnn_fpn(tmp_path, depth):
     assert meta["FORMAT"] == "RGB" and meta["PIXEL_MEAN"] == [123.675, 116.28, 103.53]
     assert meta["PIXEL_STD"] == [58.395, 57.12, 57.375] and meta["STRIDE_IN_1X1"] is False
     assert meta["DEPTH"] == depth
-    with open(path, "rb") as f:
-        raw = pickle.load(f)
+    raw = restricted_pickle_load(path)  # detectron2's format, without any other object
     assert all(isinstance(v, np.ndarray) for v in raw["model"].values())
 
     cfg = mask_rcnn_cfg(depth)

@@ -24,6 +24,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUICKSTART = os.path.join(ROOT, "configs", "mmdet", "quickstart", "mask-rcnn_r18_fpn_gradaug_shapes.py")
 
 
+@pytest.fixture(autouse=True)
+def _no_visualizer_across_tests():
+    """Each test starts without mmengine's global visualizers. mmengine names a run's
+    visualizer after its timestamp in seconds, so a run built in the same second as the
+    previous test's would reuse that test's visualizer, whose ``save_dir`` under ``tmp_path``
+    pytest has already deleted. (Other global instances stay: the ``mmdet`` default scope
+    set at import is one.)"""
+    yield
+    from mmengine.visualization import Visualizer
+
+    stack = [Visualizer]
+    while stack:
+        cls = stack.pop()
+        cls._instance_dict.clear()
+        stack.extend(cls.__subclasses__())
+
+
 def small_mask_rcnn_cfg(gradaug=None, backbone=None, detector="GradAugMaskRCNN"):
     """The shipped quickstart model (R18-FPN Mask R-CNN, GradAug) as a config dict.
 
