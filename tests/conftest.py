@@ -89,6 +89,22 @@ def make_rcnn_cfg():
     return tiny_rcnn_cfg
 
 
+def _load_tool(name: str):
+    """``tools/<name>.py`` imported as a module, so a test calls its ``main(argv)`` (and its
+    parsers and helpers) as the command line does."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """``load_tool(name)``: ``tools/<name>.py`` as a module (see :func:`_load_tool`)."""
+    return _load_tool
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny generated data and small-model overrides for running the tools and shipped configs as a
 # user runs them (tests/tools/test_*_cli.py, tests/configs/test_shipped_configs.py).

@@ -37,7 +37,7 @@ from tqdm import tqdm
 import gradaug_det  # noqa: F401  (registers backbones and datasets)
 from gradaug_det.benchmark.iteration import (compare, measure_iterations, measure_slicing, pool_rounds,
                                              synthetic_detection_batch)
-from gradaug_det.benchmark.report import device_name, markdown_table, write_json
+from gradaug_det.benchmark.report import device_name, markdown_table, publish, write_json
 from gradaug_det.engine.setup import get_gradaug_cfg
 
 MODES = ("baseline", "gradaug", "gradaug_aligned")
@@ -270,14 +270,7 @@ def main(argv=None):
     cfg = make_cfg(args)
     plan = make_plan(cfg, args.warmup + args.iters)
     doc, text = report(args, results, plan)
-    print(text)
-    if args.json:
-        write_json(args.json, doc)
-    if args.markdown:
-        from gradaug_det.checkpoint.io import atomic_write
-
-        with atomic_write(args.markdown, "w") as f:
-            f.write(text + "\n")
+    publish(text, doc, args.json, args.markdown)
     return doc
 
 

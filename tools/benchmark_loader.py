@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import gradaug_det  # noqa: F401  (registers backbones and datasets)
 from gradaug_det.benchmark.loader import loader_markdown, measure_loaders
-from gradaug_det.benchmark.report import device_name, write_json
+from gradaug_det.benchmark.report import device_name, publish
 from gradaug_det.engine.setup import get_gradaug_cfg
 
 
@@ -98,18 +98,10 @@ def main(argv=None):
     header = (f"{args.config_file} ({source}; INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}, "
               f"MAX_SIZE_TRAIN {cfg.INPUT.MAX_SIZE_TRAIN}), {cfg.SOLVER.IMS_PER_BATCH} images per batch, "
               f"{args.batches} timed batches after {args.warmup}, {args.rounds} rounds; {device_name('cpu')}")
-    text = loader_markdown(rows, header)
-    print(text)
     doc = {"config_file": args.config_file, "synthetic": args.synthetic, "opts": args.opts,
            "batches": args.batches, "warmup": args.warmup, "rounds": args.rounds, "machine": device_name("cpu"),
            "rows": rows}
-    if args.json:
-        write_json(args.json, doc)
-    if args.markdown:
-        from gradaug_det.checkpoint.io import atomic_write
-
-        with atomic_write(args.markdown, "w") as f:
-            f.write(text + "\n")
+    publish(loader_markdown(rows, header), doc, args.json, args.markdown)
     return doc
 
 

@@ -20,7 +20,7 @@ import torch
 
 import gradaug_det  # noqa: F401  (registers backbones)
 from gradaug_det.benchmark.gpu_check import SECTIONS, CheckContext, markdown_report, run_sections
-from gradaug_det.benchmark.report import device_name, write_json
+from gradaug_det.benchmark.report import device_name, write_json, write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,10 +65,7 @@ def main(argv=None):
     text = markdown_report(ctx, results)
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "gpu_check.json"), doc)
-    from gradaug_det.checkpoint.io import atomic_write
-
-    with atomic_write(os.path.join(args.output_dir, "gpu_check.md"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(args.output_dir, "gpu_check.md"), text)
     print(text)
     print(f"gpu_check: {ctx.elapsed():.0f} s; wrote {args.output_dir}/gpu_check.json and gpu_check.md", file=sys.stderr)
     return doc

@@ -2,11 +2,11 @@
 import json
 import os
 import platform
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["markdown_table", "device_name", "write_json"]
+__all__ = ["markdown_table", "device_name", "write_json", "write_text", "publish"]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -44,6 +44,24 @@ def write_json(path: str, obj: Any) -> None:
 
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=_default)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` (a Markdown report) atomically, ending with one newline."""
+    from ..checkpoint.io import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.write(text.rstrip("\n") + "\n")
+
+
+def publish(text: str, doc: Any, json_path: Optional[str] = None, markdown_path: Optional[str] = None) -> None:
+    """A benchmark's output: print the Markdown ``text``; write ``doc`` as JSON to ``json_path``
+    and ``text`` to ``markdown_path`` where given (both atomically)."""
+    print(text)
+    if json_path:
+        write_json(json_path, doc)
+    if markdown_path:
+        write_text(markdown_path, text)
 
 
 def _default(o):

@@ -1,5 +1,4 @@
 """Converted weights load into detectron2 Mask R-CNN with every backbone tensor matched."""
-import importlib.util
 from pathlib import Path
 from typing import List, NamedTuple, Tuple
 
@@ -212,10 +211,8 @@ def test_unknown_names_are_errors():
         save_d2_checkpoint({"model": {}}, "out.pth")
 
 
-def test_tool_cli(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("convert_pretrained_tool", ROOT / "tools" / "convert_pretrained.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+def test_tool_cli(load_tool, tmp_path, capsys):
+    tool = load_tool("convert_pretrained")
     src = tmp_path / "tv.pth"
     torch.save(tv_state(18), src)
     out, emitted = tmp_path / "tv.pkl", tmp_path / "over.yaml"
@@ -239,7 +236,7 @@ def test_torchvision_names_round_trip(depth):
         assert torch.equal(back[k], v), k
 
 
-def test_classifier_to_torchvision_resnet_same_logits(tmp_path):
+def test_classifier_to_torchvision_resnet_same_logits(load_tool, tmp_path):
     """A GradAug classifier converted for MMDetection/torchvision computes the same logits."""
     clf_cfg = add_gradaug_config(get_cfg())
     clf_cfg.merge_from_file(str(ROOT / "configs" / "imagenet" / "quickstart.yaml"))
@@ -251,9 +248,7 @@ def test_classifier_to_torchvision_resnet_same_logits(tmp_path):
                 t.uniform_(0.5, 1.5)
     DetectionCheckpointer(clf, str(tmp_path)).save("model_final")
     out = tmp_path / "r18_tv.pth"
-    spec = importlib.util.spec_from_file_location("convert_pretrained_tool", ROOT / "tools" / "convert_pretrained.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_pretrained")
     (tmp_path / "config.yaml").write_text(clf_cfg.dump())
     tool.main(["--source", "classifier", "--target", "torchvision", str(tmp_path / "model_final.pth"), str(out)])
     net = torchvision.models.resnet18(num_classes=clf_cfg.MODEL.CLASSIFIER.NUM_CLASSES)

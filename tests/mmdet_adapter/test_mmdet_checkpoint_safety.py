@@ -8,7 +8,6 @@ no flag loads it anyway. A real mmengine checkpoint still resumes:
 tests/mmdet_adapter/test_mmdet_runner.py.
 """
 import builtins
-import importlib.util
 import os
 
 import pytest
@@ -18,14 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUICKSTART = os.path.join(ROOT, "configs", "mmdet", "quickstart", "mask-rcnn_r18_fpn_gradaug_shapes.py")
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def mmdet_train(load_tool):
+    return load_tool("mmdet_train")
 
 
-mmdet_train, mmdet_test = _tool("mmdet_train"), _tool("mmdet_test")
+@pytest.fixture(scope="module")
+def mmdet_test(load_tool):
+    return load_tool("mmdet_test")
 
 
 class _OpensFile:
@@ -70,7 +69,7 @@ def _assert_refused(exc, path, marker):
     assert not marker.exists()
 
 
-def test_train_load_from_and_resume_refuse_malicious_checkpoint(malicious, shapes_root, tmp_path):
+def test_train_load_from_and_resume_refuse_malicious_checkpoint(mmdet_train, malicious, shapes_root, tmp_path):
     path, marker = malicious
     work = tmp_path / "work"
     with pytest.raises(SystemExit) as e:
@@ -86,7 +85,7 @@ def test_train_load_from_and_resume_refuse_malicious_checkpoint(malicious, shape
     assert not list(work.glob("*.pth"))
 
 
-def test_test_tool_refuses_malicious_checkpoint(malicious, shapes_root, tmp_path, capsys):
+def test_test_tool_refuses_malicious_checkpoint(mmdet_train, mmdet_test, malicious, shapes_root, tmp_path, capsys):
     path, marker = malicious
     argv = [QUICKSTART, str(path), "--widths", "1.0", "--work-dir", str(tmp_path / "test"),
             "--cfg-options", *_options(shapes_root)]

@@ -1,19 +1,12 @@
 """tools/benchmark_backbone.py runs end to end and reports consistent numbers (tiny setting)."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "benchmark_backbone.py"
-
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("benchmark_backbone_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("benchmark_backbone")
 
 
 def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):

@@ -1,5 +1,4 @@
 """tools/benchmark_loader.py: the resumable loader against detectron2's, run as a user runs it (tiny)."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,16 +6,12 @@ import pytest
 
 from gradaug_det.engine.setup import get_gradaug_cfg
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "benchmark_loader.py"
-CONFIG = str(TOOL.parents[1] / "configs" / "quickstart" / "mask_rcnn_gradaug.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "mask_rcnn_gradaug.yaml")
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("benchmark_loader_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("benchmark_loader")
 
 
 def test_both_loaders_read_the_same_stream_and_are_timed(tool, tmp_path, capsys):

@@ -1,5 +1,4 @@
 """tools/benchmark.py: baseline vs GradAug priced by the cost model, run as a user runs it (tiny)."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +10,8 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "benchmark.py"
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("benchmark_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("benchmark")
 
 
 def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):

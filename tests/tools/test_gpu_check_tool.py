@@ -1,5 +1,4 @@
 """tools/gpu_check.py runs every section through its real entry point (tiny sizes on the CPU)."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +10,8 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.py"
 
 
 @pytest.fixture(scope="module")
-def tool():
-    spec = importlib.util.spec_from_file_location("gpu_check_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("gpu_check")
 
 
 def test_gpu_check_tiny_cpu_run(tool, tmp_path):

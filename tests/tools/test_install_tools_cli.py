@@ -2,7 +2,6 @@
 already-installed path, --dry-run (nothing changed), and the file rewrites they make."""
 import base64
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,14 +12,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO, "tools", f"{name}.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
-def test_install_detectron2_keeps_the_installed_one_and_dry_run(capsys):
+def test_install_detectron2_keeps_the_installed_one_and_dry_run(load_tool, capsys):
     import detectron2
 
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "install_detectron2.py")],
@@ -28,15 +20,15 @@ def test_install_detectron2_keeps_the_installed_one_and_dry_run(capsys):
     assert proc.returncode == 0, proc.stderr
     assert f"detectron2 already installed at {os.path.dirname(detectron2.__file__)}" in proc.stdout
 
-    tool = _load("install_detectron2")
+    tool = load_tool("install_detectron2")
     tool.main(["--force", "--dry-run"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("would run: ") and "download" in out[0] and out[0].endswith("sal-detectron2==0.7.2")
     assert "install --quiet <rewritten wheel> setuptools<81" in out[1]
 
 
-def test_install_detectron2_rewrites_the_wheel(tmp_path):
-    tool = _load("install_detectron2")
+def test_install_detectron2_rewrites_the_wheel(load_tool, tmp_path):
+    tool = load_tool("install_detectron2")
     src = tmp_path / "sal_detectron2-0.7.2-cp310-cp310-linux_x86_64.whl"
     info = "sal_detectron2-0.7.2.dist-info"
     with zipfile.ZipFile(src, "w") as z:
@@ -60,8 +52,8 @@ def test_install_detectron2_rewrites_the_wheel(tmp_path):
         assert records[f"{info}/RECORD"] == ","
 
 
-def test_install_mmdet_dry_run_changes_nothing(tmp_path, capsys):
-    tool = _load("install_mmdet")
+def test_install_mmdet_dry_run_changes_nothing(load_tool, tmp_path, capsys):
+    tool = load_tool("install_mmdet")
     cache = tmp_path / "cache"
     tool.main(["--dry-run", "--cache", str(cache)])
     out = capsys.readouterr().out
@@ -76,8 +68,8 @@ def test_install_mmdet_dry_run_changes_nothing(tmp_path, capsys):
     assert not cache.exists()  # nothing written
 
 
-def test_install_mmdet_patches_the_cxx_standard(tmp_path):
-    tool = _load("install_mmdet")
+def test_install_mmdet_patches_the_cxx_standard(load_tool, tmp_path):
+    tool = load_tool("install_mmdet")
     setup_py = tmp_path / "setup.py"
     setup_py.write_text("extra = ['-std=c++17']\nnvcc = ['-std=c++17', '-O3']\n")
     assert tool.patch_cxx_standard(str(setup_py)) == 2
