@@ -235,6 +235,9 @@ def report(args, results, plan):
         r = c["iteration"]["memory_ratio"]
         text.append(f"- {m} {kind} / baseline: {r:.3f} (goal <= {MEMORY_GOAL:.2f}) -> "
                     f"{'met' if r <= MEMORY_GOAL else 'NOT met'}")
+    if args.device == "cpu" and not args.no_cpu_caches:
+        text.append("- (CPU resident memory includes glibc's retained blocks and oneDNN's primitive cache; "
+                    "--no-cpu-caches measures the tensors alone)")
     doc = {"config": args.config_file, "device": device, "batch": args.batch, "amp": args.amp,
            "no_cpu_caches": args.no_cpu_caches, "rounds": args.rounds,
            "iters": args.iters, "warmup": args.warmup, "divisor": args.divisor,

@@ -81,6 +81,14 @@ def test_benchmark_tool_tiny_run(tool, tmp_path, capsys):
     aligned = preferred_channel_divisor("cpu")  # 16 on AVX-512 CPUs, else 8
     assert f"| gradaug_aligned | {aligned} |" in text and text.count(f"| sub{len(plan)} |") == 2 * 2
     assert "time / cost model" in text and "peak RSS / baseline" in text and "| sub1 | " in text
+    # the memory goal's line says what a default CPU run's resident set includes, only there
+    caches_note = "--no-cpu-caches measures the tensors alone"
+    assert caches_note not in text
+    argv = ["--config-file", str(TOOL.parents[1] / "configs/quickstart/benchmark_gradaug.yaml"), "--synthetic", "64",
+            "64", "--iters", "1", "--warmup", "0", "--device", "cpu", "--rounds", "2"]
+    args = tool.parse_args(argv)
+    _, default_text = tool.report(args, doc["modes"], tool.make_plan(tool.make_cfg(args), 1))
+    assert default_text.rstrip().splitlines()[-1].endswith(caches_note + ")")
 
 
 @pytest.mark.parametrize("bad", [["--iters", "0"], ["--synthetic", "8", "8"], ["--amp", "fp16", "--device", "cpu"],
