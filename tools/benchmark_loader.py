@@ -92,14 +92,15 @@ def main(argv=None):
         total = args.rounds * len(args.workers) * 2
         with tqdm(total=total, desc="loaders", file=sys.stderr, leave=False) as bar:
             rows = measure_loaders(cfg, data, workers=args.workers, batches=args.batches, warmup=args.warmup,
-                                   rounds=args.rounds, seed=args.seed, progress=lambda label: bar.update())
+                                   rounds=args.rounds, seed=args.seed, progress=lambda label: (bar.set_postfix_str(label), bar.update()))
+    machine = device_name("cpu")
     source = (f"{args.synthetic[0]} generated {args.synthetic[1]} px images" if args.synthetic
               else ", ".join(cfg.DATASETS.TRAIN))
     header = (f"{args.config_file} ({source}; INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}, "
               f"MAX_SIZE_TRAIN {cfg.INPUT.MAX_SIZE_TRAIN}), {cfg.SOLVER.IMS_PER_BATCH} images per batch, "
-              f"{args.batches} timed batches after {args.warmup}, {args.rounds} rounds; {device_name('cpu')}")
+              f"{args.batches} timed batches after {args.warmup}, {args.rounds} rounds; {machine}")
     doc = {"config_file": args.config_file, "synthetic": args.synthetic, "opts": args.opts,
-           "batches": args.batches, "warmup": args.warmup, "rounds": args.rounds, "machine": device_name("cpu"),
+           "batches": args.batches, "warmup": args.warmup, "rounds": args.rounds, "machine": machine,
            "rows": rows}
     publish(loader_markdown(rows, header), doc, args.json, args.markdown)
     return doc

@@ -77,7 +77,6 @@ def time_loader(loader, *, batches: int, warmup: int) -> Dict:
         times.append(time.perf_counter() - t)
         names += [d.get("file_name", "") for d in batch]
     seconds = time.perf_counter() - t0
-    del it  # stops the workers before the next loader starts
     return {"images": len(names), "seconds": seconds, "images_per_s": len(names) / seconds,
             "batch_s": times, "file_names": names}
 
