@@ -34,8 +34,11 @@ def check_subnet_backbone(cfg, model) -> None:
         return
     name = cfg.MODEL.BACKBONE.NAME
     twin = SLIMMABLE_TWINS.get(name)
+    twins = ", ".join(f"{k} -> {v}" for k, v in SLIMMABLE_TWINS.items())
     fix = (f"set MODEL.BACKBONE.NAME={twin!r} (its slimmable twin: same keys, same weights)" if twin else
-           f"use a slimmable ResNet backbone ({', '.join(repr(t) for t in SLIMMABLE_TWINS.values())})")
+           f"{name!r} has no slimmable twin in gradaug-det (only {twins} have one; another builder's own keys, "
+           "such as DeepLab's stem and multi-grid keys, have no slimmable equivalent): build the model with one of "
+           "those backbones, or train this one with GRADAUG.ENABLED=False")
     if cfg.GRADAUG.SAMPLING == "width" and not any(isinstance(m, SlimmableModule) for m in model.modules()):
         raise ValueError(f"GRADAUG.SAMPLING='width' needs a slimmable backbone, but MODEL.BACKBONE.NAME="
                          f"{name!r} has no slimmable layer; {fix}")

@@ -22,6 +22,7 @@ _DETECTRON2_PARTS = {
     "check_subnet_loss_support": ".tasks",
     "check_transformable_fields": ".transforms",
     "detection_transform": ".transforms",
+    "keep_instance_field": ".transforms",
     "transform_classification_batch": ".transforms",
     "transform_detection_batch": ".transforms",
 }

@@ -55,6 +55,7 @@ from .sampler import SubnetSpec
 
 __all__ = [
     "SUPPORTED_DICT_FIELDS", "SUPPORTED_INSTANCE_FIELDS", "check_transformable_fields", "check_batch_fields",
+    "keep_instance_field",
     "detection_transform", "SubnetGeometry", "transform_detection_batch", "transform_classification_batch",
     "batch_to_device",
 ]
@@ -62,13 +63,24 @@ __all__ = [
 #: Dataset-dict fields moved with the image; other keys must hold no tensor data (e.g.
 #: "file_name", "height", "width", "image_id") and pass through unchanged.
 SUPPORTED_DICT_FIELDS = ("image", "instances", "sem_seg", "proposals")
-#: Instance fields with geometry and how they move; any other ``torch.Tensor`` field
-#: (``gt_classes``, ``objectness_logits``, ...) is a per-instance attribute and is kept.
+#: Instance fields with geometry and how they move.
 SUPPORTED_INSTANCE_FIELDS = {
     "gt_boxes": "Boxes: enclosing box of the 4 moved corners, clipped; empty ones dropped",
     "proposal_boxes": "Boxes (precomputed proposals): as gt_boxes",
     "gt_masks": "PolygonMasks (same affine map, host numpy) or BitMasks (nearest, on the device)",
     "gt_keypoints": "Keypoints: same affine map; points leaving the image get visibility 0",
+    "gt_point_coords": "(N, P, 2) tensor of (x, y) pixels (PointSup): same affine map as keypoints",
+    "gt_point_labels": "(N, P) tensor (PointSup): kept; points leaving the image get label -1 (ignored by "
+                       "PointRend's roi_mask_point_loss)",
+}
+#: Plain per-instance tensors without geometry, kept as they are (more can be declared with
+#: :func:`keep_instance_field`). Any other plain tensor field is refused: GradAug cannot know
+#: whether it holds coordinates that must move with the image.
+_INSTANCE_ATTRIBUTES = {"gt_classes", "objectness_logits"}
+#: detectron2 meta-architectures whose dataset mapper emits dense targets these transforms do
+#: not move, refused before any data is read.
+_UNMOVABLE_TARGETS = {
+    "PanopticDeepLab": "center heat maps and offset maps (center, center_weights, offset, offset_weights)",
 }
 #: detectron2 parts whose training dicts carry rotated boxes, which these transforms do not move.
 _ROTATED_BOX_MODULES = {("MODEL.PROPOSAL_GENERATOR.NAME", "RRPN"), ("MODEL.ROI_HEADS.NAME", "RROIHeads")}
@@ -81,8 +93,9 @@ def check_transformable_fields(cfg) -> None:
 
     Every field detectron2's mappers put into a training dict for the models configured by
     ``MODEL.MASK_ON``, ``MODEL.KEYPOINT_ON``, ``MODEL.LOAD_PROPOSALS``, semantic / panoptic
-    segmentation, and any ``INPUT.FORMAT`` (channel count) is supported; rotated boxes
-    (``RRPN`` / ``RROIHeads``, ``gt_boxes`` as ``RotatedBoxes``) are not.
+    (FPN) segmentation, PointSup's point labels, and any ``INPUT.FORMAT`` (channel count) is
+    supported; rotated boxes (``RRPN`` / ``RROIHeads``, ``gt_boxes`` as ``RotatedBoxes``) and
+    Panoptic-DeepLab's center / offset targets are not.
 
     Args:
         cfg: a detectron2 config (yacs ``CfgNode``) with GradAug's keys.
@@ -92,6 +105,12 @@ def check_transformable_fields(cfg) -> None:
     """
     if not cfg.GRADAUG.ENABLED:
         return
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch in _UNMOVABLE_TARGETS:
+        raise ValueError(
+            f"MODEL.META_ARCHITECTURE={arch!r} trains on {_UNMOVABLE_TARGETS[arch]}, which GradAug's sub-network "
+            "transforms do not move with the image; set GRADAUG.ENABLED=False for this model"
+        )
     for key, value in sorted(_ROTATED_BOX_MODULES):
         node = cfg
         for part in key.split(".")[:-1]:
@@ -122,15 +141,42 @@ def check_batch_fields(batch: List[Dict]) -> None:
                 )
 
 
+def keep_instance_field(name: str) -> None:
+    """Declare a plain per-instance tensor field of a project's training dicts that has no
+    geometry (an attribute such as ``gt_classes``): the sub-networks get it unchanged.
+
+    Call it once, before training, in the project that adds the field (e.g. next to the
+    dataset mapper that writes it). Fields that hold coordinates must not be declared: the
+    sub-networks would learn from points that did not move with the image.
+
+    Args:
+        name: the ``Instances`` field name, e.g. ``"gt_difficulty"``.
+
+    Raises:
+        ValueError: for a field whose geometry these transforms already move.
+    """
+    if name in SUPPORTED_INSTANCE_FIELDS:
+        raise ValueError(f"{name!r} has geometry that GradAug moves with the image; it cannot be kept unchanged")
+    _INSTANCE_ATTRIBUTES.add(name)
+
+
 def _check_instance_fields(inst: Instances, where: str) -> None:
     for name, value in inst.get_fields().items():
         if type(value) in (Boxes, PolygonMasks, BitMasks, Keypoints) or (
-                type(value) is torch.Tensor and name not in SUPPORTED_INSTANCE_FIELDS):
+                type(value) is torch.Tensor and (name in SUPPORTED_INSTANCE_FIELDS or name in _INSTANCE_ATTRIBUTES)):
             continue
+        if type(value) is torch.Tensor:
+            raise NotImplementedError(
+                f"GradAug cannot tell whether the per-instance field {name!r} of {where!r} (a tensor of shape "
+                f"{tuple(value.shape)}) holds coordinates that must move with the sub-networks' images; if it is "
+                f"an attribute without geometry, declare it with gradaug_det.gradaug.keep_instance_field({name!r}) "
+                "before training; if it holds coordinates, remove it in the dataset mapper or set "
+                "GRADAUG.ENABLED=False (supported with geometry: " + ", ".join(SUPPORTED_INSTANCE_FIELDS) + ")"
+            )
         raise NotImplementedError(
             f"GradAug cannot transform the field {name!r} ({type(value).__name__}) of {where!r}; supported: "
             + "; ".join(f"{k}: {v}" for k, v in SUPPORTED_INSTANCE_FIELDS.items())
-            + "; other per-instance tensors are kept as they are"
+            + "; attributes without geometry: " + ", ".join(sorted(_INSTANCE_ATTRIBUTES))
         )
 
 
@@ -352,6 +398,14 @@ class SubnetGeometry(AffineGeometry):
         out = torch.cat([xy, v[..., None]], -1)
         return torch.where((v == 0)[..., None], torch.zeros_like(out), out).to(kp.dtype)
 
+    def point_labels(self, moved: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N, P) point labels of the (N, P, 2) points ``moved`` (already in this output's
+        pixels): points outside the output image get -1, the label PointRend's
+        ``roi_mask_point_loss`` ignores (PointSup's point supervision)."""
+        h, w = self.size
+        inside = (moved[..., 0] >= 0) & (moved[..., 0] <= w) & (moved[..., 1] >= 0) & (moved[..., 1] <= h)
+        return torch.where(inside, labels, torch.full((), -1, dtype=labels.dtype, device=labels.device))
+
     def polygons(self, masks: PolygonMasks) -> PolygonMasks:
         """Polygons (host numpy) through detectron2's ``apply_polygons`` of the same transform."""
         tfm = self.transform
@@ -392,7 +446,11 @@ def _transform_instances(inst: Instances, geo: SubnetGeometry, device, box_thres
             value = BitMasks(geo.label_map(t, False) if len(t) else t.new_zeros((0,) + geo.size))
         elif isinstance(value, Keypoints):
             value = Keypoints(geo.keypoints(value.tensor))
+        elif name == "gt_point_coords":
+            value = geo.points(value).to(value.dtype)
         out.set(name, value)
+    if out.has("gt_point_coords") and out.has("gt_point_labels"):
+        out.gt_point_labels = geo.point_labels(out.gt_point_coords, out.gt_point_labels)
     return _select(out, keep) if keep is not None else out
 
 

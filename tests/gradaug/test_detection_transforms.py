@@ -161,6 +161,78 @@ def test_instances_leaving_the_image_are_dropped_with_all_their_fields():
     assert len(new.gt_keypoints) == 1
 
 
+@pytest.mark.parametrize("spec", [SubnetSpec(scale=0.714), SubnetSpec(angle=33.0), SubnetSpec(scale=0.5, angle=-20.0)])
+def test_pointsup_points_move_with_the_image_as_detectron2_moves_them(spec):
+    """PointSup's point supervision (``gt_point_coords`` (N, P, 2) pixels, ``gt_point_labels``
+    (N, P)): the points take the image's transform (detectron2's ``apply_coords``, as PointSup's
+    mapper applies it); points that leave the image get label -1 (ignored by PointRend's
+    ``roi_mask_point_loss``), the others keep theirs."""
+    h, w = 64, 96
+    inst = _instances(h, w)
+    g = torch.Generator().manual_seed(3)
+    coords = torch.rand(3, 5, 2, generator=g) * torch.tensor([w, h], dtype=torch.float32)
+    coords[0, 0] = torch.tensor([1.0, 1.0])  # near a corner: a turn moves it out of the image
+    labels = torch.randint(0, 2, (3, 5), generator=g)
+    inst.gt_point_coords, inst.gt_point_labels = coords, labels
+    (out,), _ = transform_detection_batch([{"image": _rand_image(3, h, w), "instances": inst}], spec)
+    geo = SubnetGeometry(h, w, spec)
+    ref = geo.transform.apply_coords(coords.reshape(-1, 2).double().numpy().copy()).reshape(3, 5, 2)
+    oh, ow = geo.size
+    inside = (ref[..., 0] >= 0) & (ref[..., 0] <= ow) & (ref[..., 1] >= 0) & (ref[..., 1] <= oh)
+    boxes = Boxes(torch.as_tensor(geo.transform.apply_box(inst.gt_boxes.tensor.numpy().copy()), dtype=torch.float32))
+    boxes.clip(geo.size)
+    kept = boxes.nonempty(1e-5).numpy()  # instances left without area are dropped with their points
+    new = out["instances"]
+    assert new.gt_point_coords.dtype == torch.float32 and len(new) == kept.sum()
+    assert np.allclose(new.gt_point_coords.numpy(), ref[kept], atol=1e-4)
+    want = np.where(inside, labels.numpy(), -1)[kept]
+    assert np.array_equal(new.gt_point_labels.numpy(), want)
+    if spec.angle == 33.0:
+        assert (want == -1).any() and (want != -1).any()  # the corner point left the image, others stayed
+
+
+def test_plain_tensor_fields_without_known_geometry_are_refused_unless_declared(make_batch):
+    batch = make_batch(1, 64)
+    n = len(batch[0]["instances"])
+    batch[0]["instances"].gt_centers = torch.zeros(n, 2)
+    with pytest.raises(NotImplementedError, match=r"'gt_centers'.*keep_instance_field\('gt_centers'\)"):
+        check_batch_fields(batch)
+    from gradaug_det.gradaug import keep_instance_field
+    from gradaug_det.gradaug import transforms as tr
+
+    before = set(tr._INSTANCE_ATTRIBUTES)
+    try:
+        keep_instance_field("gt_centers")  # declared an attribute: kept as it is
+        check_batch_fields(batch)
+        (out,), _ = transform_detection_batch(batch, SubnetSpec(scale=0.5))
+        assert torch.equal(out["instances"].gt_centers, torch.zeros(len(out["instances"]), 2))
+        with pytest.raises(ValueError, match="'gt_point_coords' has geometry"):
+            keep_instance_field("gt_point_coords")
+    finally:
+        tr._INSTANCE_ATTRIBUTES.clear()
+        tr._INSTANCE_ATTRIBUTES.update(before)
+
+
+def test_models_gradaug_cannot_feed_are_refused_before_any_data(make_rcnn_cfg):
+    from gradaug_det.engine.checks import check_subnet_backbone
+
+    cfg = make_rcnn_cfg()
+    cfg.GRADAUG.ENABLED = True
+    cfg.GRADAUG.SUBNET_LOSS = "gt"
+    cfg.MODEL.META_ARCHITECTURE = "PanopticDeepLab"  # its mapper writes center / offset targets
+    with pytest.raises(ValueError, match="MODEL.META_ARCHITECTURE='PanopticDeepLab' trains on center heat maps"):
+        check_subnet_loss_support(cfg)
+    cfg = make_rcnn_cfg()
+    cfg.GRADAUG.ENABLED = True
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_deeplab_backbone"
+    with pytest.raises(ValueError, match="'build_resnet_deeplab_backbone' has no slimmable twin") as err:
+        check_subnet_backbone(cfg, torch.nn.Conv2d(3, 3, 1))
+    assert "set MODEL.BACKBONE.NAME" not in str(err.value)  # no twin is suggested for it
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    with pytest.raises(ValueError, match="set MODEL.BACKBONE.NAME='build_slimmable_resnet_fpn_backbone'"):
+        check_subnet_backbone(cfg, torch.nn.Conv2d(3, 3, 1))
+
+
 def test_proposals_match_detectron2_transform_proposals():
     h, w = 64, 96
     props = Instances((h, w))
