@@ -5,9 +5,11 @@ sub-networks learn from) and a sub-network's pass on the transformed batch. Both
 call the top-level model, so DistributedDataParallel sees every forward.
 """
 import contextlib
+import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .losses import OutputRecorder, unwrap_model
@@ -20,7 +22,8 @@ from .transforms import (
     transform_detection_batch,
 )
 
-__all__ = ["DetectionTask", "ClassificationTask", "build_task", "check_subnet_loss_support"]
+__all__ = ["DetectionTask", "ClassificationTask", "build_task", "check_subnet_loss_support",
+           "foreground_heads_with_sync_norm"]
 
 LossDict = Dict[str, torch.Tensor]
 
@@ -104,6 +107,68 @@ def _features_only(model):
             del m.forward
 
 
+#: RoI heads that see foreground RoIs only (an image whose objects all left the sub-network's
+#: image gives them none), their ``on`` switch on the RoI heads, and their loss's name.
+_FOREGROUND_HEADS = (("mask_head", "mask_on", "loss_mask"), ("keypoint_head", "keypoint_on", "loss_keypoint"))
+
+
+def _sync_norm_types():
+    from detectron2.layers import NaiveSyncBatchNorm
+
+    return (torch.nn.SyncBatchNorm, NaiveSyncBatchNorm)
+
+
+def foreground_heads_with_sync_norm(model) -> List[Tuple[str, str, str]]:
+    """The foreground-only RoI heads (mask, keypoint) of ``model`` that hold a synchronised BN
+    (``SyncBN`` / ``naiveSyncBN``, e.g. ``MODEL.ROI_MASK_HEAD.NORM "SyncBN"`` as in the model
+    zoo's ``Misc/mask_rcnn_R_50_FPN_3x_syncbn.yaml``).
+
+    Such a head cannot take an empty input: detectron2's ``Conv2d`` refuses it for
+    ``nn.SyncBatchNorm`` and ``NaiveSyncBatchNorm(stats_mode="")`` asserts a non-zero batch,
+    and a worker that skipped the head alone would leave the others waiting in its
+    all-reduce. See :meth:`DetectionTask.subnet_pass`.
+
+    Returns:
+        ``(head attribute, switch attribute, loss name)`` for each such head.
+    """
+    heads = getattr(unwrap_model(model), "roi_heads", None)
+    out = []
+    for name, switch, loss in _FOREGROUND_HEADS:
+        head = getattr(heads, name, None) if getattr(heads, switch, False) else None
+        if head is not None and any(isinstance(m, _sync_norm_types()) for m in head.modules()):
+            out.append((name, switch, loss))
+    return out
+
+
+def _any_worker(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is True on any worker (one all-reduce; no communication in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@contextlib.contextmanager
+def _heads_skipped(net, heads: List[Tuple[str, str, str]]):
+    """For one forward, the given RoI heads return their loss as 0 without running their
+    layers. The 0 is computed from the head's parameters inside the model's forward, so
+    DistributedDataParallel sees them used (with or without ``find_unused_parameters``) and
+    every worker logs the same keys. Restored on exit, also when the body raises."""
+    modules = [(getattr(net.roi_heads, name), loss) for name, _, loss in heads]
+    try:
+        for head, loss in modules:
+            head.forward = functools.partial(_zero_loss, head, loss)  # shadows the class's forward
+        yield
+    finally:
+        for head, _ in modules:
+            del head.forward
+
+
+def _zero_loss(head, loss, *args, **kwargs) -> LossDict:
+    return {loss: sum(p.sum() for p in head.parameters()) * 0.0}
+
+
 def _model_device(model) -> torch.device:
     net = unwrap_model(model)
     device = getattr(net, "device", None)
@@ -145,6 +210,9 @@ class DetectionTask:
         # an R-CNN on precomputed proposals (PROPOSAL_GENERATOR "PrecomputedProposals") reads
         # "proposals" even when its RoI heads are switched off
         self.precomputed_proposals = hasattr(net, "roi_heads") and getattr(net, "proposal_generator", 0) is None
+        # mask / keypoint heads with SyncBN: skipped on every worker when one worker's sub-network
+        # batch kept no object (see subnet_pass)
+        self.sync_norm_heads = foreground_heads_with_sync_norm(net) if self.use_gt else []
 
     def full_pass(self, model, batch: List[Dict]) -> Tuple[LossDict, object]:
         """Full network on the original batch: its standard losses; the teacher holds the
@@ -162,7 +230,15 @@ class DetectionTask:
         return losses, {"batch": batch, "rois": rois}
 
     def subnet_pass(self, model, batch: List[Dict], teacher, spec: SubnetSpec) -> LossDict:
-        """One sub-network (already set on the model) on its transformed batch."""
+        """One sub-network (already set on the model) on its transformed batch.
+
+        A rotated batch can lose every object of a worker's images. A mask or keypoint head
+        normalised with SyncBN (:func:`foreground_heads_with_sync_norm`) then has no input on
+        that worker and cannot run; so when any worker's batch kept no object (one all-reduce
+        of a flag, only for such models), every worker skips those heads for this pass and
+        their loss is 0 (attached to the head's parameters, so DDP and the logged keys stay the
+        same on every worker). Plain BN / GN heads run on the empty input as in detectron2.
+        """
         batch = teacher["batch"]
         if not self.use_gt:  # soft labels only: the annotations are not used
             # (precomputed "proposals" stay: a model without a proposal generator reads them)
@@ -179,10 +255,13 @@ class DetectionTask:
             geos = [SubnetGeometry(*d["image"].shape[-2:], spec) for d in batch]
             with self.semseg.teach(teacher["sem_seg"], geos, soft_only=not self.use_gt):
                 losses = model(batch_t)
-        elif not self.use_soft:
-            losses = model(batch_t)
         elif self.use_gt:
-            with self.soft.teach(teacher_t):
+            skip = []
+            if self.sync_norm_heads:
+                empty = sum(len(d["instances"]) for d in batch_t if "instances" in d) == 0
+                skip = self.sync_norm_heads if _any_worker(empty, _model_device(model)) else []
+            soft = self.soft.teach(teacher_t) if self.use_soft else contextlib.nullcontext()
+            with _heads_skipped(unwrap_model(model), skip), soft:
                 losses = model(batch_t)
         else:  # soft labels only: RPN, box, mask and keypoint losses would all be discarded
             with self.soft.teach(teacher_t), _features_only(unwrap_model(model)):

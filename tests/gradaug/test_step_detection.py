@@ -183,3 +183,69 @@ def test_soft_only_subnetworks_compute_features_and_soft_labels_only(make_rcnn_c
     # the modules' own forwards are back
     assert "forward" not in vars(model.roi_heads) and "forward" not in vars(model.proposal_generator)
     assert model.vis_period == cfg.VIS_PERIOD
+
+
+def _corner_batch(size=64):
+    """One image whose only object sits in the top-left corner: a 45 degree turn about the
+    centre moves it out of the image, so the sub-network's batch keeps no object."""
+    img = (torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    inst = Instances((size, size))
+    box = torch.tensor([0.0, 0.0, 6.0, 6.0])
+    inst.gt_boxes = Boxes(box[None])
+    inst.gt_classes = torch.tensor([1])
+    inst.gt_masks = PolygonMasks([[box[[0, 1, 2, 1, 2, 3, 0, 3]].numpy()]])
+    return [{"image": img, "instances": inst, "height": size, "width": size}]
+
+
+def test_syncbn_mask_head_trains_on_a_subnetwork_batch_without_objects(make_rcnn_cfg):
+    """MODEL.ROI_MASK_HEAD.NORM "SyncBN" (the model zoo's syncbn Mask R-CNN): a rotated
+    sub-network batch without objects skips the mask head (loss 0, zero gradient), where
+    detectron2's Conv2d would refuse the empty input; the other losses are the same as with
+    the head switched off by hand."""
+    from gradaug_det.gradaug import SubnetSpec
+
+    cfg = make_rcnn_cfg()
+    cfg.MODEL.ROI_MASK_HEAD.NORM = "SyncBN"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    task = DetectionTask(model, GradAugOptions(subnet_loss="gt"))
+    assert task.sync_norm_heads == [("mask_head", "mask_on", "loss_mask")]
+    with EventStorage(0):
+        _, teacher = task.full_pass(model, _corner_batch())
+        torch.manual_seed(1)
+        sub = task.subnet_pass(model, _corner_batch(), teacher, SubnetSpec(angle=45.0))
+        sum(sub.values()).backward()
+        assert sub["loss_mask"].item() == 0.0
+        assert all(p.grad is not None and not p.grad.any() for p in model.roi_heads.mask_head.parameters())
+        model.zero_grad()
+        model.roi_heads.mask_on = False  # the reference: the head switched off by hand
+        torch.manual_seed(1)
+        ref = DetectionTask(model, GradAugOptions(subnet_loss="gt")).subnet_pass(
+            model, _corner_batch(), teacher, SubnetSpec(angle=45.0))
+    assert ref.keys() == sub.keys() - {"loss_mask"}
+    for k in ref:
+        assert sub[k].item() == ref[k].item(), k
+
+
+def test_syncbn_mask_head_on_two_gloo_workers_one_without_objects(tmp_path):
+    """naiveSyncBN mask head, 2 gloo workers; worker 0's rotated batch keeps no object,
+    worker 1's keeps its object: both skip the head for that pass (no worker waits in the
+    head's all-reduce, none divides by an empty batch), and DDP's gradients agree."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "syncbn_heads_check.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, script, "naiveSyncBN", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["heads"] == r1["heads"] == [("mask_head", "mask_on", "loss_mask")]
+    assert r0["losses"]["loss_mask"] == r1["losses"]["loss_mask"] == 0.0
+    assert r0["losses"].keys() == r1["losses"].keys()
+    assert all(np.isfinite(v) for r in (r0, r1) for v in r["losses"].values())
+    assert r0["grads"].keys() == r1["grads"].keys()
+    for n in r0["grads"]:
+        assert torch.allclose(r0["grads"][n], r1["grads"][n], rtol=1e-5, atol=1e-7), n
