@@ -105,6 +105,34 @@ def load_tool():
     return _load_tool
 
 
+#: Tolerance of a score computed by two float32 models that do the same sums in another order
+#: (a physically pruned model and the slimmed one): a few units of float32's 2**-24 per layer
+#: over ~20 layers; 2**-13 (1.2e-4) leaves room. A box coordinate (pixels) gets it relative to
+#: the image side.
+FLOAT32_SCORE_TOL = 2.0 ** -13
+
+
+def _assert_same_detections(a, b, image_side: float, tol: float = FLOAT32_SCORE_TOL):
+    """``a`` and ``b``: per image, lists of ``(class, score, [x0, y0, x1, y1])``. Asserts they
+    match one to one, image by image: same class, scores within ``tol``, box coordinates within
+    ``tol * image_side`` pixels (near-equal scores may come in either order)."""
+    assert len(a) == len(b)
+    for i, (dets_a, dets_b) in enumerate(zip(a, b)):
+        assert len(dets_a) == len(dets_b), f"image {i}: {len(dets_a)} and {len(dets_b)} detections"
+        left = list(dets_b)
+        for cls, score, box in dets_a:
+            match = next((j for j, (c, s, bx) in enumerate(left) if c == cls and abs(s - score) <= tol
+                          and max(abs(x - y) for x, y in zip(bx, box)) <= tol * image_side), None)
+            assert match is not None, f"image {i}: no match for class {cls}, score {score}, box {box}"
+            left.pop(match)
+
+
+@pytest.fixture(scope="session")
+def assert_same_detections():
+    """``assert_same_detections(a, b, image_side)`` (see :func:`_assert_same_detections`)."""
+    return _assert_same_detections
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny generated data and small-model overrides for running the tools and shipped configs as a
 # user runs them (tests/tools/test_*_cli.py, tests/configs/test_shipped_configs.py).

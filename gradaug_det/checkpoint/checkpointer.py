@@ -32,10 +32,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from ..data.resumable import upgrade_legacy_data_order
 from .io import (
     CheckpointFileError,
+    NonFiniteWeightsError,
     UntrustedPickleError,
     atomic_write,
     is_complete_torch_file,
     load_weights_file,
+    nonfinite_tensors,
 )
 
 __all__ = ["GradAugCheckpointer", "BackboneShapeMismatchError", "CheckpointRecord", "backbone_mismatch_message",
@@ -53,7 +55,7 @@ class BackboneShapeMismatchError(ValueError):
 
 
 #: Errors that name a weights file and the fix; tools print them without a traceback.
-WEIGHTS_ERRORS = (UntrustedPickleError, CheckpointFileError, BackboneShapeMismatchError)
+WEIGHTS_ERRORS = (UntrustedPickleError, CheckpointFileError, BackboneShapeMismatchError, NonFiniteWeightsError)
 
 
 def exit_on_weights_error(fn: Callable, *args, **kwargs):
@@ -234,13 +236,13 @@ class GradAugCheckpointer(DetectionCheckpointer):
         checkpointer's :class:`_AtomicWritePathManager`).
 
         Raises:
-            FloatingPointError: a floating-point model tensor holds NaN or Inf (named).
+            NonFiniteWeightsError: (a ``FloatingPointError``) a floating-point model tensor
+                holds NaN or Inf (named).
         """
         if self.save_dir and self.save_to_disk:
-            bad = [k for k, v in self.model.state_dict().items()
-                   if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            bad = nonfinite_tensors(self.model.state_dict())
             if bad:
-                raise FloatingPointError(
+                raise NonFiniteWeightsError(
                     f"refusing to save checkpoint {name!r}: {len(bad)} model tensor(s) are not finite "
                     f"({', '.join(bad[:_SHOWN])}{', ...' if len(bad) > _SHOWN else ''})")
             kwargs = {**{key: record.save(self.model) for key, record in self._records.items()}, **kwargs}

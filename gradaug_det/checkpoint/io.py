@@ -15,6 +15,9 @@ Writing
     :func:`atomic_write` writes to a temporary file in the destination's directory and
     renames it over the destination (``os.replace``, atomic on POSIX), so a killed
     process leaves either the old file or the complete new one, never a partial file.
+    :func:`atomic_torch_save` and :func:`atomic_pickle_dump` (every weights file the
+    project writes) refuse an object holding a NaN or Inf tensor or array
+    (:func:`check_finite_weights`) before anything is written.
     :func:`check_output_path` checks an output path before any work starts.
 """
 import contextlib
@@ -23,7 +26,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, List, Sequence
 
 import torch
 
@@ -37,6 +40,9 @@ __all__ = [
     "atomic_path",
     "atomic_torch_save",
     "atomic_pickle_dump",
+    "NonFiniteWeightsError",
+    "nonfinite_tensors",
+    "check_finite_weights",
     "check_output_path",
     "is_complete_torch_file",
 ]
@@ -55,6 +61,10 @@ _SAFE_PICKLE_GLOBALS = frozenset(
 
 class CheckpointFileError(ValueError):
     """A weights file that cannot be read: empty, truncated, or not a checkpoint at all."""
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """Weights to be written hold NaN or Inf; nothing was written."""
 
 
 class UntrustedPickleError(pickle.UnpicklingError):
@@ -291,13 +301,71 @@ def atomic_path(path: str, *, make_dirs: bool = True) -> Iterator[str]:
         raise
 
 
+def nonfinite_tensors(obj: Any, prefix: str = "") -> List[str]:
+    """Names of the floating-point tensors and numpy arrays in ``obj`` that hold NaN or Inf.
+
+    Args:
+        obj: a tensor / array, or dicts, lists and tuples of them (any nesting; other
+            values are ignored).
+        prefix: name of ``obj`` itself.
+
+    Returns:
+        Dotted paths (dict keys, list positions), e.g. ``model.roi_heads.mask_head.mask_fcn1.norm.running_mean``,
+        in the object's order.
+    """
+    import numpy as np
+
+    if torch.is_tensor(obj):
+        bad = (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all())
+        return [prefix or "<tensor>"] if bad else []
+    if isinstance(obj, np.ndarray):
+        bad = np.issubdtype(obj.dtype, np.inexact) and not bool(np.isfinite(obj).all())
+        return [prefix or "<array>"] if bad else []
+    if isinstance(obj, dict):
+        items = ((str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(obj))
+    else:
+        return []
+    found = []
+    for key, value in items:
+        found += nonfinite_tensors(value, f"{prefix}.{key}" if prefix else key)
+    return found
+
+
+def check_finite_weights(obj: Any, path: str, shown: int = 5) -> None:
+    """Refuse to write ``obj`` to ``path`` if a tensor / array in it holds NaN or Inf.
+
+    Raises:
+        NonFiniteWeightsError: (a ``FloatingPointError``) one line naming ``path`` and the
+            non-finite tensors (the first ``shown`` of them and how many in all).
+    """
+    bad = nonfinite_tensors(obj)
+    if bad:
+        more = f", ... ({len(bad)} in all)" if len(bad) > shown else ""
+        raise NonFiniteWeightsError(f"{path}: refused to write weights holding NaN or Inf: {', '.join(bad[:shown])}"
+                                 f"{more}; nothing was written")
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    """``torch.save(obj, path)`` through :func:`atomic_write`.
+
+    Raises:
+        NonFiniteWeightsError: a tensor in ``obj`` holds NaN or Inf (:func:`check_finite_weights`);
+            nothing is written.
+    """
+    check_finite_weights(obj, path)
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
 
 
 def atomic_pickle_dump(obj: Any, path: str) -> None:
-    """``pickle.dump(obj, path)`` through :func:`atomic_write`."""
+    """``pickle.dump(obj, path)`` through :func:`atomic_write`.
+
+    Raises:
+        NonFiniteWeightsError: a tensor or array in ``obj`` holds NaN or Inf
+            (:func:`check_finite_weights`); nothing is written.
+    """
+    check_finite_weights(obj, path)
     with atomic_write(path, "wb") as f:
         pickle.dump(obj, f)

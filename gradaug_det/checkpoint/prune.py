@@ -381,7 +381,6 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
         if calibration is not None:
             stack.enter_context(calibrated_bn(model, w, calibration.batches, calibration.num_batches))
         model.eval()
-        os.makedirs(output_dir, exist_ok=True)
         pruned_cfg, pruned_model = prune_model(model, cfg, w, weights=ckpt_path)
         # the settings the sub-network was cut with (the pruned model itself is a stock, fixed-width one)
         info = {"width": w, "source": str(weights), "backbone": pruned_cfg.MODEL.BACKBONE.NAME,

@@ -13,7 +13,11 @@ training batches, with fixed weights:
   statistics of its inputs over all batches (fvcore's ``precise_bn`` estimator: mean of
   all N*H*W values per channel, and their biased variance, each batch weighted by its
   size); with several processes the sums are added over all of them first;
-* those statistics replace the layer's running statistics in the channels of ``w``.
+* a call without samples (a mask head given 0 RoIs by a batch without objects) adds
+  nothing: each batch counts by the samples it actually gave the layer;
+* those statistics replace the layer's running statistics in the channels of ``w``; a
+  layer that received no sample at all keeps its previous statistics (one warning names
+  every such layer).
 
 :func:`calibrated_bn` does this for the duration of a ``with`` block and then restores
 every BN buffer, so the full network (width 1.0) and the other widths are unaffected.
@@ -80,10 +84,12 @@ class _Accumulator:
         channels = norm.num_features
         keep = channels // layout if keep is None else keep
         compute = x.detach()
+        n = compute.numel() // compute.shape[1] if compute.dim() > 1 and compute.shape[1] else 0
+        if n == 0:  # no sample (e.g. a mask head given 0 RoIs): nothing to add, and its mean would be NaN
+            return
         if compute.dtype in (torch.float16, torch.bfloat16):
             compute = compute.float()
         dims = [d for d in range(compute.dim()) if d != 1]
-        n = compute.numel() // compute.shape[1]
         mean = compute.mean(dim=dims).double()
         meansqr = (compute * compute).mean(dim=dims).double()
         entry = self.stats.get(norm)
@@ -102,24 +108,47 @@ class _Accumulator:
         """Forward pre-hook of a BN layer called as a module (full width, or not slimmed)."""
         self(norm, inputs[0])
 
-    def reduce(self) -> None:
-        """Add the sums of every process (the global population), if several run."""
+    def reduce(self, layers: List[nn.Module]) -> None:
+        """Add the sums of every process (the global population), if several run.
+
+        One ``all_reduce`` over all ``layers`` (the same list, in the same order, on every
+        process), each as full-width vectors ``[sum(n*mean), sum(n*meansqr), used, n]``, so a
+        layer that saw no sample on some process (no entry there) still reduces correctly.
+        """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        for entry in self.stats.values():
-            vec = torch.cat([entry[2], entry[3], entry[2].new_tensor([entry[1]])])
-            dist.all_reduce(vec)
-            c = entry[2].numel()
-            entry[2], entry[3], entry[1] = vec[:c], vec[c:2 * c], float(vec[-1])
+        device = layers[0].running_mean.device
+        parts = []
+        for norm in layers:
+            c = norm.num_features
+            vec = torch.zeros(3 * c + 1, dtype=torch.float64, device=device)
+            entry = self.stats.get(norm)
+            if entry is not None:
+                index = entry[0].to(device)
+                vec[index] = entry[2].to(device)
+                vec[c + index] = entry[3].to(device)
+                vec[2 * c + index] = 1.0
+                vec[-1] = entry[1]
+            parts.append(vec)
+        total = torch.cat(parts)
+        dist.all_reduce(total)
+        self.stats = {}
+        for norm, vec in zip(layers, total.split([3 * m.num_features + 1 for m in layers])):
+            c = norm.num_features
+            n = float(vec[-1])
+            if n > 0:
+                index = (vec[2 * c:3 * c] > 0).nonzero().flatten().to(norm.running_mean.device)
+                self.stats[norm] = [index, n, vec[:c][index.to(device)], vec[c:2 * c][index.to(device)]]
 
     def write(self) -> int:
-        """Set the running statistics of the used channels; returns how many layers."""
+        """Set the running statistics of the used channels of every layer that saw a
+        sample; returns how many layers."""
         with torch.no_grad():
             for norm, (index, n, s1, s2) in self.stats.items():
                 mean = s1 / n
                 var = (s2 / n - mean * mean).clamp(min=0)
-                norm.running_mean[index] = mean.to(norm.running_mean.dtype)
-                norm.running_var[index] = var.to(norm.running_var.dtype)
+                norm.running_mean[index] = mean.to(norm.running_mean)
+                norm.running_var[index] = var.to(norm.running_var)
         return len(self.stats)
 
 
@@ -153,7 +182,9 @@ def calibrate_bn(model: nn.Module, w: float, batches: Iterable[Any], num_batches
 
     Returns:
         The number of BN layers calibrated (0 when the model has no BN with running
-        statistics: FrozenBN / GN models need no calibration).
+        statistics: FrozenBN / GN models need no calibration). A layer that received no
+        sample in the ``num_batches`` batches (on any process) is not counted and keeps its
+        statistics; one warning names those layers.
 
     Raises:
         ValueError: if ``num_batches`` < 1 or ``batches`` ends before ``num_batches``.
@@ -192,8 +223,13 @@ def calibrate_bn(model: nn.Module, w: float, batches: Iterable[Any], num_batches
     if done < num_batches:
         raise ValueError(f"BN calibration asked for {num_batches} batches (TEST.BN_CALIBRATION_BATCHES) but the "
                          f"data ended after {done}")
-    acc.reduce()
+    acc.reduce(layers)
     count = acc.write()
+    names = {m: n for n, m in model.named_modules()}
+    unseen = [names[m] for m in layers if m not in acc.stats]
+    if unseen:
+        logger.warning(f"BN calibration at width {w:g}: {len(unseen)} BN layer(s) received no input in {done} "
+                       f"batches and keep their previous running statistics: {', '.join(unseen)}")
     logger.info(f"Calibrated the BN statistics of {count} layers at width {w:g} on {done} batches")
     return count
 

@@ -179,3 +179,33 @@ def _train_until_nan(tmp_path, monkeypatch):
     assert all(bool(torch.isfinite(v).all()) for v in saved.values() if v.is_floating_point())
     for k, v in trainer.model.state_dict().items():  # and no step was taken in iteration 1
         assert torch.equal(v, saved[k]), k
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_weights_writers_refuse_nonfinite_and_write_nothing(tmp_path, writer, value):
+    """atomic_torch_save / atomic_pickle_dump (every weights file the project writes: pruned,
+    converted checkpoints) refuse a NaN/Inf tensor or array, name it, and leave no file; an
+    existing file at the path is untouched."""
+    import numpy as np
+
+    from gradaug_det.checkpoint.io import NonFiniteWeightsError, atomic_pickle_dump, atomic_torch_save
+
+    bad = torch.ones(3)
+    bad[1] = value
+    if writer == "torch":
+        obj, save = {"model": {"ok.weight": torch.ones(2), "head.norm.running_var": bad}}, atomic_torch_save
+    else:
+        obj, save = {"model": {"ok.weight": np.ones(2), "head.norm.running_var": bad.numpy()}}, atomic_pickle_dump
+    fresh, existing = tmp_path / "new" / "w.pth", tmp_path / "old.pth"
+    existing.write_bytes(b"previous")
+    for path in (fresh, existing):
+        with pytest.raises(NonFiniteWeightsError) as e:
+            save(obj, str(path))
+        msg = str(e.value)
+        assert msg == (f"{path}: refused to write weights holding NaN or Inf: model.head.norm.running_var; "
+                       "nothing was written")
+    assert os.listdir(tmp_path) == ["old.pth"] and existing.read_bytes() == b"previous"
+    obj["model"]["head.norm.running_var"][1] = 1.0  # finite: written
+    save(obj, str(fresh))
+    assert fresh.exists()

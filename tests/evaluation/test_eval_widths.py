@@ -108,7 +108,34 @@ def test_flat_results_keys():
     assert "-" in width_results_table(flat).splitlines()[2]  # segm missing at width 1.0
 
 
-def test_coco_ap_per_width(tmp_path, make_rcnn_cfg):
+class _Predictions(DatasetEvaluator):
+    """Keeps every image's detections as (class, score, XYXY box) lists, one list per evaluation."""
+
+    def __init__(self):
+        self.runs = []
+
+    def reset(self):
+        self.runs.append([])
+
+    def process(self, inputs, outputs):
+        for o in outputs:
+            inst = o["instances"].to("cpu")
+            self.runs[-1].append(list(zip(inst.pred_classes.tolist(), inst.scores.tolist(),
+                                          inst.pred_boxes.tensor.tolist())))
+
+    def evaluate(self):
+        return {}
+
+
+def test_coco_ap_per_width(tmp_path, make_rcnn_cfg, assert_same_detections):
+    """Each width's COCO AP (from detectron2's COCOEvaluator) and detections equal those of the
+    model physically pruned to that width (tools/prune.py's surgery), evaluated on its own, and
+    differ from width 1.0's: they fail if width switching is broken."""
+    from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
+
+    from gradaug_det.benchmark.cost import count_parameters
+    from gradaug_det.checkpoint.prune import prune_model
+
     paths = generate_coco_shapes(str(tmp_path), num_train=1, num_val=2, image_size=64, progress=False)
     name = "gradaug_test_eval_widths_val"
     if name in DatasetCatalog.list():
@@ -121,15 +148,30 @@ def test_coco_ap_per_width(tmp_path, make_rcnn_cfg):
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     cfg.DATALOADER.NUM_WORKERS = 0
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).eval()
     loader = build_detection_test_loader(cfg, name)
-    evaluator = COCOEvaluator(name, output_dir=str(tmp_path / "inference"))
+    predictions = _Predictions()
+    evaluator = DatasetEvaluators([COCOEvaluator(name, output_dir=str(tmp_path / "inference")), predictions])
     results = evaluate_at_widths(model, loader, evaluator, [0.5])
     assert list(results) == [1.0, 0.5]
-    for res in results.values():
-        assert {"bbox", "segm"} <= set(res)
-        assert not math.isnan(res["bbox"]["AP"])
     assert gradaug_det.get_width(model) == 1.0
+    slim_predictions, full_predictions = predictions.runs  # sub-widths first, width 1.0 last
+
+    _, pruned = prune_model(model, cfg, 0.5)
+    assert count_parameters(pruned) < count_parameters(model)
+    pruned_predictions = _Predictions()
+    pruned_results = inference_on_dataset(
+        pruned.eval(), loader,
+        DatasetEvaluators([COCOEvaluator(name, output_dir=str(tmp_path / "pruned")), pruned_predictions]))
+    assert_same_detections(slim_predictions, pruned_predictions.runs[0], cfg.INPUT.MAX_SIZE_TEST)
+    assert sum(map(len, slim_predictions)) > 0
+    for task in ("bbox", "segm"):
+        # every COCO metric: same detections within float32 rounding, and no score tie here
+        assert results[0.5][task] == pytest.approx(pruned_results[task], abs=1e-9, nan_ok=True), task
+        assert not math.isnan(results[0.5][task]["AP"]) and not math.isnan(results[1.0][task]["AP"])
+    # width 1.0 is another network: other detections and other AP
+    assert results[0.5]["bbox"] != results[1.0]["bbox"]
+    assert slim_predictions != full_predictions
     lines = width_results_table(results).splitlines()
     assert len(lines) == 4
     assert [c.strip() for c in lines[0].strip("|").split("|")] == [

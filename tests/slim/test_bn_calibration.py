@@ -320,3 +320,67 @@ def test_bad_calibration_batches_refused_before_work(bad):
     cfg.TEST.BN_CALIBRATION_BATCHES = bad
     with pytest.raises(ValueError, match=r"TEST.BN_CALIBRATION_BATCHES=.* is invalid: 0 \(off\)"):
         validate_config(cfg)
+
+
+# ---- batches in which a head receives no input (issue 20 §3) ------------------------------
+def _without_objects(batch):
+    """The images of ``batch`` with no annotated object: the mask head gets 0 RoIs in training."""
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    out = []
+    for d in batch:
+        inst = Instances(d["instances"].image_size)
+        inst.gt_boxes = Boxes(torch.zeros(0, 4))
+        inst.gt_classes = torch.zeros(0, dtype=torch.int64)
+        inst.gt_masks = PolygonMasks([])
+        out.append({**d, "instances": inst})
+    return out
+
+
+def _mask_bn_detector(make_rcnn_cfg):
+    cfg = make_rcnn_cfg(norm="BN")
+    cfg.MODEL.ROI_MASK_HEAD.NORM = "BN"  # a BN layer in the mask head, which sees only foreground RoIs
+    torch.manual_seed(0)
+    model = _trained_like(build_model(cfg)).float()
+    return model, model.roi_heads.mask_head.mask_fcn1.norm
+
+
+def test_empty_head_input_adds_nothing(make_rcnn_cfg, make_batch):
+    """A batch without objects gives the mask head 0 RoIs: it adds nothing to the estimate
+    (was: NaN running statistics). The mask head's statistics are those of exactly the RoI
+    features it received in the other batches, computed by hand."""
+    model, norm = _mask_bn_detector(make_rcnn_cfg)
+    seen = []
+    handle = norm.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0].detach().double()))
+    batches = [make_batch(2, 64, seed=0), _without_objects(make_batch(2, 64, seed=1)), make_batch(2, 64, seed=2)]
+    try:
+        count = calibrate_bn(model, 0.5, batches, 3)
+    finally:
+        handle.remove()
+    assert count == len(gradaug_det.slim.calibration.batch_norm_layers(model))
+    assert [x.shape[0] > 0 for x in seen] == [True, False, True]  # the mask head got 0 RoIs in batch 2
+    x = torch.cat(seen)
+    mean, var = x.mean(dim=[0, 2, 3]), x.var(dim=[0, 2, 3], unbiased=False)
+    torch.testing.assert_close(norm.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    for name, b in model.named_buffers():
+        assert torch.isfinite(b.float()).all(), name
+
+
+def test_layer_without_input_keeps_statistics(make_rcnn_cfg, make_batch, caplog):
+    """A BN layer that received no sample in any calibration batch keeps its statistics; one
+    warning names it; the other layers are calibrated."""
+    model, norm = _mask_bn_detector(make_rcnn_cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [_without_objects(make_batch(2, 64, seed=s)) for s in range(2)]
+    with caplog.at_level(logging.INFO, logger="gradaug_det.slim.calibration"):
+        count = calibrate_bn(model, 0.5, batches, 2)
+    assert count == len(gradaug_det.slim.calibration.batch_norm_layers(model)) - 1
+    for key in ("running_mean", "running_var"):
+        assert torch.equal(getattr(norm, key), before[f"roi_heads.mask_head.mask_fcn1.norm.{key}"])
+    assert not torch.equal(model.backbone.bottom_up.stem.conv1.norm.running_mean,
+                           before["backbone.bottom_up.stem.conv1.norm.running_mean"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "received no input in 2 batches" in warnings[0]
+    assert warnings[0].endswith(": roi_heads.mask_head.mask_fcn1.norm")

@@ -41,15 +41,14 @@ def test_gpu_check_tiny_cpu_run(tool, tmp_path):
     for key in (("gradaug", 1), ("gradaug", aligned)):
         r = fp32[key]
         assert r["model_s"] > fp32[("baseline", "-")]["median_s"]
-        assert r["time_over_model"] == pytest.approx(r["median_s"] / r["model_s"])
         plan = sections["iteration"]["plan"][0]
         assert [p["pass"] for p in r["passes"]] == ["full"] + [f"sub{i + 1}" for i in range(len(plan))]
     # the aligned fp32 mode splits each sub-network's backbone into slicing and narrow kernels
     sliced = fp32[("gradaug", aligned)]
     assert fp32[("gradaug", 1)]["slicing"] is None and len(sliced["slicing"]["passes"]) == 1
-    for p, spec, sl in zip(sliced["passes"][1:], plan, sliced["slicing"]["passes"][0]):
+    assert len(sliced["slicing"]["passes"][0]) == len(plan) == len(sliced["passes"]) - 1
+    for spec, sl in zip(plan, sliced["slicing"]["passes"][0]):
         assert sl["width"] == spec["width"] and sl["dense_flops"] > 0
-        assert p["slicing_s"] == pytest.approx(sl["slim_s"] - sl["dense_s"])
     assert {r["precision"] for r in rows} == {"fp32", "bf16"}
     # the backbone benchmark at 1.0 / 0.9 / 0.75 / 0.5
     widths = sorted({r["width"] for r in sections["backbone"]["rows"]})

@@ -174,3 +174,105 @@ def test_tool_writes_loadable_checkpoint(tmp_path, make_rcnn_cfg, depth, w, stoc
     pruned = build_model(pruned_cfg)
     DetectionCheckpointer(pruned).load(pruned_cfg.MODEL.WEIGHTS)
     _assert_same_outputs(model, pruned.eval(), w)
+
+
+@pytest.fixture
+def coco_without_objects(tmp_path):
+    """4 generated 64 px training images with every annotation removed, registered as a COCO
+    dataset: in training, the mask head gets 0 RoIs on every batch."""
+    import json
+    import uuid
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from gradaug_det.data import generate_coco_shapes
+
+    paths = generate_coco_shapes(str(tmp_path / "coco"), num_train=4, num_val=1, image_size=64, progress=False)
+    train = paths["train"]
+    with open(train["json_file"]) as f:
+        data = json.load(f)
+    data["annotations"] = []
+    empty_json = str(tmp_path / "coco" / "train_no_objects.json")
+    with open(empty_json, "w") as f:
+        json.dump(data, f)
+    name = f"gradaug_test_prune_empty_{uuid.uuid4().hex[:8]}"
+    register_coco_instances(name, {}, empty_json, train["image_root"])
+    yield name
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def _mask_bn_cfg(make_rcnn_cfg, dataset):
+    cfg = _cfg(make_rcnn_cfg)
+    cfg.MODEL.ROI_MASK_HEAD.NORM = "BN"
+    cfg.DATASETS.TRAIN = (dataset,)
+    cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = False
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 96
+    return cfg
+
+
+def test_tool_calibration_without_mask_head_input_writes_finite_statistics(tmp_path, make_rcnn_cfg,
+                                                                            coco_without_objects, load_tool):
+    """tools/prune.py with TEST.BN_CALIBRATION_BATCHES on images without objects: the mask
+    head's BN sees no RoI, keeps the checkpoint's statistics (was: NaN written into the pruned
+    checkpoint) and is named in a warning; the backbone's BN statistics are calibrated."""
+    cfg = _mask_bn_cfg(make_rcnn_cfg, coco_without_objects)
+    torch.manual_seed(0)
+    model = _randomize(build_model(cfg))
+    full_ckpt = str(tmp_path / "full.pth")
+    torch.save({"model": model.state_dict()}, full_ckpt)
+    (tmp_path / "full.yaml").write_text(cfg.dump())
+    tool = load_tool("prune")
+    args = tool.get_parser().parse_args([
+        "--config-file", str(tmp_path / "full.yaml"), "--weights", full_ckpt, "--width", "0.5",
+        "--output", str(tmp_path / "pruned"), "--no-flops", "TEST.BN_CALIBRATION_BATCHES", "2"])
+    import logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # the tool's setup_logger may stop propagation to caplog's root handler
+    logging.getLogger("gradaug_det.slim.calibration").addHandler(handler)
+    try:
+        stats = tool.main(args)
+    finally:
+        logging.getLogger("gradaug_det.slim.calibration").removeHandler(handler)
+    assert stats["bn_calibration_batches"] == 2
+    state = torch.load(stats["checkpoint"], weights_only=True)["model"]
+    for k, v in state.items():
+        assert torch.isfinite(v.float()).all(), k
+    source = model.state_dict()
+    for key in ("running_mean", "running_var"):
+        k = f"roi_heads.mask_head.mask_fcn1.norm.{key}"
+        assert torch.equal(state[k], source[k]), k
+    k = "backbone.bottom_up.stem.conv1.norm.running_mean"
+    assert not torch.equal(state[k], source[k][: state[k].numel()])  # calibrated, not the slice
+    assert [r.getMessage().split(": ")[-1] for r in records] == ["roi_heads.mask_head.mask_fcn1.norm"]
+
+
+def test_tool_refuses_nonfinite_weights_and_writes_nothing(tmp_path, make_rcnn_cfg, load_tool):
+    """A NaN in the weights to be written: one-line error naming the tensor; no file written."""
+    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
+
+    cfg = _cfg(make_rcnn_cfg)
+    torch.manual_seed(0)
+    model = _randomize(build_model(cfg))
+    with torch.no_grad():
+        model.backbone.bottom_up.res3[0].conv1.norm.running_var[0] = float("nan")
+    full_ckpt = str(tmp_path / "full.pth")
+    torch.save({"model": model.state_dict()}, full_ckpt)
+    (tmp_path / "full.yaml").write_text(cfg.dump())
+    tool = load_tool("prune")
+    args = tool.get_parser().parse_args([
+        "--config-file", str(tmp_path / "full.yaml"), "--weights", full_ckpt, "--width", "0.5",
+        "--output", str(tmp_path / "pruned"), "--no-flops"])
+    with pytest.raises(SystemExit) as e:
+        exit_on_weights_error(tool.main, args)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert "model_pruned_w0.5.pth: refused to write weights holding NaN or Inf" in msg
+    assert "model.backbone.bottom_up.res3.0.conv1.norm.running_var" in msg
+    assert not os.path.exists(tmp_path / "pruned")
