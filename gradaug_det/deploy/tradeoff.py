@@ -170,7 +170,8 @@ def plot_tradeoff(rows: Sequence[Dict], path: str, metric: str = "bbox") -> None
             ax.annotate(f"w{r['width']:g}/{r['size']}", (r[cost], _ap(r, metric)), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
         front = sorted((r for r, f in zip(rows, pareto_front(rows, cost, metric)) if f), key=lambda r: r[cost])
-        ax.plot([r[cost] for r in front], [_ap(r, metric) for r in front], color="tab:red", label="Pareto front")
+        ax.plot([r[cost] for r in front], [_ap(r, metric) for r in front], color="tab:red", marker="o",
+                mfc="none", ms=9, label="Pareto front")
         ax.set_xlabel(label)
         ax.set_ylabel(f"{metric} AP")
         ax.grid(alpha=0.3)
