@@ -13,7 +13,7 @@ VENV_FLAGS ?=
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-mmdet demo compare test test-mmdet env clean-venv
+.PHONY: install install-mmdet demo compare tradeoff test test-mmdet env clean-venv
 
 install: $(STAMP)
 
@@ -50,6 +50,16 @@ COMPARE_ITERS ?= 400
 compare: $(STAMP)
 	$(PY) -m gradaug_det.env
 	$(PY) tools/compare.py --iters $(COMPARE_ITERS) $(COMPARE_ARGS)
+
+# AP against cost of `make demo`'s model over widths and test sizes (tools/tradeoff.py):
+# output/quickstart/tradeoff/tradeoff.{json,md,png}. TRADEOFF_ARGS adds flags, e.g.
+# TRADEOFF_ARGS="--budget-gflops 0.5" to export the best configuration under a budget.
+QUICKSTART_DIR ?= output/quickstart
+TRADEOFF_ARGS ?=
+tradeoff: $(STAMP)
+	$(PY) tools/tradeoff.py --config-file $(QUICKSTART_DIR)/mask_rcnn/config.yaml \
+		--widths 1.0 0.9 0.75 0.5 --sizes 128 112 96 --output $(QUICKSTART_DIR)/tradeoff $(TRADEOFF_ARGS) \
+		MODEL.WEIGHTS $(QUICKSTART_DIR)/mask_rcnn/model_final.pth
 
 # The detectron2 suite; the MMDetection adapter's tests run in `make test-mmdet`.
 test: $(STAMP)

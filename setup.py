@@ -23,7 +23,10 @@ setup(
     ],
     extras_require={
         # submitit: tests/tools/test_submit.py runs Slurm jobs with submitit's local executor
-        "test": ["pytest>=7", "submitit>=1.5"],
+        "test": ["pytest>=7", "submitit>=1.5", "onnx>=1.14", "onnxruntime>=1.16", "numpy<2"],
+        # tools/export_model.py --format onnx: write (onnx) and check (onnxruntime) ONNX files.
+        # numpy<2: detectron2 needs numpy 1.x; onnx's ml_dtypes would otherwise pull numpy 2.
+        "export": ["onnx>=1.14", "onnxruntime>=1.16", "numpy<2"],
         # tools/submit.py: launch training on a Slurm cluster (multi-node, preemption, requeue)
         "slurm": ["submitit>=1.5"],
         # gradaug_det.mmdet. mmcv 2.1.0 has no wheel for recent torch: build it first with
