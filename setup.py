@@ -1,16 +1,29 @@
 """gradaug-det: GradAug for detectron2 (slimmable backbones, GradAug training engine)."""
+import os
+import re
+
 from setuptools import find_packages, setup
+
+
+def read_version():
+    """``__version__`` of gradaug_det/__init__.py, read without importing the package (the
+    version's one home)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gradaug_det", "__init__.py")
+    with open(path) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
 
 setup(
     name="gradaug-det",
-    version="0.1.0",
+    version=read_version(),
     description="GradAug (NeurIPS 2020) sub-network regularization for detectron2",
-    python_requires=">=3.9",
+    # supported: Python 3.10-3.12, torch >= 2.5 (gradaug_det/env.py: check_supported_versions)
+    python_requires=">=3.10",
     packages=find_packages(include=["gradaug_det", "gradaug_det.*"]),
     # detectron2 itself is not on PyPI: install it from its official source (clusters) or
     # with tools/install_detectron2.py (what `make` does on a fresh machine).
     install_requires=[
-        "torch>=2.0",
+        "torch>=2.5",  # torch.serialization.safe_globals (weights loaded without running code)
         "torchvision",
         "fvcore>=0.1.5",
         "iopath>=0.1.7",

@@ -8,7 +8,11 @@ detectron2.
 """
 import warnings
 
-from .slim import depth, get_width, set_depth_mask, set_width, slim_channels, width
+from .env import check_supported_versions
+
+check_supported_versions()  # one line for a Python or torch older than supported, before any import of them
+
+from .slim import depth, get_width, set_depth_mask, set_width, slim_channels, width  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["set_width", "get_width", "width", "depth", "set_depth_mask", "slim_channels"]

@@ -7,10 +7,45 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import re
 import sys
 import warnings
+from typing import Optional, Sequence
 
-__all__ = ["collect_env", "main"]
+__all__ = ["check_supported_versions", "collect_env", "main", "MIN_PYTHON", "MIN_TORCH"]
+
+#: Oldest supported Python and torch (supported: Python 3.10-3.12, torch >= 2.5; setup.py says the same).
+MIN_PYTHON = (3, 10)
+MIN_TORCH = (2, 5)
+
+
+def check_supported_versions(python: Optional[Sequence[int]] = None, torch_version: Optional[str] = None) -> None:
+    """Refuse, in one line, a Python or torch older than gradaug-det supports.
+
+    Run by ``import gradaug_det`` before anything else is imported. torch >= 2.5 because
+    weights are loaded with ``torch.serialization.safe_globals`` (new in torch 2.5;
+    :func:`gradaug_det.checkpoint.io.load_weights_file`).
+
+    Args:
+        python: (major, minor); default the running interpreter's.
+        torch_version: e.g. ``"2.14.1+cu126"``; default ``torch.__version__``.
+
+    Raises:
+        ImportError: naming the version found, the one needed and what to install.
+    """
+    python = tuple(sys.version_info[:2]) if python is None else tuple(python)[:2]
+    if python < MIN_PYTHON:
+        raise ImportError(f"gradaug-det needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]} (supported: 3.10-3.12); "
+                          f"this is Python {python[0]}.{python[1]}: use a newer interpreter")
+    if torch_version is None:
+        import torch
+
+        torch_version = torch.__version__
+    m = re.match(r"(\d+)\.(\d+)", str(torch_version))
+    if m is None or (int(m.group(1)), int(m.group(2))) < MIN_TORCH:
+        raise ImportError(f"gradaug-det needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (weights load through "
+                          f"torch.serialization.safe_globals, new in 2.5); this is torch {torch_version}: "
+                          f"pip install 'torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}'")
 
 
 def _detectron2_origin():

@@ -16,7 +16,14 @@ Examples::
         output/imagenet_r50_gradaug/model_final.pth r50_gradaug_tv.pth
 
 Then train with ``MODEL.WEIGHTS r50_gradaug.pkl`` and the printed overrides (pixel
-mean/std, input format, ResNet shape), or ``--emit-config`` writes them to a YAML file.
+mean/std, input format, ResNet shape). ``--emit-config FILE`` also writes them to a YAML file;
+with ``--base-config`` that file is a whole config for ``tools/train_net.py``::
+
+    python tools/convert_pretrained.py --source classifier \
+        output/imagenet_r50_gradaug/model_final.pth output/imagenet_r50_gradaug/r50_gradaug.pkl \
+        --base-config configs/mask_rcnn_gradaug.yaml --emit-config output/imagenet_r50_gradaug/mask_rcnn.yaml
+    python tools/train_net.py --config-file output/imagenet_r50_gradaug/mask_rcnn.yaml --num-gpus 8
+
 See :mod:`gradaug_det.checkpoint.convert` for the layouts (``--target``).
 """
 import argparse
@@ -28,7 +35,7 @@ import yaml
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="classifier checkpoint (.pth) or torchvision state dict (.pth)")
     p.add_argument("output", help="detectron2 checkpoint to write (.pkl)")
@@ -44,7 +51,12 @@ def parse_args(argv=None):
                         "MODEL.RESNETS.STRIDE_IN_1X1); default: config.yaml beside the checkpoint")
     p.add_argument("--emit-config", default=None, metavar="YAML",
                    help="also write the matching MODEL.WEIGHTS / PIXEL_MEAN / PIXEL_STD / INPUT.FORMAT / "
-                        "RESNETS overrides to this YAML file (merge it after your detection config)")
+                        "RESNETS overrides to this YAML file. With --base-config it is a whole config "
+                        "(_BASE_: the detection config) for tools/train_net.py --config-file; without, "
+                        "merge it after your detection config (cfg.merge_from_file) in your own script")
+    p.add_argument("--base-config", default=None, metavar="YAML",
+                   help="with --emit-config: the detection config the emitted file inherits (_BASE_), "
+                        "e.g. configs/mask_rcnn_gradaug.yaml")
     return p.parse_args(argv)
 
 
@@ -88,6 +100,13 @@ def main(argv=None):
         check_output_path(args.output, "output")
         if args.emit_config:
             check_output_path(args.emit_config, "--emit-config")
+        if args.base_config is not None:
+            if not args.emit_config:
+                raise ValueError("--base-config names the config that the --emit-config file inherits; "
+                                 "pass --emit-config FILE too")
+            if not os.path.isfile(args.base_config):
+                raise ValueError(f"--base-config {args.base_config!r}: no such file (a detection config, "
+                                 "e.g. configs/mask_rcnn_gradaug.yaml)")
     except ValueError as e:
         sys.exit(f"error: {e}")
     from detectron2.utils.logger import setup_logger
@@ -116,9 +135,20 @@ def main(argv=None):
     print("Use these config overrides with the converted weights:")
     print("  " + " ".join(f'"{o}"' if " " in o else o for o in opts))
     if args.emit_config:
+        tree = _nested(opts)
+        if args.base_config:
+            # detectron2 resolves a relative _BASE_ against the directory of the file naming it
+            base = os.path.relpath(os.path.abspath(args.base_config),
+                                   os.path.dirname(os.path.abspath(args.emit_config)))
+            tree = {"_BASE_": base, **tree}
         with atomic_write(args.emit_config, "w") as f:
-            yaml.safe_dump(_nested(opts), f, sort_keys=False)
-        print(f"Wrote them to {args.emit_config}")
+            yaml.safe_dump(tree, f, sort_keys=False)
+        if args.base_config:
+            print(f"Wrote {args.emit_config}: {args.base_config} with these overrides; train with "
+                  f"tools/train_net.py --config-file {args.emit_config}")
+        else:
+            print(f"Wrote them to {args.emit_config} (merge it after your detection config; with "
+                  "--base-config CONFIG it is a whole config for tools/train_net.py)")
 
 
 if __name__ == "__main__":

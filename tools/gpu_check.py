@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One command, about eight minutes on one GPU: every GPU fact the README needs.
+"""One command for every GPU fact the docs need, within a time budget (``--budget-min``, default 8).
 
 Runs, within an overall time budget, each section of ``gradaug_det.benchmark.gpu_check``
 (``env``, ``amp``, ``syncbn``, ``cudnn``, ``iteration``, ``backbone``: see that module) and
@@ -9,7 +9,7 @@ no longer fits the budget is skipped and says so. Without CUDA (or with ``--tiny
 section runs at tiny sizes on the CPU: the test suite runs this tool that way, so it keeps
 working.
 
-    python tools/gpu_check.py --output-dir output/gpu_check          # on a GPU machine, ~8 min
+    python tools/gpu_check.py --output-dir output/gpu_check          # on a GPU machine (run time not yet measured)
     python tools/gpu_check.py --tiny --sections env amp iteration     # CPU smoke run, < 1 min
 """
 import argparse

@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """Write a physically smaller checkpoint of a GradAug/slimmable detector at one width.
 
-The width-``w`` sub-network becomes a stock detectron2 model: a checkpoint with sliced
-tensors and a config that builds it (see ``gradaug_det.checkpoint.prune``). Its outputs
+The width-``w`` sub-network becomes a physically smaller model: a checkpoint with sliced
+tensors and a config that builds it (see ``gradaug_det.checkpoint.prune``). Its heads and FPN
+are stock detectron2 modules; its ResNet is detectron2's own (plain ``get_cfg()`` reads the
+config) only where every stage's channel count is still double the previous one (e.g. R50 at
+0.75 or 0.5), otherwise ``build_pruned_resnet_fpn_backbone`` with ``MODEL.PRUNED_RESNET.*``
+(``import gradaug_det`` and ``add_pruned_config`` first; docs/own_project.md). The printed
+backbone name and the config's header say which. Its outputs
 equal the full checkpoint evaluated at ``--width`` (``TEST.SLIM_WIDTHS``), so does its AP.
 
 Example::

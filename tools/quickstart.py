@@ -15,7 +15,9 @@ Each stage is the tool a user would run, in its own process, feeding the next:
 4. ``tools/train_net.py --config-file configs/quickstart/mask_rcnn_gradaug.yaml`` with the
    converted weights: GradAug fine-tuning of Mask R-CNN R18-FPN, then detectron2's
    COCOEvaluator at width 1.0 and at ``TEST.SLIM_WIDTHS``;
-5. ``tools/prune.py --width W``: a physically smaller stock detectron2 model, then
+5. ``tools/prune.py --width W``: a physically smaller model (stock detectron2 heads; the
+   backbone is stock only at widths whose channels detectron2's ResNet rule can express,
+   otherwise gradaug_det's ``build_pruned_resnet_fpn_backbone``), then
    ``tools/train_net.py --eval-only`` on it: its AP equals the slimmed evaluation at W;
 6. ``tools/demo.py`` at width 1.0 and at W on the first validation images, assembled into
    one PNG grid (ground truth | width 1.0 | width W), and ``tools/plot_metrics.py``: loss
@@ -34,6 +36,8 @@ import argparse
 import os
 import sys
 import time
+
+import yaml
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TOOLS)
@@ -270,7 +274,11 @@ def main(args) -> dict:
               f"{_fmt(s.get('AP75', float('nan'))):>7}")
     pb, ps = pruned_results.get("bbox", {}), pruned_results.get("segm", {})
     slim = rows.get(prune_width, {})
-    print(f"  pruned to width {prune_width:g} (stock detectron2 model): bbox AP {_fmt(pb.get('AP', float('nan')))}, "
+    with open(pruned_config) as f:  # prune.py's config says which backbone builds the pruned model
+        builder = yaml.safe_load(f)["MODEL"]["BACKBONE"]["NAME"]
+    kind = ("stock detectron2 model" if builder == "build_resnet_fpn_backbone"
+            else f"backbone {builder}: import gradaug_det to load it")
+    print(f"  pruned to width {prune_width:g} ({kind}): bbox AP {_fmt(pb.get('AP', float('nan')))}, "
           f"segm AP {_fmt(ps.get('AP', float('nan')))} (slimmed evaluation: "
           f"{_fmt(slim.get('bbox', {}).get('AP', float('nan')))} / {_fmt((slim.get('segm') or {}).get('AP', float('nan')))})")
     total = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Prune a slimmable detector to one width: a physically smaller stock detectron2 model.
+"""Prune a slimmable detector to one width: a physically smaller detectron2 model.
 
 A sub-network of width ``w`` uses only the leading channels of every slimmable layer
 (:mod:`gradaug_det.slim`). :func:`prune_model` cuts those channels out for good:
@@ -300,7 +300,8 @@ def prune_state_dict(model: nn.Module, w: float) -> "OrderedDict[str, torch.Tens
 # Whole model, checkpoints, statistics
 # ---------------------------------------------------------------------------------------
 def prune_model(model: nn.Module, cfg: CfgNode, w: float, weights: str = "") -> Tuple[CfgNode, nn.Module]:
-    """Prune ``model`` to width ``w``: a stock detectron2 model with its sub-network's weights.
+    """Prune ``model`` to width ``w``: a detectron2 model with its sub-network's weights (stock
+    modules, the ResNet too where :func:`prune_config` can express it with stock keys).
 
     Args:
         model: a slimmable detector built from ``cfg`` (weights loaded).
@@ -334,7 +335,7 @@ def prune_model(model: nn.Module, cfg: CfgNode, w: float, weights: str = "") -> 
 _CFG_HEADER = """\
 # Pruned by gradaug_det.checkpoint.prune: the width-{width:g} sub-network of
 #   {source}
-# as a stock detectron2 model ({backbone}).
+# as a detectron2 model (backbone {backbone}).
 {extra}"""
 
 

@@ -128,6 +128,10 @@ class GradAugTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         validate_config(cfg)
+        if not logging.getLogger("gradaug_det").isEnabledFor(logging.INFO):
+            # a script of its own (not tools/train_net.py's setup()) set up detectron2's logger only:
+            # gradaug-det's messages (the per-width AP table) go to the console and OUTPUT_DIR/log.txt too
+            setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gradaug_det", abbrev_name="ga")
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)

@@ -225,6 +225,36 @@ def test_tool_cli(load_tool, tmp_path, capsys):
     assert check_pretrained_config(cfg) == []
 
 
+def test_tool_emit_config_with_base_is_a_train_net_config(load_tool, tmp_path, capsys):
+    """--emit-config with --base-config writes a whole config (_BASE_ the detection config) that
+    tools/train_net.py reads as --config-file, as its help and the docs say; the help's
+    description is the docstring's first sentence, whole."""
+    tool = load_tool("convert_pretrained")
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--help"])
+    assert capsys.readouterr().out.split("\n\n")[1].startswith("Convert an ImageNet-pretrained ResNet")
+    src = tmp_path / "tv.pth"
+    torch.save(tv_state(18), src)
+    out, emitted = tmp_path / "tv.pkl", tmp_path / "sub" / "mask_rcnn.yaml"
+    emitted.parent.mkdir()
+    base = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "mask_rcnn_gradaug.yaml"
+    tool.main(["--source", "torchvision", str(src), str(out), "--emit-config", str(emitted),
+               "--base-config", str(base)])
+    assert "tools/train_net.py --config-file" in capsys.readouterr().out
+    setup = load_tool("train_net").get_parser().parse_args(["--config-file", str(emitted)])
+    cfg = add_gradaug_config(get_cfg())
+    cfg.merge_from_file(setup.config_file)  # what gradaug_det.engine.setup does
+    assert cfg.MODEL.WEIGHTS == str(out) and cfg.INPUT.FORMAT == "RGB"
+    assert cfg.GRADAUG.ENABLED and cfg.OUTPUT_DIR == "./output/quickstart/mask_rcnn"  # from the base
+    assert check_pretrained_config(cfg) == []
+    with pytest.raises(SystemExit, match="pass --emit-config FILE too"):
+        tool.main(["--source", "torchvision", str(src), str(tmp_path / "b.pkl"), "--base-config", str(base)])
+    with pytest.raises(SystemExit, match="no such file"):
+        tool.main(["--source", "torchvision", str(src), str(tmp_path / "c.pkl"), "--emit-config",
+                   str(tmp_path / "c.yaml"), "--base-config", str(tmp_path / "missing.yaml")])
+    assert not (tmp_path / "b.pkl").exists() and not (tmp_path / "c.pkl").exists()
+
+
 @pytest.mark.parametrize("depth", [18, 50])
 def test_torchvision_names_round_trip(depth):
     source = tv_state(depth)

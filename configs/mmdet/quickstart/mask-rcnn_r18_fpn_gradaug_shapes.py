@@ -1,9 +1,10 @@
-# MMDetection quickstart: Mask R-CNN R18-FPN trained from scratch with GradAug on the
-# project's synthetic COCO-format shapes data (3 classes, 256 px; the same data as the
-# detectron2 quickstart, written by `make demo` or by
-#   python -c "from gradaug_det.data import generate_coco_shapes as g; g('datasets/gradaug_quickstart')"
-# ). Sized for a CPU; the tests build their models from this file (with smaller images).
-#   python tools/mmdet_train.py configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py
+# MMDetection quickstart: Mask R-CNN R18-FPN trained from scratch with GradAug on synthetic
+# COCO-format shapes at data_root (datasets/gradaug_quickstart/), which --generate-shapes
+# writes: generate_coco_shapes' defaults, 300 / 50 images of 256 px, 3 classes in random
+# colours, no clutter. (Not the detectron2 quickstart's data: `make demo` writes 128 px
+# images with category colours and clutter to datasets/gradaug_quickstart_shapes/.)
+# Sized for a CPU; the tests build their models from this file (with smaller images).
+#   python tools/mmdet_train.py configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py --generate-shapes
 _base_ = 'mmdet::_base_/default_runtime.py'
 
 custom_imports = dict(imports=['gradaug_det.mmdet'], allow_failed_imports=False)
@@ -104,8 +105,9 @@ test_evaluator = val_evaluator
 
 # From scratch: lr 0.005 with warm-up and gradient clipping (total norm 5; the detectron2
 # quickstart, configs/quickstart/mask_rcnn_gradaug.yaml, clips each parameter at 5).
-# Measured on the 2-core CPU: 6 min 33 s for 300 iterations + evaluation, bbox / segm AP
-# 0.9 / 1.3 (AP50 3.2 / 4.7): a smoke test of the pipeline, far from converged.
+# Last measured on the 2-core CPU (commit 01e5442, with --generate-shapes): 6 min 2 s for 300
+# iterations + evaluation, bbox / segm AP 1.1 / 1.4 (AP50 4.1 / 4.1): a smoke test of the
+# pipeline, far from converged (docs/mmdetection.md).
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=300, val_interval=300)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
