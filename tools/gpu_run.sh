@@ -18,7 +18,8 @@
 # quickstart_predictions.png, quickstart_metrics.json (--smoke: train_net.log,
 # train_net_metrics.json). Exit status: 0 when every part that ran passed.
 # Environment: PYTHON (default python3), GRADAUG_SITE (default /tmp/gradaug-site),
-# GPU_RUN_BUDGET_S, GPU_CHECK_BUDGET_MIN.
+# GPU_RUN_BUDGET_S, GPU_CHECK_BUDGET_MIN, GPU_CHECK_ARGS (more gpu_check arguments, e.g.
+# "--sections iteration backbone" for a rerun).
 set -u -o pipefail
 
 SMOKE=0
@@ -35,6 +36,7 @@ SITE=${GRADAUG_SITE:-/tmp/gradaug-site}
 WORK=${GRADAUG_WORK:-/tmp/gradaug-gpu-run}
 TOTAL=${GPU_RUN_BUDGET_S:-510}
 CHECK_MIN=${GPU_CHECK_BUDGET_MIN:-6}
+GPU_CHECK_ARGS=${GPU_CHECK_ARGS:-}  # e.g. "--skip backbone" for a rerun
 if [ ! -f "$REPO/tools/gpu_check.py" ] || ! ls "$HERE"/wheels/*.whl >/dev/null 2>&1; then
     echo "gpu_run.sh: expected the bundle at REPO/dist/gpu-bundle with wheels/ (REPO=$REPO, bundle=$HERE): " \
          "run 'make gpu-bundle' in the checkout and carry dist/gpu-bundle" >&2
@@ -56,6 +58,7 @@ part() {
     local name=$1 limit=$2 out=$3 t0=$SECONDS rc
     shift 3
     local cmd="$*"
+    cmd=${cmd//$'\n'/ }
     log "$name: start (limit ${limit} s): ${cmd:0:160}$([ ${#cmd} -gt 160 ] && echo ...)"
     timeout -k 15 "$limit" "$@" > "$out" 2>&1
     rc=$?
@@ -107,7 +110,7 @@ if [ $STOPPED -eq 0 ]; then
         part gpu_check 600 "$OUT/gpu_check.log" "$PY" tools/gpu_check.py --tiny --output-dir "$OUT" --budget-min 10
     else
         part gpu_check $((CHECK_MIN * 60 + 60)) "$OUT/gpu_check.log" \
-            "$PY" tools/gpu_check.py --output-dir "$OUT" --budget-min "$CHECK_MIN"
+            "$PY" tools/gpu_check.py --output-dir "$OUT" --budget-min "$CHECK_MIN" $GPU_CHECK_ARGS
     fi
 
     # 3. the quickstart on the GPU (smoke: a short training run on the tiny data)
@@ -136,7 +139,7 @@ print('train_net: iterations', [r['iteration'] for r in rows if 'total_loss' in 
         [ $LEFT -lt 300 ] && QS_ARGS=(--pretrain-iters 100 --iters 300)
         rm -rf "$WORK/quickstart"
         part quickstart $((LEFT - 10)) "$OUT/quickstart.log" "$PY" tools/quickstart.py --device cuda \
-            --output-dir "$WORK/quickstart" "${QS_ARGS[@]}"
+            --output-dir "$WORK/quickstart" ${QS_ARGS[@]+"${QS_ARGS[@]}"}
         cp "$WORK/quickstart/predictions.png" "$OUT/quickstart_predictions.png" 2>/dev/null
         cp "$WORK/quickstart/mask_rcnn/metrics.json" "$OUT/quickstart_metrics.json" 2>/dev/null
     fi
