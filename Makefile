@@ -13,7 +13,7 @@ VENV_FLAGS ?=
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-mmdet demo compare tradeoff test test-mmdet env clean-venv
+.PHONY: install install-mmdet demo compare tradeoff test test-mmdet env clean-venv gpu-bundle gpu-bundle-check
 
 install: $(STAMP)
 
@@ -68,6 +68,23 @@ test: $(STAMP)
 
 test-mmdet: $(MMDET_STAMP)
 	$(PY) -m pytest tests/mmdet_adapter $(PYTEST_ARGS)
+
+# The wheel bundle for a lent GPU machine that reaches no package index (docs/gpu.md):
+# dist/gpu-bundle/ (<= 60 MiB) with gpu_run.sh, the one command to run there. Only needs a
+# Python with pip (no torch). gpu-bundle-check proves it here: a Python 3.12 environment with
+# the lent machine's torch 2.11 / torchvision 0.26 (cached under $GRADAUG_DET_CACHE), the
+# bundle installed with no index, gpu_check --tiny and a short training run.
+GPU_BUNDLE ?= dist/gpu-bundle
+GPU_BUNDLE_PY ?= python3
+gpu-bundle: $(GPU_BUNDLE)/gpu_run.sh
+
+# rebuilt when gradaug-det's sources or the bundle's recipe change
+$(GPU_BUNDLE)/gpu_run.sh: setup.py tools/gpu_bundle.py tools/gpu_run.sh tools/install_detectron2.py \
+		$(shell find gradaug_det -name '*.py')
+	$(GPU_BUNDLE_PY) tools/gpu_bundle.py build --out $(GPU_BUNDLE)
+
+gpu-bundle-check: $(GPU_BUNDLE)/gpu_run.sh
+	$(GPU_BUNDLE_PY) tools/gpu_bundle.py check --bundle $(GPU_BUNDLE)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,7 +2,7 @@
 """One command for every GPU fact the docs need, within a time budget (``--budget-min``, default 8).
 
 Runs, within an overall time budget, each section of ``gradaug_det.benchmark.gpu_check``
-(``env``, ``amp``, ``syncbn``, ``cudnn``, ``iteration``, ``backbone``: see that module) and
+(``env``, ``amp``, ``hostsync``, ``syncbn``, ``cudnn``, ``iteration``, ``backbone``: see that module) and
 writes one JSON document and one Markdown table, both naming the GPU. A section that fails
 is recorded (its error and traceback in the JSON) and the others still run; a section that
 no longer fits the budget is skipped and says so. Without CUDA (or with ``--tiny``) every

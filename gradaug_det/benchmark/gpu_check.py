@@ -12,6 +12,12 @@ Sections:
 * ``env``: the GPU, CUDA, cuDNN and torch versions;
 * ``amp``: detectron2's AMP loop (``GradAugAMPTrainer``, a real ``torch.amp.GradScaler``)
   in fp16 and bf16: finite losses, the scaler's scale, weights updated, s/iter;
+* ``hostsync``: one GradAug step (:func:`~gradaug_det.gradaug.gradaug_step`, the
+  ``iteration`` section's model) under ``torch.cuda.set_sync_debug_mode("warn")``, every
+  host sync attributed to the Python line that asked for it (:func:`attribute_sync`):
+  GradAug's own code may sync only in ``check_finite_losses`` (once per step); then the
+  same step under ``"error"``, which stops at the first sync (detectron2's own). On the
+  CPU there is nothing to detect: the step runs, no sync is recorded (``"cuda": false``);
 * ``syncbn``: SyncBatchNorm (``SyncBN``: torch's; ``naiveSyncBN``: detectron2's) at
   sub-widths in a one-process group (nccl; gloo on CPU), under DDP: outputs and gradients
   equal those of BN with the same weights;
@@ -23,6 +29,7 @@ Sections:
   s/iter, allocator peak, time / cost model (:mod:`.iteration`);
 * ``backbone``: the backbone benchmark (:mod:`.backbone`) at widths 1.0 / 0.9 / 0.75 / 0.5.
 """
+import contextlib
 import itertools
 import json
 import os
@@ -31,14 +38,15 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
 import torch
 
-__all__ = ["SECTIONS", "CheckContext", "run_sections", "markdown_report"]
+__all__ = ["SECTIONS", "CheckContext", "run_sections", "markdown_report", "attribute_sync", "record_host_syncs"]
 
-SECTIONS = ("env", "amp", "syncbn", "cudnn", "iteration", "backbone")
+SECTIONS = ("env", "amp", "hostsync", "syncbn", "cudnn", "iteration", "backbone")
 #: detectron2 config of the ``iteration`` and ``amp`` sections (full size / tiny)
 FULL_CONFIG = "configs/mask_rcnn_gradaug.yaml"
 TINY_CONFIG = "configs/quickstart/mask_rcnn_gradaug.yaml"
@@ -199,6 +207,133 @@ def section_amp(ctx: CheckContext) -> Dict:
                         f"{r['skipped_steps']} of {r['steps']} steps skipped on overflow, "
                         f"{r['params_updated']}/{r['params']} params updated)" for r in rows)
     return {"rows": rows, "ok": all(r["ok"] for r in rows), "summary": summary}
+
+
+#: the only function of GradAug's own code allowed to read a device value on the host
+#: (one sync per step for the finite-loss check of every pass, gradaug/step.py)
+ALLOWED_GRADAUG_SYNCS = ("check_finite_losses",)
+
+
+def _library_roots():
+    """Folders / files of library code whose syncs belong to whoever called it."""
+    import torchvision
+
+    return (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(torchvision.__file__) + os.sep,
+            warnings.__file__, contextlib.__file__)
+
+
+def attribute_sync(frames) -> Dict:
+    """Name the code that asked for one host sync, from the Python stack at that moment.
+
+    The innermost frame outside torch / torchvision / the standard library's warnings and
+    contextlib is the caller. A sync raised while a ``backward`` of torch's was on the stack
+    ran in the autograd engine, whose ops have no Python line: category ``backward``.
+
+    Args:
+        frames: ``traceback.FrameSummary`` list, outermost first (``traceback.extract_stack()``
+            or ``traceback.extract_tb()``), or objects with ``filename``, ``lineno``, ``name``, ``line``.
+
+    Returns:
+        dict with ``category`` ("gradaug_det", "detectron2", "backward" or "other"),
+        ``where`` ("path:line", the path from the package folder on), ``function`` and ``code``.
+    """
+    roots = _library_roots()
+    in_backward = any(f.name == "backward" and f.filename.startswith(roots[0]) for f in frames)
+    caller = next((f for f in reversed(frames) if not f.filename.startswith(roots)
+                   and os.path.abspath(f.filename) != os.path.abspath(__file__)), None)
+    if caller is None:
+        return {"category": "other", "where": "?", "function": "?", "code": ""}
+    path = caller.filename
+    for package in ("gradaug_det", "detectron2"):
+        marker = os.sep + package + os.sep
+        if marker in path:
+            path = package + os.sep + path.rsplit(marker, 1)[1]
+            break
+    category = next((p for p in ("gradaug_det", "detectron2") if path.startswith(p + os.sep)), "other")
+    if in_backward:
+        category = "backward"
+    return {"category": category, "where": f"{path}:{caller.lineno}", "function": caller.name,
+            "code": (caller.line or "").strip()}
+
+
+@contextlib.contextmanager
+def record_host_syncs(cuda: bool):
+    """Record the Python stack of every host sync inside the block (CUDA's sync debug mode "warn").
+
+    Yields:
+        A list that receives one ``traceback.extract_stack()`` per synchronizing CUDA call.
+        Without CUDA (``cuda=False``) nothing is set and the list stays empty.
+    """
+    records = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # every sync, not the first per line
+        previous = warnings.showwarning
+
+        def hook(message, category, filename, lineno, file=None, line=None):
+            if "synchronizing CUDA operation" in str(message):
+                records.append(traceback.extract_stack()[:-1])
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = hook
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield records
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode(0)
+
+
+def section_hostsync(ctx: CheckContext) -> Dict:
+    """Host syncs of one GradAug step, attributed to the code that asked for them."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from ..gradaug import SubnetSampler, build_task, gradaug_step
+
+    cfg = ctx.cfg(divisor=ctx.aligned_divisor)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    sampler, task, batch = SubnetSampler.from_config(cfg), build_task(cfg, model), ctx.batch(cfg)
+    with EventStorage(0):
+        gradaug_step(model, batch, sampler, task)  # warm-up: lazy initialisations out of the way
+        with record_host_syncs(ctx.cuda) as records:
+            out = gradaug_step(model, batch, sampler, task)
+        first_error = None
+        if ctx.cuda:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                gradaug_step(model, batch, sampler, task)
+            except RuntimeError as e:
+                if "synchronizing CUDA operation" not in str(e):
+                    raise
+                first_error = attribute_sync(traceback.extract_tb(e.__traceback__))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [attribute_sync(frames) for frames in records]
+    sites = {}
+    for s in syncs:
+        sites.setdefault(s["where"], dict(s, count=0))["count"] += 1
+    ours = [s for s in syncs if s["category"] == "gradaug_det"]
+    unexpected = sorted({s["where"] for s in ours if s["function"] not in ALLOWED_GRADAUG_SYNCS})
+    allowed = sum(s["function"] in ALLOWED_GRADAUG_SYNCS for s in ours)
+    ok = not unexpected and (allowed == 1 or not ctx.cuda)
+    counts = {c: sum(s["category"] == c for s in syncs) for c in ("gradaug_det", "detectron2", "backward", "other")}
+    del model, task
+    _free(ctx.device)
+    if ctx.cuda:
+        summary = (f"{len(syncs)} host syncs in one step with {len(out.specs)} sub-networks: " +
+                   ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
+                   (f"; GradAug's own: {allowed} in check_finite_losses" if not unexpected
+                    else f"; UNEXPECTED GradAug syncs at {', '.join(unexpected)}") +
+                   (f"; 'error' mode stops at {first_error['where']} ({first_error['category']})" if first_error else ""))
+    else:
+        summary = "no CUDA: sync debug mode not set, nothing recorded (the step ran)"
+    return {"cuda": ctx.cuda, "syncs": len(syncs), "by_category": counts,
+            "sites": sorted(sites.values(), key=lambda s: -s["count"]), "unexpected_gradaug_sites": unexpected,
+            "allowed_gradaug_syncs": allowed, "first_sync_in_error_mode": first_error, "ok": ok, "summary": summary}
 
 
 def section_syncbn(ctx: CheckContext) -> Dict:
@@ -407,7 +542,7 @@ def section_backbone(ctx: CheckContext) -> Dict:
 
 _FUNCS = {name: globals()[f"section_{name}"] for name in SECTIONS}
 #: rough share of the budget each section needs on a GPU (to skip what cannot finish)
-_NEEDS_S = {"env": 1, "amp": 40, "syncbn": 30, "cudnn": 30, "iteration": 240, "backbone": 60}
+_NEEDS_S = {"env": 1, "amp": 40, "hostsync": 30, "syncbn": 30, "cudnn": 30, "iteration": 240, "backbone": 60}
 
 
 def run_sections(ctx: CheckContext, sections: List[str]) -> Dict[str, Dict]:
