@@ -94,12 +94,16 @@ def check_lazy_paths(cfg, eval_only: bool, resume: bool) -> None:
     """Refuse a local ``train.init_checkpoint`` that does not exist, before any work.
 
     Checked where the file will be read: ``--eval-only``, and training without ``--resume``.
-    URLs (``detectron2://``, ``https://`` ...) are left to the checkpointer.
+    URLs (``detectron2://``, ``https://`` ...) are left to the checkpointer. ``--eval-only``
+    with no ``train.init_checkpoint`` is refused too: it would evaluate random weights.
 
     Raises:
         FileNotFoundError: naming ``train.init_checkpoint`` and what to set.
     """
     path = cfg.train.get("init_checkpoint", "")
+    if eval_only and not path:
+        raise FileNotFoundError("--eval-only with train.init_checkpoint='' would evaluate random weights; set "
+                                "train.init_checkpoint=<the .pth to evaluate> (after any other override of it)")
     if path and "://" not in path and (eval_only or not resume) and not os.path.isfile(path):
         raise FileNotFoundError(f"train.init_checkpoint={path!r} is not a file; set train.init_checkpoint=<a .pth "
                                 "or .pkl file> (or train.init_checkpoint= to start from random weights)")

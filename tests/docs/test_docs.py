@@ -33,8 +33,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PAGES = sorted({os.path.relpath(p, REPO) for p in
                 [os.path.join(REPO, "README.md"), os.path.join(REPO, "tools", "README.md"),
                  *glob.glob(os.path.join(REPO, "docs", "*.md"))]})
-#: Pages other work in progress adds; a link to one of them is accepted while it does not exist yet.
-PENDING_PAGES = {"docs/gpu.md", "docs/deployment.md"}
 #: Where `make X` writes (read by later commands of a page).
 MAKE_WRITES = {"demo": "output/quickstart", "compare": "output/compare"}
 #: Flags whose value a tool writes.
@@ -113,8 +111,7 @@ def test_links_and_anchors_resolve(page):
         path, _, anchor = target.partition("#")
         dest = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
         if not os.path.exists(os.path.join(REPO, dest)):
-            if dest not in PENDING_PAGES:
-                bad.append(f"{target}: no file {dest}")
+            bad.append(f"{target}: no file {dest}")
             continue
         if anchor and dest.endswith(".md") and anchor not in anchors(read(dest)):
             bad.append(f"{target}: no heading with anchor #{anchor} in {dest}")
@@ -358,6 +355,13 @@ def check_command(tokens: List[str], log: PathLog, where: str, load_tool, monkey
             assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
         else:
             check_tool(tokens[1], tokens[2:], log, where, load_tool, monkeypatch)
+    elif cmd == "bash":
+        # a script of the repository, or one `make gpu-bundle` copies into dist/gpu-bundle/ from tools/
+        script = tokens[1]
+        source = os.path.join("tools", os.path.basename(script)) if script.startswith("dist/gpu-bundle/") else script
+        assert os.path.isfile(os.path.join(REPO, source)), f"{where}: no script {source}"
+        check = subprocess.run(["bash", "-n", os.path.join(REPO, source)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{where}: {source} does not parse: {check.stderr}"
     else:
         raise AssertionError(f"{where}: unexpected command {cmd!r} (teach tests/docs/test_docs.py to check it)")
 

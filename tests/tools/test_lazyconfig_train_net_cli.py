@@ -122,6 +122,9 @@ def test_lazy_tool_rejects_bad_widths_before_work(tmp_path, tool):
     missing = str(tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match=r"train\.init_checkpoint='.*missing\.pth' is not a file"):
         _run(tool, "--eval-only", *TINY, f"train.output_dir={tmp_path}", f"train.init_checkpoint={missing}")
+    # TINY ends with train.init_checkpoint= (random init): --eval-only of random weights is refused
+    with pytest.raises(FileNotFoundError, match=r"would evaluate random weights"):
+        _run(tool, "--eval-only", f"train.output_dir={tmp_path}", *TINY)
     assert not os.listdir(tmp_path)  # no log or config written
 
 
@@ -137,8 +140,11 @@ def test_lazy_tool_two_gloo_processes(tmp_path, tiny_coco):
     sync_bn = ["model.backbone.bottom_up.stem.norm=naiveSyncBN", "model.backbone.bottom_up.stages.norm=naiveSyncBN"]
 
     def run(*argv):
-        cmd = [sys.executable, TOOL, "--config-file", LAZY, "--num-gpus", "2", "--dist-url", "auto", *argv, *TINY,
-               *sync_bn, "train.checkpointer.period=100", "train.ddp.fp16_compression=True", "test.slim_widths=[0.5]"]
+        # the overrides of argv last: TINY sets train.init_checkpoint= (random init), and the last one wins
+        flags, overrides = [a for a in argv if a.startswith("--")], [a for a in argv if not a.startswith("--")]
+        cmd = [sys.executable, TOOL, "--config-file", LAZY, "--num-gpus", "2", "--dist-url", "auto", *flags, *TINY,
+               *sync_bn, "train.checkpointer.period=100", "train.ddp.fp16_compression=True", "test.slim_widths=[0.5]",
+               *overrides]
         proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
@@ -153,22 +159,30 @@ def test_lazy_tool_two_gloo_processes(tmp_path, tiny_coco):
     assert [r["iteration"] for r in _rows(out) if "total_loss" in r] == [0, 1]
     assert (out / "model_final.pth").is_file()
 
-    run("--resume", f"train.output_dir={out}", "train.max_iter=3")
+    # the evaluator keeps the predictions it gathered from both processes (of the last width evaluated)
+    run("--resume", f"train.output_dir={out}", "train.max_iter=3", f"dataloader.evaluator.output_dir={out / 'inf'}")
     rows = _rows(out)
     assert [r["iteration"] for r in rows if "total_loss" in r] == [0, 1, 2]
     final_ap = [r for r in rows if "bbox/AP" in r][-1]
     assert math.isfinite(final_ap["bbox/AP"]) and math.isfinite(final_ap["segm@w0.5/AP"])
 
-    # --eval-only on two processes reproduces the resumed run's final (distributed) evaluation
+    # --eval-only of the saved weights on two processes gives, image for image on both processes'
+    # shards, the predictions of the resumed run's final (distributed) evaluation, and its AP
     proc = run("--eval-only", f"train.output_dir={tmp_path / 'eval'}",
-               f"train.init_checkpoint={out / 'model_final.pth'}")
+               f"train.init_checkpoint={out / 'model_final.pth'}", f"dataloader.evaluator.output_dir={tmp_path / 'inf'}")
     eval_log = (tmp_path / "eval" / "log.txt").read_text()
     assert "Rank of current process: 0. World size: 2" in eval_log
+    assert f"Loading from {out / 'model_final.pth'}" in eval_log
+    train_pred, eval_pred = (torch.load(d / "instances_predictions.pth", weights_only=True)
+                             for d in (out / "inf", tmp_path / "inf"))
+    assert len(train_pred) == 3 and sorted(p["image_id"] for p in train_pred) == sorted(p["image_id"] for p in eval_pred)
+    by_id = {p["image_id"]: p["instances"] for p in eval_pred}
+    for p in train_pred:
+        assert len(p["instances"]) > 0 and p["instances"] == by_id[p["image_id"]], p["image_id"]
     for task in ("bbox", "segm", "bbox@w0.5", "segm@w0.5"):
-        ap = final_ap[f"{task}/AP"]
         assert f"copypaste: Task: {task}\n" in proc.stdout
         row = proc.stdout.split(f"copypaste: Task: {task}\n", 1)[1].splitlines()[1]
-        assert float(row.split("copypaste: ")[1].split(",")[0]) == pytest.approx(ap, abs=1e-4), task
+        assert float(row.split("copypaste: ")[1].split(",")[0]) == final_ap[f"{task}/AP"], task
 
 
 def test_every_shipped_lazy_config_is_run_here():
