@@ -21,10 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
 CONFIG = os.path.join(ROOT, "configs", "mask_rcnn_gradaug.yaml")
 
-#: tools/train_net.py, recording the file names of every batch each rank's resumable loader
-#: yields (one line per batch, in $GRADAUG_TEST_READS/rank<r>.txt); launched as the tool is.
+#: tools/train_net.py, recording every batch each rank's resumable loader yields: per image its
+#: file name and a hash of the augmented image tensor (a replayed stream position of the same
+#: file is flipped otherwise); one line per batch, in $GRADAUG_TEST_READS/rank<r>.txt.
 RECORDING_TRAIN_NET = textwrap.dedent('''
-    import os, runpy
+    import hashlib, os, runpy
     from detectron2.utils import comm
     from gradaug_det.data import resumable
 
@@ -33,7 +34,8 @@ RECORDING_TRAIN_NET = textwrap.dedent('''
     def _recording_iter(self):
         for batch in _iter(self):
             with open(os.path.join(os.environ["GRADAUG_TEST_READS"], f"rank{comm.get_rank()}.txt"), "a") as f:
-                f.write(" ".join(os.path.basename(d["file_name"]) for d in batch) + "\\n")
+                f.write(" ".join(os.path.basename(d["file_name"]) + ":" +
+                                 hashlib.sha1(d["image"].numpy().tobytes()).hexdigest()[:10] for d in batch) + "\\n")
             yield batch
 
     resumable.ResumableTrainLoader.__iter__ = _recording_iter
@@ -63,7 +65,7 @@ _TINY = [
 
 def _train_net_two_ranks(tmp_path, data_root, out, *argv):
     """tools/train_net.py with --num-gpus 2 (two gloo processes): 2 images per rank, 4
-    iterations, a checkpoint every 2. Returns each rank's batches (lists of file names)."""
+    iterations, a checkpoint every 2. Returns each rank's batches (lists of "file:image hash")."""
     script = tmp_path / "recording_train_net.py"
     script.write_text(f"TOOL = {TRAIN_NET!r}\n" + RECORDING_TRAIN_NET)
     reads = out / "reads"
