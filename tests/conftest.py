@@ -178,6 +178,51 @@ def tiny_cls_opts():
     return list(TINY_CLS_OPTS)
 
 
+def _write_tiny_coco(root, *, num_train: int, num_val: int, names=None, portrait=None):
+    """COCO 2017's layout under ``root/coco`` with generated 64 px shapes (see :func:`tiny_coco`).
+
+    Args:
+        names: (train name, val name) to register the splits under in this process, or None.
+        portrait: None (square images), or ``i -> bool`` for the i-th training image: padded at
+            the bottom to 64 x 96 (portrait, True) or at the right to 96 x 64 (landscape, False);
+            the annotations stay valid (the shapes keep their coordinates).
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+    from PIL import Image
+
+    from gradaug_det.data import generate_coco_shapes
+
+    paths = generate_coco_shapes(str(root / "shapes"), num_train=num_train, num_val=num_val, image_size=64,
+                                 progress=False)
+    coco = root / "coco"
+    os.makedirs(coco / "annotations")
+    categories = [{"id": c["id"], "name": c["name"], "supercategory": "thing"} for c in COCO_CATEGORIES if c["isthing"]]
+    for name, split in zip(names or (None, None), ("train", "val")):
+        image_dir = coco / f"{split}2017"
+        shutil.copytree(paths[split]["image_root"], image_dir)
+        with open(paths[split]["json_file"]) as f:
+            data = json.load(f)
+        data["categories"] = categories  # shape ids 1..3 are COCO's first three
+        for i, im in enumerate(data["images"] if split == "train" and portrait is not None else []):
+            size = (im["width"], im["height"] + 32) if portrait(i) else (im["width"] + 32, im["height"])
+            with Image.open(image_dir / im["file_name"]) as small:
+                padded = Image.new(small.mode, size)
+                padded.paste(small, (0, 0))
+            padded.save(image_dir / im["file_name"])
+            im["width"], im["height"] = size
+        json_file = str(coco / "annotations" / f"instances_{split}2017.json")
+        with open(json_file, "w") as f:
+            json.dump(data, f)
+        if name is None:
+            continue
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {}, json_file, str(image_dir))
+
+
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory):
     """A ``DETECTRON2_DATASETS`` root whose ``coco/`` holds 4 training and 3 validation
@@ -189,30 +234,20 @@ def tiny_coco(tmp_path_factory):
     Returns:
         (root, train name, val name)
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-
-    from gradaug_det.data import generate_coco_shapes
-
     root = tmp_path_factory.mktemp("datasets")
-    paths = generate_coco_shapes(str(root / "shapes"), num_train=4, num_val=3, image_size=64, progress=False)
-    coco = root / "coco"
-    os.makedirs(coco / "annotations")
-    categories = [{"id": c["id"], "name": c["name"], "supercategory": "thing"} for c in COCO_CATEGORIES if c["isthing"]]
-    for name, split in ((TINY_TRAIN, "train"), (TINY_VAL, "val")):
-        shutil.copytree(paths[split]["image_root"], coco / f"{split}2017")
-        with open(paths[split]["json_file"]) as f:
-            data = json.load(f)
-        data["categories"] = categories  # shape ids 1..3 are COCO's first three
-        json_file = str(coco / "annotations" / f"instances_{split}2017.json")
-        with open(json_file, "w") as f:
-            json.dump(data, f)
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, json_file, str(coco / f"{split}2017"))
+    _write_tiny_coco(root, num_train=4, num_val=3, names=(TINY_TRAIN, TINY_VAL))
     return str(root), TINY_TRAIN, TINY_VAL
+
+
+@pytest.fixture(scope="session")
+def tiny_coco_mixed(tmp_path_factory):
+    """As :func:`tiny_coco` (``DETECTRON2_DATASETS`` root only, nothing registered), with 8
+    training images of mixed orientation: images 1, 4 and 7 portrait (64 x 96), the others
+    landscape (96 x 64), so aspect-ratio grouping makes processes read unequal parts of their
+    streams. Returns the root."""
+    root = tmp_path_factory.mktemp("datasets_mixed")
+    _write_tiny_coco(root, num_train=8, num_val=2, portrait=lambda i: i % 3 == 1)
+    return str(root)
 
 
 @pytest.fixture(scope="session")

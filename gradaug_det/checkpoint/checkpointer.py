@@ -16,6 +16,9 @@ What it adds to ``DetectionCheckpointer`` (same constructor, same file formats):
   temporary file and renamed; a checkpoint whose weights are not finite is refused.
   ``--resume`` falls back to the newest complete checkpoint in the directory when
   ``last_checkpoint`` is missing, empty, or names a missing / incomplete file (logged).
+* **Every rank's data stream**: a file whose data stream state lacks a rank of the
+  resuming run (written by another number of processes) is refused, naming the file
+  (:func:`gradaug_det.data.resumable.check_rank_states`).
 * **Records**: :meth:`GradAugCheckpointer.register_record` adds a named entry that is
   computed from the model at every save and checked against the model at every load
   (e.g. the slimmable settings).
@@ -29,7 +32,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..data.resumable import upgrade_legacy_data_order
+from ..data.resumable import DataStreamStateError, upgrade_legacy_data_order
 from .io import (
     CheckpointFileError,
     NonFiniteWeightsError,
@@ -55,7 +58,8 @@ class BackboneShapeMismatchError(ValueError):
 
 
 #: Errors that name a weights file and the fix; tools print them without a traceback.
-WEIGHTS_ERRORS = (UntrustedPickleError, CheckpointFileError, BackboneShapeMismatchError, NonFiniteWeightsError)
+WEIGHTS_ERRORS = (UntrustedPickleError, CheckpointFileError, BackboneShapeMismatchError, NonFiniteWeightsError,
+                  DataStreamStateError)
 
 
 def exit_on_weights_error(fn: Callable, *args, **kwargs):
@@ -177,9 +181,17 @@ class GradAugCheckpointer(DetectionCheckpointer):
     # ---- loading ------------------------------------------------------------------------
 
     def load(self, path, *args, **kwargs):
+        """fvcore's ``Checkpointer.load``; a refused data stream state names the file.
+
+        Raises:
+            DataStreamStateError: ``"<path>: ..."``, the file's data stream state does not hold
+                every rank of this run (:func:`~gradaug_det.data.resumable.check_rank_states`).
+        """
         self._loading = path or ""
         try:
             return super().load(path, *args, **kwargs)
+        except DataStreamStateError as e:
+            raise DataStreamStateError(f"{path}: {e}") from None
         finally:
             self._loading = ""
 

@@ -18,8 +18,9 @@ global random state, so a resumed run sees other images than an uninterrupted on
   batches as without the interruption.
 
 :class:`ResumableDataHook`, registered on the trainer (``GradAugTrainer`` and the LazyConfig
-tool alike), saves this state in every checkpoint (detectron2's hook state: checkpoint
-``["trainer"]["hooks"]["ResumableDataHook"]``) and seeds the global generators the model's own
+tool alike), saves this state of every rank in every checkpoint (gathered to rank 0 at each batch;
+detectron2's hook state: checkpoint ``["trainer"]["hooks"]["ResumableDataHook"]``), restores each
+rank's own on resume (refusing a checkpoint of another number of processes) and seeds the global generators the model's own
 sampling uses (RPN / RoI subsampling) from (seed, rank, iteration) before every iteration, so a
 run killed and resumed equals the uninterrupted run step for step, on every rank.
 """
@@ -35,7 +36,8 @@ import torch.utils.data as torchdata
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["ResumableTrainLoader", "ResumableDataHook", "build_resumable_train_loader",
+__all__ = ["ResumableTrainLoader", "ResumableDataHook", "DataStreamStateError", "check_rank_states",
+           "build_resumable_train_loader",
            "instantiate_lazy_train_loader", "resumable_data_hook", "upgrade_legacy_data_order", "seeded_rng",
            "seed_global_rng"]
 
@@ -144,6 +146,11 @@ class ResumableTrainLoader:
         self._next = 0  # stream positions < _next were read ...
         self._buckets: List[List[Tuple[int, Any]]] = [[], []]  # ... and these still wait for a batch
         self._replay: List[int] = []
+        #: Gather every process's :meth:`state_dict` to rank 0 at each batch boundary (one
+        #: ``comm.gather`` per batch, so every process must draw its batches in step, as a
+        #: trainer does); :class:`ResumableDataHook` sets it. Read by :meth:`rank_states`.
+        self.gather_ranks = False
+        self._rank_states: Optional[List[Optional[Dict[str, Any]]]] = None
 
     @property
     def seed(self) -> int:
@@ -155,19 +162,48 @@ class ResumableTrainLoader:
         return {"next_position": self._next, "waiting": [[p for p, _ in b] for b in self._buckets],
                 "seed": self.seed, "batch_size": self.batch_size, "rank": self.rank}
 
+    def rank_states(self) -> List[Optional[Dict[str, Any]]]:
+        """Every process's :meth:`state_dict` at the last batch boundary, indexed by rank.
+
+        On rank 0 with :attr:`gather_ranks`, the states gathered when the last batch was
+        drawn (or those :meth:`load_rank_states` restored, before the first batch); on one
+        process, ``[state_dict()]``. Entries this process does not know are None (other
+        ranks' entries on rank > 0, or all but its own before any batch was gathered).
+        """
+        world = comm.get_world_size()
+        if world == 1:
+            return [self.state_dict()]
+        if self._rank_states is not None and len(self._rank_states) == world and self.rank == 0:
+            return list(self._rank_states)
+        states: List[Optional[Dict[str, Any]]] = [None] * world
+        states[self.rank] = self.state_dict()
+        return states
+
+    def load_rank_states(self, states: Sequence[Dict[str, Any]]) -> None:
+        """:meth:`load_state_dict` this process's entry of ``states`` (one state per rank of
+        this run, as :func:`check_rank_states` returns them) and keep them all, so a checkpoint
+        written before the next batch still holds every rank's position.
+
+        Raises:
+            ValueError: as :meth:`load_state_dict`.
+        """
+        self.load_state_dict(states[self.rank])
+        self._rank_states = list(states)
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue the stream where ``state`` was taken (takes effect at the next ``iter``).
 
         Raises:
             ValueError: the batch size differs (the stream would be cut into other batches).
+            DataStreamStateError: ``state`` is another rank's position.
         """
         if int(state["batch_size"]) != self.batch_size:
             raise ValueError(f"the checkpoint's data stream was batched by {state['batch_size']} images per "
                              f"process, this run by {self.batch_size}; resume with the same SOLVER.IMS_PER_BATCH "
                              "and number of processes")
         if int(state.get("rank", self.rank)) != self.rank:
-            logger.warning("The checkpoint holds rank %s's data position; this process (rank %s) continues "
-                           "from the same position of its own stream", state.get("rank"), self.rank)
+            raise DataStreamStateError(f"the data stream state is rank {state.get('rank')}'s, this process is rank "
+                                       f"{self.rank}: load each rank's own state (ResumableDataHook)")
         if hasattr(self.sampler, "_seed") and int(state["seed"]) != self.seed:
             logger.info("Data order: the sampler seed %d of the checkpoint replaces %d", state["seed"], self.seed)
             self.sampler._seed = int(state["seed"])
@@ -192,6 +228,9 @@ class ResumableTrainLoader:
             if len(bucket) == self.batch_size:
                 batch = [d for _, d in bucket]
                 del bucket[:]  # before yielding: the state at the boundary excludes this batch
+                if self.gather_ranks and comm.get_world_size() > 1:
+                    gathered = comm.gather(self.state_dict(), dst=0)  # every rank, at the same batch
+                    self._rank_states = gathered if gathered else None
                 yield self.collate_fn(batch) if self.collate_fn is not None else batch
 
 
@@ -270,6 +309,47 @@ def instantiate_lazy_train_loader(loader_cfg):
                                 num_workers=kw.get("num_workers", 0), collate_fn=instantiate(kw.get("collate_fn")))
 
 
+class DataStreamStateError(ValueError):
+    """A checkpoint's data stream state does not hold this run's ranks' own positions."""
+
+
+def check_rank_states(state: Dict[str, Any], world_size: int) -> List[Dict[str, Any]]:
+    """The per-rank stream states of a checkpoint's ``ResumableDataHook`` entry, checked
+    against a run of ``world_size`` processes.
+
+    Args:
+        state: the entry: ``{"world_size": W, "ranks": [state of rank 0, ..., rank W-1]}``
+            (an entry of rank ``r`` unknown to the saving process is None), or, as written
+            before per-rank states, one process's :meth:`ResumableTrainLoader.state_dict`.
+        world_size: the processes of the run that resumes.
+
+    Returns:
+        ``world_size`` states, the one of rank ``r`` at index ``r``.
+
+    Raises:
+        DataStreamStateError: the entry was written by a run of another number of processes,
+            or lacks a rank's state (an entry of one process resumed by several): resuming would
+            give a rank another rank's position, so it would replay images it has seen.
+    """
+    if "ranks" in state:
+        saved, ranks = int(state["world_size"]), list(state["ranks"])
+    else:  # before per-rank states: one process's state, its run's number of processes not recorded
+        own = int(state.get("rank", 0))
+        saved, ranks = None, [None] * own + [state]
+    held = [r for r, s in enumerate(ranks) if s is not None]
+    if held == list(range(world_size)) and saved in (world_size, None):
+        return ranks
+    holds = (f"the data stream positions of rank(s) {held} of a run of {saved} process(es)" if saved is not None
+             else f"only rank {held[0]}'s data stream position (written before per-rank states; its run's number "
+                  "of processes is not recorded)")
+    fix = (f"resume it with {saved} process(es)" if saved is not None and saved != world_size
+           else f"resume from a checkpoint written by a run of {world_size} process(es)")
+    raise DataStreamStateError(
+        f"the checkpoint holds {holds}, this run of {world_size} process(es) needs every rank's own: {fix}, or start "
+        "a new run from its weights without --resume (MODEL.WEIGHTS / train.init_checkpoint; the data stream then "
+        "starts from its beginning)")
+
+
 class ResumableDataHook(HookBase):
     """Makes a :class:`ResumableTrainLoader`'s stream part of the trainer's checkpoint.
 
@@ -277,9 +357,12 @@ class ResumableDataHook(HookBase):
       iteration), so what the model's own sampling draws (RPN / RoI label subsampling) does
       not depend on where the run started. Register it last: it runs after the other hooks'
       ``before_step``, right before the step.
-    * ``state_dict`` / ``load_state_dict``: the loader's stream position, saved by
-      detectron2's ``TrainerBase.state_dict`` under ``["hooks"]["ResumableDataHook"]`` of the
-      trainer state (checkpointable ``"trainer"``) and restored by ``--resume``.
+    * ``state_dict`` / ``load_state_dict``: every rank's stream position
+      (``{"world_size": W, "ranks": [...]}``, gathered to rank 0 at each batch: the hook sets
+      the loader's :attr:`~ResumableTrainLoader.gather_ranks`), saved by detectron2's
+      ``TrainerBase.state_dict`` under ``["hooks"]["ResumableDataHook"]`` of the trainer state
+      (checkpointable ``"trainer"``) and restored by ``--resume``, each rank its own; a
+      checkpoint of another number of processes is refused (:func:`check_rank_states`).
     * ``before_train``: warns when a resumed run (start iteration > 0) found no position in its
       checkpoint (written without a resumable loader): the stream starts from its beginning.
 
@@ -289,6 +372,7 @@ class ResumableDataHook(HookBase):
 
     def __init__(self, loader: ResumableTrainLoader):
         self.loader = loader
+        loader.gather_ranks = True  # rank 0 saves every rank's position
         self._restored = False
 
     def before_train(self):
@@ -300,17 +384,19 @@ class ResumableDataHook(HookBase):
         seed_global_rng(self.loader.seed, comm.get_rank(), self.trainer.iter)
 
     def state_dict(self) -> Dict[str, Any]:
-        """:meth:`ResumableTrainLoader.state_dict` (at an iteration boundary)."""
-        return self.loader.state_dict()
+        """Every rank's :meth:`ResumableTrainLoader.state_dict` at the last iteration boundary
+        (:meth:`ResumableTrainLoader.rank_states`): ``{"world_size": W, "ranks": [...]}``."""
+        return {"world_size": comm.get_world_size(), "ranks": self.loader.rank_states()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continue the loader's stream at ``state``; an iterator the step trainer already
-        holds is dropped, so the next batch comes from the restored position.
+        """Continue the loader's stream at this rank's position in ``state``; an iterator the
+        step trainer already holds is dropped, so the next batch comes from the restored position.
 
         Raises:
+            DataStreamStateError: ``state`` lacks a rank of this run (:func:`check_rank_states`).
             ValueError: as :meth:`ResumableTrainLoader.load_state_dict` (other batch size).
         """
-        self.loader.load_state_dict(state)
+        self.loader.load_rank_states(check_rank_states(state, comm.get_world_size()))
         self._restored = True
         step_trainer = getattr(self.trainer, "_trainer", self.trainer)  # DefaultTrainer wraps its step trainer
         if getattr(step_trainer, "data_loader", None) is self.loader:

@@ -118,13 +118,20 @@ def _legacy_checkpointable(state):  # the LazyConfig tool before ResumableDataHo
     state["data_order"] = state["trainer"].pop("hooks")["ResumableDataHook"]
 
 
-@pytest.mark.parametrize("edit", [None, _legacy_trainer_state, _legacy_checkpointable])
+def _one_process_entry(state):  # before per-rank states: the saving process's loader state only
+    hooks = state["trainer"]["hooks"]
+    hooks["ResumableDataHook"] = hooks["ResumableDataHook"]["ranks"][0]
+
+
+@pytest.mark.parametrize("edit", [None, _legacy_trainer_state, _legacy_checkpointable, _one_process_entry])
 def test_hook_resumes_the_stream_from_a_checkpoint(tmp_path, edit):
     """The hook's state is saved in the trainer's checkpoint and restored on resume (also from
     the two layouts written before it); batches and the model's random draws continue."""
     ref = _train(tmp_path / "ref")
     state = torch.load(tmp_path / "ref" / "model_0000002.pth", weights_only=True)
-    order = state["trainer"]["hooks"]["ResumableDataHook"]
+    entry = state["trainer"]["hooks"]["ResumableDataHook"]
+    assert entry["world_size"] == 1 and len(entry["ranks"]) == 1
+    order = entry["ranks"][0]
     assert state["iteration"] == 2 and order["next_position"] == 9 + sum(len(b) for b in order["waiting"])
     if edit is not None:
         edit(state)

@@ -47,8 +47,9 @@ def test_resumed_classifier_run_equals_the_uninterrupted_run(tmp_path, train_net
     state = torch.load(ckpt, weights_only=True)
     assert state["iteration"] == 1
     # 2 iterations x 4 images of the stream were used; nothing waits (no aspect-ratio grouping)
-    assert state["trainer"]["hooks"]["ResumableDataHook"]["next_position"] == 8
-    assert state["trainer"]["hooks"]["ResumableDataHook"]["waiting"] == [[], []]
+    assert state["trainer"]["hooks"]["ResumableDataHook"]["world_size"] == 1
+    (order,) = state["trainer"]["hooks"]["ResumableDataHook"]["ranks"]
+    assert order["next_position"] == 8 and order["waiting"] == [[], []]
     assert "gradaug_batch_fn" in state["trainer"]["_trainer"]  # CutMix's generator
     assert not _equal(state["model"], ref)  # iterations 2 and 3 changed the weights
 

@@ -107,7 +107,7 @@ def test_lazy_tool_resume_equals_the_uninterrupted_run(tmp_path, tiny_coco, tool
 
     ref = train(tmp_path / "ref")
     state = torch.load(tmp_path / "ref" / "model_0000001.pth", weights_only=True)
-    order = state["trainer"]["hooks"]["ResumableDataHook"]  # 2 iterations x 2 images used, or waiting in a bucket
+    (order,) = state["trainer"]["hooks"]["ResumableDataHook"]["ranks"]  # 2 iterations x 2 images used, or waiting
     assert state["iteration"] == 1 and order["next_position"] == 4 + sum(len(b) for b in order["waiting"])
     assert not equal(state["model"], ref)
     assert equal(resume(tmp_path / "resumed", state), ref)
