@@ -327,11 +327,13 @@ def cutmix(batch: List[Dict], alpha: float, rng: torch.Generator, *, num_classes
 
 
 class CutMix:
-    """Batch CutMix with its own seeded generator (``INPUT.CUTMIX.*``).
+    """Batch CutMix with its own seeded draws (``INPUT.CUTMIX.*``).
 
     Build it with ``CutMix(cfg)`` when ``INPUT.CUTMIX.ENABLED`` and call it on each
-    training batch before the full-network pass ("GradAug+"). Its generator state can
-    be checkpointed with :meth:`state_dict` / :meth:`load_state_dict`.
+    training batch before the full-network pass ("GradAug+"). Call ``k`` draws from a
+    generator seeded by ``(seed, k)``, so the whole state is the call count, which is the
+    same on every process (one call per iteration): a checkpoint written by rank 0
+    (:meth:`state_dict`) resumes every rank's own draws (:meth:`load_state_dict`).
     """
 
     @configurable
@@ -339,11 +341,10 @@ class CutMix:
         """
         Args:
             alpha, prob, num_classes: see :func:`cutmix`.
-            seed: seed of the generator; give every process a different one.
+            seed: seed of the draws; give every process a different one.
         """
         self.alpha, self.prob, self.num_classes = alpha, prob, num_classes
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
+        self.seed, self.calls = seed, 0
 
     @classmethod
     def from_config(cls, cfg, seed: Optional[int] = None):
@@ -356,10 +357,23 @@ class CutMix:
                 "num_classes": cfg.MODEL.CLASSIFIER.NUM_CLASSES, "seed": seed}
 
     def __call__(self, batch: List[Dict]) -> List[Dict]:
-        return cutmix(batch, self.alpha, self.generator, num_classes=self.num_classes, prob=self.prob)
+        # (seed, call) mixed into the 32 bits torch's CPU generator keeps (numpy's SeedSequence)
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence((self.seed, self.calls)).generate_state(1)[0]))
+        self.calls += 1
+        return cutmix(batch, self.alpha, generator, num_classes=self.num_classes, prob=self.prob)
 
     def state_dict(self) -> Dict:
-        return {"generator": self.generator.get_state()}
+        return {"calls": self.calls}
 
     def load_state_dict(self, state: Dict) -> None:
-        self.generator.set_state(state["generator"])
+        """Continue after ``state["calls"]`` calls with this process's own seed.
+
+        Raises:
+            ValueError: for the generator state of gradaug-det 0.1.0, which holds one
+                process's draws only.
+        """
+        if "calls" not in state:
+            raise ValueError("this checkpoint holds CutMix's generator state of gradaug-det 0.1.0 (one process's "
+                             "draws); resume it with that version, or start a new run from its weights without "
+                             "--resume")
+        self.calls = int(state["calls"])

@@ -70,3 +70,22 @@ def test_cutmix_object_state_round_trip():
     mixer.load_state_dict(state)
     again = mixer(_batch())
     assert all(torch.equal(x["soft_label"], y["soft_label"]) for x, y in zip(first, again))
+
+
+def test_cutmix_state_resumes_every_rank_its_own_draws():
+    """Rank 0 writes the checkpoint; every rank (its own seed) resumes its own draws from it."""
+    ranks = [CutMix(alpha=1.0, prob=1.0, num_classes=5, seed=1000 + r + 1) for r in range(2)]
+    for _ in range(3):
+        for m in ranks:
+            m(_batch())
+    state = ranks[0].state_dict()  # what rank 0 saves
+    expected = [m(_batch()) for m in ranks]  # the uninterrupted run's 4th draws
+    assert not all(torch.equal(x["soft_label"], y["soft_label"]) for x, y in zip(*expected))  # ranks differ
+    for r in range(2):
+        resumed = CutMix(alpha=1.0, prob=1.0, num_classes=5, seed=1000 + r + 1)
+        resumed.load_state_dict(state)
+        got = resumed(_batch())
+        assert all(torch.equal(x["soft_label"], y["soft_label"]) and torch.equal(x["image"], y["image"])
+                   for x, y in zip(got, expected[r])), r
+    with pytest.raises(ValueError, match="gradaug-det 0.1.0"):
+        resumed.load_state_dict({"generator": torch.Generator().get_state()})
