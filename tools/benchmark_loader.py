@@ -54,7 +54,7 @@ def parse_args(argv=None):
         p.error("--data-dir is where --synthetic writes; give --synthetic N SIZE too")
     if not os.path.isfile(args.config_file):
         p.error(f"--config-file {args.config_file!r} does not exist")
-    from gradaug_det.checkpoint.io import check_output_path
+    from gradaug_det.utils.io import check_output_path
 
     for name in ("json", "markdown"):
         if getattr(args, name):

@@ -10,7 +10,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, Instances
 
-from gradaug_det.checkpoint.io import atomic_write
+from gradaug_det.utils.io import atomic_write
 from gradaug_det.evaluation.coco import AtomicCOCOEvaluator
 
 
