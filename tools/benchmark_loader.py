@@ -22,7 +22,9 @@ from tqdm import tqdm
 import gradaug_det  # noqa: F401  (registers backbones and datasets)
 from gradaug_det.benchmark.loader import loader_markdown, measure_loaders
 from gradaug_det.benchmark.report import device_name, publish
+from gradaug_det.config import merge_user_config
 from gradaug_det.engine.setup import get_gradaug_cfg
+from gradaug_det.utils.cli import run_tool
 
 
 def parse_args(argv=None):
@@ -84,9 +86,7 @@ def dataset_dicts(cfg, args, tmp):
 def main(argv=None):
     """Entry point: measure both loaders, print and write the table."""
     args = parse_args(argv)
-    cfg = get_gradaug_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = merge_user_config(get_gradaug_cfg(), args.config_file, args.opts)
     with tempfile.TemporaryDirectory() as tmp:
         data = dataset_dicts(cfg, args, tmp)
         total = args.rounds * len(args.workers) * 2
@@ -107,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)  # a mistake: one "error: ..." line, exit status 2
