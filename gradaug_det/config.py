@@ -252,21 +252,32 @@ def merge_user_config(cfg: CN, config_file: Optional[str], opts: Sequence[str] =
         try:
             cfg.merge_from_file(config_file)
         except KeyError as e:
-            m = re.search(r"Non-existent config key: (\S+)", str(e))
+            m = re.search(r"Non-existent config key: ([^\s'\"]+)", str(e))
             if m is None:
                 raise ConfigError(f"{flag} {config_file}: {str(e).strip(chr(34) + chr(39))}") from None
             raise _unknown_key(cfg, m.group(1), f"in {config_file}") from None
         except ValueError as e:
-            raise ConfigError(f"{flag} {config_file}: {e}") from None
+            raise ConfigError(f"{flag} {config_file}: {_type_mismatch(str(e))}") from None
     if len(opts) % 2:
         raise ConfigError(f"config overrides must be KEY VALUE pairs; got an odd count: {' '.join(map(str, opts))}")
     try:
         cfg.merge_from_list(list(opts))
     except (AssertionError, KeyError) as e:
-        m = re.search(r"Non-existent key: (\S+)", str(e))
+        m = re.search(r"Non-existent key: ([^\s'\"]+)", str(e))
         if m is None:
             raise ConfigError(f"config override: {str(e).strip(chr(34) + chr(39))}") from None
         raise _unknown_key(cfg, m.group(1), "on the command line") from None
     except ValueError as e:
-        raise ConfigError(f"config override: {e}") from None
+        raise ConfigError(f"config override: {_type_mismatch(str(e))}") from None
     return cfg
+
+
+def _type_mismatch(message: str) -> str:
+    """yacs' "Type mismatch (<class 'int'> vs. <class 'str'>) with values (3 vs. abc) for config
+    key: K" as "K: got 'abc' (str), expected int (default 3)"; other messages unchanged."""
+    m = re.match(r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) "
+                 r"for config key: (\S+)", message)
+    if m is None:
+        return message
+    want, got, default, value, key = m.groups()
+    return f"{key}: got {value!r} ({got}), expected {want} (default {default})"

@@ -90,3 +90,19 @@ def test_debug_switch_prints_the_traceback(monkeypatch, capsys):
     assert e.value.code == 2 and capsys.readouterr().err == "error: --width must be in (0, 1]\n"
     with pytest.raises(ZeroDivisionError):
         run_tool(lambda: 1 / 0)
+
+
+def test_config_file_key_typo_and_wrong_type(tmp_path):
+    """In the file as on the command line: the closest real key; a wrong type names key, value, type."""
+    from gradaug_det.config import merge_user_config
+    from gradaug_det.engine.setup import get_gradaug_cfg
+    from gradaug_det.utils.cli import ConfigError
+
+    path = tmp_path / "my.yaml"
+    path.write_text("GRADAUG:\n  MIN_WIDHT: 0.5\n")
+    with pytest.raises(ConfigError, match=rf"^unknown config key GRADAUG.MIN_WIDHT \(in {path}\); "
+                                          r"did you mean 'GRADAUG.MIN_WIDTH'\?$"):
+        merge_user_config(get_gradaug_cfg(), str(path))
+    with pytest.raises(ConfigError, match=r"^config override: GRADAUG.NUM_SUBNETS: got 'abc' \(str\), "
+                                          r"expected int \(default 3\)$"):
+        merge_user_config(get_gradaug_cfg(), None, ["GRADAUG.NUM_SUBNETS", "abc"])
