@@ -1,11 +1,19 @@
-"""``add_gradaug_config(cfg)``: every config key gradaug-det adds, with a comment each."""
+"""``add_gradaug_config(cfg)``: every config key gradaug-det adds, with a comment each;
+:func:`merge_user_config`: a user's config file and overrides merged, a mistake refused in one line."""
 import functools
+import re
+from typing import Iterator, Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
 from .gradaug.options import GradAugOptions
+from .utils.cli import ConfigError, did_you_mean
+from .utils.io import check_input_file
 
-__all__ = ["add_gradaug_config", "add_pruned_config", "slimmable_config"]
+__all__ = ["add_gradaug_config", "add_pruned_config", "slimmable_config", "merge_user_config", "config_keys"]
+
+#: The config files a yacs tool reads.
+CONFIG_EXTENSIONS = (".yaml", ".yml")
 
 
 def add_gradaug_config(cfg: CN) -> CN:
@@ -204,3 +212,72 @@ def _add_classification_config(_c: CN) -> None:
     _c.TEST.FGSM_EPSILONS = []
     # Top-k accuracies reported by the classification evaluator.
     _c.TEST.TOPK = (1, 5)
+
+
+def config_keys(cfg: CN, prefix: str = "") -> Iterator[str]:
+    """Every full key of ``cfg`` (``"GRADAUG.NUM_SUBNETS"`` ...), nodes included."""
+    for k, v in cfg.items():
+        yield prefix + k
+        if isinstance(v, CN):
+            yield from config_keys(v, f"{prefix}{k}.")
+
+
+def _unknown_key(cfg: CN, key: str, where: str) -> ConfigError:
+    return ConfigError(f"unknown config key {key} ({where}){did_you_mean(key, config_keys(cfg))}")
+
+
+def merge_user_config(cfg: CN, config_file: Optional[str], opts: Sequence[str] = (),
+                      flag: str = "--config-file") -> CN:
+    """``cfg.merge_from_file(config_file)`` then ``cfg.merge_from_list(opts)``, with every
+    mistake refused in one message before any work: a missing or misspelt file (with the
+    closest existing config file), an unknown key (with the closest real key, ``difflib``),
+    a value of the wrong type, an odd override list.
+
+    Args:
+        cfg: a config with every key the tool reads (e.g. ``get_gradaug_cfg()``).
+        config_file: the user's config file, or None / "" for none.
+        opts: ``KEY VALUE`` overrides (the tools' trailing arguments).
+        flag: how the user gave the file, for messages.
+
+    Returns:
+        ``cfg``, for chaining.
+
+    Raises:
+        MissingFileError: no such config file.
+        ConfigError: naming the key (and the closest real one) or the value.
+    """
+    if config_file:
+        check_input_file(config_file, flag, extensions=CONFIG_EXTENSIONS,
+                         fix="pass a .yaml config (the shipped ones are under configs/)")
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:
+            m = re.search(r"Non-existent config key: ([^\s'\"]+)", str(e))
+            if m is None:
+                raise ConfigError(f"{flag} {config_file}: {str(e).strip(chr(34) + chr(39))}") from None
+            raise _unknown_key(cfg, m.group(1), f"in {config_file}") from None
+        except ValueError as e:
+            raise ConfigError(f"{flag} {config_file}: {_type_mismatch(str(e))}") from None
+    if len(opts) % 2:
+        raise ConfigError(f"config overrides must be KEY VALUE pairs; got an odd count: {' '.join(map(str, opts))}")
+    try:
+        cfg.merge_from_list(list(opts))
+    except (AssertionError, KeyError) as e:
+        m = re.search(r"Non-existent key: ([^\s'\"]+)", str(e))
+        if m is None:
+            raise ConfigError(f"config override: {str(e).strip(chr(34) + chr(39))}") from None
+        raise _unknown_key(cfg, m.group(1), "on the command line") from None
+    except ValueError as e:
+        raise ConfigError(f"config override: {_type_mismatch(str(e))}") from None
+    return cfg
+
+
+def _type_mismatch(message: str) -> str:
+    """yacs' "Type mismatch (<class 'int'> vs. <class 'str'>) with values (3 vs. abc) for config
+    key: K" as "K: got 'abc' (str), expected int (default 3)"; other messages unchanged."""
+    m = re.match(r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values \((.*) vs\. (.*)\) "
+                 r"for config key: (\S+)", message)
+    if m is None:
+        return message
+    want, got, default, value, key = m.groups()
+    return f"{key}: got {value!r} ({got}), expected {want} (default {default})"

@@ -38,7 +38,9 @@ import gradaug_det  # noqa: F401  (registers backbones and datasets)
 from gradaug_det.benchmark.iteration import (compare, measure_iterations, measure_slicing, pool_rounds,
                                              synthetic_detection_batch)
 from gradaug_det.benchmark.report import device_name, markdown_table, publish, write_json
+from gradaug_det.config import merge_user_config
 from gradaug_det.engine.setup import get_gradaug_cfg
+from gradaug_det.utils.cli import run_tool
 
 MODES = ("baseline", "gradaug", "gradaug_aligned")
 AMP = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -105,9 +107,7 @@ def parse_args(argv=None):
 
 def make_cfg(args, divisor=1):
     """The config of one mode (GradAug settings from the file, channel divisor set)."""
-    cfg = get_gradaug_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = merge_user_config(get_gradaug_cfg(), args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.SLIMMABLE.CHANNEL_DIVISOR = divisor
     return cfg
@@ -254,6 +254,7 @@ def main(argv=None):
         write_json(args.result, run_mode(args, args.worker))
         return None
     argv = list(sys.argv[1:] if argv is None else argv)
+    make_cfg(args)  # a mistake in the config or its overrides: refused here, before any worker starts
     rounds = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -265,7 +266,9 @@ def main(argv=None):
                        + (["--no-slicing"] if r > 0 else []) + argv)
                 proc = subprocess.run(cmd, env={**os.environ, **(NO_CPU_CACHES if args.no_cpu_caches else {})})
                 if proc.returncode != 0:
-                    sys.exit(f"benchmark: the {mode} worker failed (exit code {proc.returncode}); see its output above")
+                    print(f"benchmark: the {mode} worker failed (exit code {proc.returncode}); see its output above",
+                          file=sys.stderr)
+                    sys.exit(proc.returncode)  # a worker refusing a mistake exits 2 (gradaug_det.utils.cli)
                 with open(path) as f:
                     rounds[mode].append(json.load(f))
                 print(f"done: {mode} (round {r + 1} of {args.rounds})", file=sys.stderr)
@@ -278,4 +281,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)  # a mistake: one "error: ..." line, exit status 2

@@ -114,4 +114,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from gradaug_det.utils.cli import run_tool
+
+    run_tool(main)  # a mistake: one "error: ..." line, exit status 2

@@ -22,7 +22,9 @@ from tqdm import tqdm
 import gradaug_det  # noqa: F401  (registers backbones and datasets)
 from gradaug_det.benchmark.loader import loader_markdown, measure_loaders
 from gradaug_det.benchmark.report import device_name, publish
+from gradaug_det.config import merge_user_config
 from gradaug_det.engine.setup import get_gradaug_cfg
+from gradaug_det.utils.cli import run_tool
 
 
 def parse_args(argv=None):
@@ -54,7 +56,7 @@ def parse_args(argv=None):
         p.error("--data-dir is where --synthetic writes; give --synthetic N SIZE too")
     if not os.path.isfile(args.config_file):
         p.error(f"--config-file {args.config_file!r} does not exist")
-    from gradaug_det.checkpoint.io import check_output_path
+    from gradaug_det.utils.io import check_output_path
 
     for name in ("json", "markdown"):
         if getattr(args, name):
@@ -84,9 +86,7 @@ def dataset_dicts(cfg, args, tmp):
 def main(argv=None):
     """Entry point: measure both loaders, print and write the table."""
     args = parse_args(argv)
-    cfg = get_gradaug_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = merge_user_config(get_gradaug_cfg(), args.config_file, args.opts)
     with tempfile.TemporaryDirectory() as tmp:
         data = dataset_dicts(cfg, args, tmp)
         total = args.rounds * len(args.workers) * 2
@@ -107,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)  # a mistake: one "error: ..." line, exit status 2

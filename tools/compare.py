@@ -193,18 +193,15 @@ def main(args) -> dict:
         run_tool,
         schedule_opts,
     )
+    from gradaug_det.config import merge_user_config
     from gradaug_det.engine.setup import get_gradaug_cfg
 
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(f"--config-file {args.config_file!r}: no such file")
     data_opts = []
     if args.dataset:
         data_opts += ["DATASETS.TRAIN", repr((args.dataset,))]
     if args.val_dataset:
         data_opts += ["DATASETS.TEST", repr((args.val_dataset,))]
-    cfg = get_gradaug_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list([*data_opts, *args.opts])
+    cfg = merge_user_config(get_gradaug_cfg(), args.config_file, [*data_opts, *args.opts])
     _check_args(args, cfg)
     device = auto_device(args.device)
     iters = args.iters or cfg.SOLVER.MAX_ITER
@@ -277,4 +274,6 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    from gradaug_det.utils.cli import run_tool
+
+    run_tool(main, get_parser().parse_args())  # a mistake: one "error: ..." line, exit status 2

@@ -91,7 +91,7 @@ def _nested(opts):
 
 def main(argv=None):
     args = parse_args(argv)
-    from gradaug_det.checkpoint.io import atomic_write, check_output_path
+    from gradaug_det.utils.io import atomic_write, check_output_path
 
     try:  # every output is checked before the input is read
         if args.target != "torchvision" and not args.output.endswith(".pkl"):
@@ -109,6 +109,9 @@ def main(argv=None):
                                  "e.g. configs/mask_rcnn_gradaug.yaml)")
     except ValueError as e:
         sys.exit(f"error: {e}")
+    from gradaug_det.checkpoint.io import check_weights_available
+
+    check_weights_available(args.input, "input")
     from detectron2.utils.logger import setup_logger
 
     setup_logger(name="gradaug_det")
@@ -152,6 +155,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
+    from gradaug_det.utils.cli import run_tool
 
-    exit_on_weights_error(main)
+    run_tool(main)  # a mistake: one "error: ..." line, exit status 2

@@ -16,6 +16,7 @@ import glob
 import logging
 import os
 
+import gradaug_det  # noqa: F401  (first: registers backbones and the quickstart datasets' metadata; quiets detectron2)
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
@@ -23,11 +24,13 @@ from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-import gradaug_det  # noqa: F401  (registers backbones and the quickstart datasets' metadata)
 from gradaug_det import add_gradaug_config, width
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
-from gradaug_det.checkpoint.io import atomic_path
+from gradaug_det.checkpoint.io import check_weights_available
+from gradaug_det.config import merge_user_config
 from gradaug_det.slim import SlimmableModule
+from gradaug_det.utils.cli import run_tool
+from gradaug_det.utils.io import atomic_path
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -46,10 +49,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_gradaug_config(cfg)  # MODEL.PRUNED_RESNET too: pruned configs load
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    # MODEL.PRUNED_RESNET too: pruned configs load; a mistake in the file or the overrides: one message
+    cfg = merge_user_config(add_gradaug_config(get_cfg()), args.config_file, args.opts)
+    check_weights_available(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.confidence_threshold
     cfg.MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH = args.confidence_threshold
@@ -120,6 +122,4 @@ def main(args) -> list:
 
 
 if __name__ == "__main__":
-    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
-
-    exit_on_weights_error(main, get_parser().parse_args())
+    run_tool(main, get_parser().parse_args())  # a mistake: one "error: ..." line, exit status 2

@@ -66,7 +66,7 @@ def main(args) -> dict:
     cfg = setup(args)
     try:
         check_exportable(cfg, args.format)
-        from gradaug_det.checkpoint.io import check_output_path
+        from gradaug_det.utils.io import check_output_path
 
         check_output_path(f"{args.output}/model.{args.format}", "--output", make_dirs=True)
         image = load_sample_image(cfg, args.sample_image)
@@ -96,6 +96,6 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
+    from gradaug_det.utils.cli import run_tool
 
-    exit_on_weights_error(main, get_parser().parse_args())
+    run_tool(main, get_parser().parse_args())  # a mistake: one "error: ..." line, exit status 2

@@ -17,20 +17,21 @@ Standard detectron2 flags: --num-gpus (on a machine without CUDA: CPU processes 
 """
 import logging
 
+import gradaug_det  # noqa: F401  (first: registers datasets and components; quiets detectron2's import)
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import gradaug_det  # noqa: F401  (registers datasets and components)
-from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer, exit_on_weights_error
+from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
 from gradaug_det.data.resumable import instantiate_lazy_train_loader, resumable_data_hook
 from gradaug_det.engine import create_ddp_model
 from gradaug_det.engine.launch import launch_tool
-from gradaug_det.engine.lazy import (build_lazy_step_trainer, check_lazy_paths, lazy_gradaug_options, lazy_test,
-                                     lazy_test_widths, needs_unused_parameter_search_lazy)
+from gradaug_det.engine.lazy import (build_lazy_step_trainer, lazy_test, lazy_test_widths, load_lazy_config,
+                                     needs_unused_parameter_search_lazy)
 from gradaug_det.engine.slurm import preemption_hook
 from gradaug_det.slim.settings import strict_slimmable_settings
+from gradaug_det.utils.cli import run_tool
 
 logger = logging.getLogger("gradaug_det")
 
@@ -66,11 +67,9 @@ def do_train(args, cfg):
 
 def main(args):
     """The tool: returns the evaluation results for ``--eval-only``, else the trainer."""
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    lazy_test_widths(cfg)  # a bad test.slim_widths or a missing weights file fails here, before any work
-    lazy_gradaug_options(cfg)  # as does a bad gradaug.* key
-    check_lazy_paths(cfg, args.eval_only, args.resume)
+    # a missing config file, a bad gradaug.* / test.* key or value, an unregistered dataset, missing
+    # or unreachable weights: refused here, before any work (nothing written, no ./output)
+    cfg = load_lazy_config(args.config_file, args.opts, eval_only=args.eval_only, resume=args.resume)
     default_setup(cfg, args)
     # gradaug-det's own messages (DDP settings, per-width tables) go to the same log
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="gradaug_det", abbrev_name="ga")
@@ -92,7 +91,12 @@ def get_parser():
     return default_argument_parser()
 
 
+def launch_checked(args):
+    """Refuse the user's mistakes before any worker starts, then detectron2's launch."""
+    load_lazy_config(args.config_file, args.opts, eval_only=args.eval_only, resume=args.resume)
+    return launch_tool(main, args)
+
+
 if __name__ == "__main__":
-    args = get_parser().parse_args()
-    # a weights file refused or unreadable: the message names it and the fix (no traceback)
-    exit_on_weights_error(launch_tool, main, args)
+    # a mistake (config, dataset, weights): one "error: ..." line, exit status 2 (GRADAUG_DET_DEBUG=1: traceback)
+    run_tool(launch_checked, get_parser().parse_args())

@@ -199,4 +199,6 @@ def main(args) -> List[str]:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    from gradaug_det.utils.cli import run_tool
+
+    run_tool(main, get_parser().parse_args())  # a mistake: one "error: ..." line, exit status 2

@@ -22,11 +22,15 @@ pruned model's BN statistics are recomputed at ``--width`` from N batches of ``D
 import argparse
 import logging
 
+import gradaug_det  # noqa: F401  (first: quiets detectron2's import)
 from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 from gradaug_det import add_gradaug_config
+from gradaug_det.checkpoint.io import check_weights_available
 from gradaug_det.checkpoint.prune import prune_checkpoint
+from gradaug_det.config import merge_user_config
+from gradaug_det.utils.cli import run_tool
 
 logger = logging.getLogger("gradaug_det.prune")
 
@@ -47,19 +51,21 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_gradaug_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
+    """The config (a mistake in the file or the overrides refused in one message)."""
+    cfg = merge_user_config(add_gradaug_config(get_cfg()), args.config_file, args.opts or [])
     cfg.freeze()
     return cfg
 
 
 def main(args) -> dict:
-    setup_logger(name="gradaug_det")
-    cfg = setup(args)
     if not 0.0 < args.width <= 1.0:
         raise SystemExit(f"--width must be in (0, 1], got {args.width}")
+    cfg = setup(args)
+    if args.weights:
+        check_weights_available(args.weights, "--weights")
+    else:
+        check_weights_available(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+    setup_logger(name="gradaug_det")
     size = None if args.no_flops else (args.flops_size or cfg.INPUT.MIN_SIZE_TEST)
     stats = prune_checkpoint(cfg, args.width, args.output, weights=args.weights, flops_size=size)
     print(f"Pruned to width {args.width:g} (backbone {stats['builder']}):")
@@ -79,6 +85,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
-
-    exit_on_weights_error(main, get_parser().parse_args())
+    run_tool(main, get_parser().parse_args())  # a mistake: one "error: ..." line, exit status 2

@@ -72,12 +72,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _load_cfg(config_file: str, opts=()):
+    from gradaug_det.config import merge_user_config
     from gradaug_det.engine.setup import get_gradaug_cfg
 
-    cfg = get_gradaug_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return merge_user_config(get_gradaug_cfg(), config_file, list(opts))
 
 
 def _check_args(args) -> None:
@@ -175,9 +173,16 @@ def main(args) -> dict:
         run_tool,
         schedule_opts,
     )
+    from gradaug_det.data.datasets import check_datasets_registered
     from gradaug_det.evaluation.widths import width_task_key
 
     device = auto_device(args.device)
+    # a mistake in the configs or their overrides: refused before the output directory is made
+    pre_cfg = _load_cfg(args.pretrain_config, args.pretrain_opts)
+    det_cfg = _load_cfg(args.config_file, args.opts)
+    for cfg, flag in ((pre_cfg, "--pretrain-config"), (det_cfg, "--config-file")):
+        check_datasets_registered(cfg.DATASETS.TRAIN, f"DATASETS.TRAIN of {flag}")
+        check_datasets_registered(cfg.DATASETS.TEST, f"DATASETS.TEST of {flag}")
     out = os.path.abspath(args.output_dir)
     os.makedirs(out, exist_ok=True)
     commands = os.path.join(out, "commands.txt")
@@ -190,11 +195,7 @@ def main(args) -> dict:
     print(f"gradaug-det quickstart: MODEL.DEVICE {device}, outputs in {out}")
 
     # 1. data: generated now, with progress bars (the tools then find it up to date)
-    pre_cfg = _load_cfg(args.pretrain_config, args.pretrain_opts)
-    det_cfg = _load_cfg(args.config_file, args.opts)
     for name in {*pre_cfg.DATASETS.TRAIN, *pre_cfg.DATASETS.TEST, *det_cfg.DATASETS.TRAIN, *det_cfg.DATASETS.TEST}:
-        if name not in DatasetCatalog.list():
-            raise SystemExit(f"dataset {name!r} (DATASETS of the configs) is not registered")
         DatasetCatalog.get(name)
     val_name = det_cfg.DATASETS.TEST[0]
 
@@ -310,4 +311,6 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args(sys.argv[1:]))
+    from gradaug_det.utils.cli import run_tool
+
+    run_tool(main, get_parser().parse_args(sys.argv[1:]))  # a mistake: one "error: ..." line, exit status 2

@@ -59,7 +59,7 @@ def setup(args):
 
 def _check(args, cfg):
     """Every bad input as one line, before any work."""
-    from gradaug_det.checkpoint.io import check_output_path
+    from gradaug_det.utils.io import check_output_path
     from gradaug_det.deploy.export import check_exportable
     from gradaug_det.evaluation.widths import normalize_widths
     from gradaug_det.slim.calibration import check_calibration_batches
@@ -144,6 +144,6 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
+    from gradaug_det.utils.cli import run_tool
 
-    exit_on_weights_error(main, get_parser().parse_args())
+    run_tool(main, get_parser().parse_args())  # a mistake: one "error: ..." line, exit status 2

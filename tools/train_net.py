@@ -7,15 +7,17 @@
 Standard detectron2 flags: --num-gpus, --num-machines, --machine-rank, --dist-url, --resume,
 --eval-only, and config overrides as trailing KEY VALUE pairs.
 """
+import gradaug_det  # noqa: F401  (first: registers backbones, meta-architectures, datasets; quiets detectron2's import)
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-import gradaug_det  # noqa: F401  (registers backbones, meta-architectures, datasets)
-from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer, exit_on_weights_error
+from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
 from gradaug_det.engine import GradAugTrainer, setup
 from gradaug_det.engine.launch import launch_tool
+from gradaug_det.engine.setup import build_config
 from gradaug_det.slim.settings import strict_slimmable_settings
+from gradaug_det.utils.cli import run_tool
 
 
 def main(args):
@@ -40,7 +42,13 @@ def get_parser():
     return default_argument_parser()
 
 
+def launch_checked(args):
+    """Refuse the user's mistakes (config file, keys, datasets, weights) here, before any worker
+    starts or anything is written; then detectron2's launch (clean gloo worker exit)."""
+    build_config(args)
+    return launch_tool(main, args)
+
+
 if __name__ == "__main__":
-    args = get_parser().parse_args()
-    # a weights file refused or unreadable: the message names it and the fix (no traceback)
-    exit_on_weights_error(launch_tool, main, args)  # detectron2's launch; clean gloo worker exit
+    # a mistake (config, dataset, weights): one "error: ..." line, exit status 2 (GRADAUG_DET_DEBUG=1: traceback)
+    run_tool(launch_checked, get_parser().parse_args())

@@ -39,8 +39,8 @@ def device_name(device) -> str:
 
 
 def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (:func:`gradaug_det.checkpoint.io.atomic_write`)."""
-    from ..checkpoint.io import atomic_write
+    """Write ``obj`` as indented JSON, atomically (:func:`gradaug_det.utils.io.atomic_write`)."""
+    from ..utils.io import atomic_write
 
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, default=_default)
@@ -48,7 +48,7 @@ def write_json(path: str, obj: Any) -> None:
 
 def write_text(path: str, text: str) -> None:
     """Write ``text`` (a Markdown report) atomically, ending with one newline."""
-    from ..checkpoint.io import atomic_write
+    from ..utils.io import atomic_write
 
     with atomic_write(path, "w") as f:
         f.write(text.rstrip("\n") + "\n")

@@ -33,18 +33,11 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..data.resumable import DataStreamStateError, upgrade_legacy_data_order
-from .io import (
-    CheckpointFileError,
-    NonFiniteWeightsError,
-    UntrustedPickleError,
-    atomic_write,
-    is_complete_torch_file,
-    load_weights_file,
-    nonfinite_tensors,
-)
+from ..utils.cli import UserError
+from ..utils.io import NonFiniteWeightsError, atomic_write, nonfinite_tensors
+from .io import CheckpointFileError, is_complete_torch_file, load_weights_file
 
-__all__ = ["GradAugCheckpointer", "BackboneShapeMismatchError", "CheckpointRecord", "backbone_mismatch_message",
-           "WEIGHTS_ERRORS", "exit_on_weights_error"]
+__all__ = ["GradAugCheckpointer", "BackboneShapeMismatchError", "CheckpointRecord", "backbone_mismatch_message"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +46,9 @@ _SHOWN = 5
 _BACKBONE_PREFIXES = ("backbone.", "roi_heads.res5.")
 
 
-class BackboneShapeMismatchError(ValueError):
-    """Backbone tensors of a weights file have other shapes than the model's."""
-
-
-#: Errors that name a weights file and the fix; tools print them without a traceback.
-WEIGHTS_ERRORS = (UntrustedPickleError, CheckpointFileError, BackboneShapeMismatchError, NonFiniteWeightsError,
-                  DataStreamStateError)
-
-
-def exit_on_weights_error(fn: Callable, *args, **kwargs):
-    """Call ``fn``; turn a :data:`WEIGHTS_ERRORS` error into ``SystemExit("error: ...")`` (a
-    tool's command line: the message names the file and the fix, a traceback adds nothing)."""
-    try:
-        return fn(*args, **kwargs)
-    except WEIGHTS_ERRORS as e:
-        raise SystemExit(f"error: {e}") from None
+class BackboneShapeMismatchError(UserError, ValueError):
+    """Backbone tensors of a weights file have other shapes than the model's (a
+    :class:`~gradaug_det.utils.cli.UserError`: tools print it without a traceback)."""
 
 
 class CheckpointRecord(NamedTuple):
@@ -316,5 +296,3 @@ from ..slim import settings as _slim_settings  # noqa: E402
 
 GradAugCheckpointer.register_record(_slim_settings.RECORD_KEY, _slim_settings.model_slimmable_settings,
                                     _slim_settings.check_record)
-# a refused mismatch names the file, the keys and the fix: tools print it without a traceback
-WEIGHTS_ERRORS = WEIGHTS_ERRORS + (_slim_settings.SlimmableSettingsMismatch,)

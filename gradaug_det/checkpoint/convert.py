@@ -48,7 +48,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .io import atomic_pickle_dump, atomic_torch_save, load_weights_file
+from ..utils.io import atomic_pickle_dump, atomic_torch_save
+from .io import load_weights_file
 
 __all__ = [
     "TARGETS",

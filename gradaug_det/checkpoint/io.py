@@ -1,34 +1,33 @@
-"""Reading weights without running code, and writing files without leaving them half-written.
+"""Reading weights without running code.
 
-Loading
-    ``.pth`` (and every other non-``.pkl`` file) loads with ``torch.load(weights_only=True)``
-    only: tensors, plain containers, numbers, strings and numpy arrays. ``.pkl`` files
-    (detectron2's model-zoo format and this project's converted weights) load through
-    :class:`RestrictedUnpickler`, which admits exactly what those files hold: ``dict`` /
-    ``list`` / ``tuple`` / ``OrderedDict``, strings, bytes, numbers and numpy arrays,
-    dtypes and scalars. Any other object in a file is refused with
-    :class:`UntrustedPickleError`, naming the file and the refused object. No file is
-    ever fully unpickled: a file that holds other objects must be re-saved as a plain
-    state dict by the code that wrote it.
+``.pth`` (and every other non-``.pkl`` file) loads with ``torch.load(weights_only=True)``
+only: tensors, plain containers, numbers, strings and numpy arrays. ``.pkl`` files
+(detectron2's model-zoo format and this project's converted weights) load through
+:class:`RestrictedUnpickler`, which admits exactly what those files hold: ``dict`` /
+``list`` / ``tuple`` / ``OrderedDict``, strings, bytes, numbers and numpy arrays,
+dtypes and scalars. Any other object in a file is refused with
+:class:`UntrustedPickleError`, naming the file and the refused object. No file is
+ever fully unpickled: a file that holds other objects must be re-saved as a plain
+state dict by the code that wrote it.
 
-Writing
-    :func:`atomic_write` writes to a temporary file in the destination's directory and
-    renames it over the destination (``os.replace``, atomic on POSIX), so a killed
-    process leaves either the old file or the complete new one, never a partial file.
-    :func:`atomic_torch_save` and :func:`atomic_pickle_dump` (every weights file the
-    project writes) refuse an object holding a NaN or Inf tensor or array
-    (:func:`check_finite_weights`) before anything is written.
-    :func:`check_output_path` checks an output path before any work starts.
+Writing files (atomically, with the user's umask) lives in :mod:`gradaug_det.utils.io`.
 """
 import contextlib
+import functools
 import io
 import os
 import pickle
-import tempfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
-from typing import Any, Iterator, List, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
+
+from ..utils.cli import MissingFileError, UserError
+from ..utils.io import check_input_file
 
 __all__ = [
     "CheckpointFileError",
@@ -36,15 +35,9 @@ __all__ = [
     "RestrictedUnpickler",
     "load_weights_file",
     "restricted_pickle_load",
-    "atomic_write",
-    "atomic_path",
-    "atomic_torch_save",
-    "atomic_pickle_dump",
-    "NonFiniteWeightsError",
-    "nonfinite_tensors",
-    "check_finite_weights",
-    "check_output_path",
     "is_complete_torch_file",
+    "check_weights_available",
+    "weights_url",
 ]
 
 # (module, name) pairs a detectron2 / gradaug-det .pkl may reference. numpy 1.x pickles
@@ -59,15 +52,11 @@ _SAFE_PICKLE_GLOBALS = frozenset(
 )
 
 
-class CheckpointFileError(ValueError):
+class CheckpointFileError(UserError, ValueError):
     """A weights file that cannot be read: empty, truncated, or not a checkpoint at all."""
 
 
-class NonFiniteWeightsError(FloatingPointError):
-    """Weights to be written hold NaN or Inf; nothing was written."""
-
-
-class UntrustedPickleError(pickle.UnpicklingError):
+class UntrustedPickleError(UserError, pickle.UnpicklingError):
     """A weights file holds an object whose loading could run code; it was not loaded."""
 
 
@@ -206,166 +195,80 @@ def is_complete_torch_file(path: str) -> bool:
         return False
 
 
-def check_output_path(path: str, what: str = "output", *, make_dirs: bool = False) -> str:
-    """Check before any work that ``path`` can be written.
-
-    Args:
-        path: the file to be written.
-        what: how to name it in errors (e.g. ``"--emit-config"``).
-        make_dirs: the writer creates missing directories; else the directory must exist.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        ValueError: naming ``what``, the path and the problem (a directory, a missing or
-            unwritable directory).
-    """
-    if os.path.isdir(path):
-        raise ValueError(f"{what} {path!r} is a directory; give a file name")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory) and not make_dirs:
-        raise ValueError(f"{what} {path!r}: directory {directory!r} does not exist; create it or choose "
-                         "another path")
-    parent = directory
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{what} {path!r}: {parent!r} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path!r}: directory {parent!r} is not writable")
-    return path
+#: Weights files a tool may be given (for the suggestion of a misspelt one).
+WEIGHTS_EXTENSIONS = (".pth", ".pkl", ".pyth", ".pt")
+#: Seconds :func:`check_weights_available` waits for a weights URL's server before calling it unreachable.
+URL_TIMEOUT_S = 5.0
+_DETECTRON2_PREFIX = "detectron2://"
+_DETECTRON2_URL = "https://dl.fbaipublicfiles.com/detectron2/"
 
 
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb", *, make_dirs: bool = True) -> Iterator[Any]:
-    """Open a temporary file beside ``path``; on success rename it to ``path``.
+def weights_url(path: str) -> Optional[str]:
+    """The ``http(s)://`` address of a ``detectron2://`` or ``http(s)://`` weights path, else None."""
+    if path.startswith(_DETECTRON2_PREFIX):
+        return _DETECTRON2_URL + path[len(_DETECTRON2_PREFIX):]
+    if path.startswith(("https://", "http://")):
+        return path
+    return None
 
-    The temporary file (``.<name>.tmp-XXXX`` in the same directory) is flushed and
-    fsync'ed, then renamed with ``os.replace``; on an exception it is removed and
-    ``path`` is untouched. A killed process may leave a hidden ``.tmp-`` file, never a
-    partial ``path``.
 
-    Args:
-        path: the destination (a local path).
-        mode: ``"wb"`` or ``"w"``.
-        make_dirs: create the destination's directory if missing.
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if make_dirs:
-        os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
+def _cached_copy(url: str) -> str:
+    """Where iopath's ``HTTPURLHandler`` caches ``url`` (``$FVCORE_CACHE``, default
+    ``~/.torch/iopath_cache``, then the path of the URL); nothing is created."""
+    cache = os.path.expanduser(os.getenv("FVCORE_CACHE", "~/.torch/iopath_cache"))
+    return os.path.join(cache, urllib.parse.urlparse(url).path.lstrip("/"))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(url: str, timeout: float) -> str:
+    """Why ``url`` cannot be fetched ("" if its server answers): a HEAD request, in a thread
+    so a hanging name lookup cannot hold the tool longer than ``timeout``."""
+    result = ["no answer within {:g} s".format(timeout)]
+
+    def head():
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            result[0] = ""
+        except urllib.error.HTTPError as e:
+            result[0] = f"the server answers HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            result[0] = f"cannot reach {urllib.parse.urlparse(url).netloc} ({reason})"
+
+    thread = threading.Thread(target=head, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return result[0]
 
 
-@contextlib.contextmanager
-def atomic_path(path: str, *, make_dirs: bool = True) -> Iterator[str]:
-    """A temporary path beside ``path`` (same extension) for writers that take a file name
-    (``savefig``, ``cv2.imwrite``); renamed to ``path`` when the block succeeds, removed
-    otherwise.
-
-    Example::
-
-        with atomic_path("plot.png") as tmp:
-            fig.savefig(tmp)
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    if make_dirs:
-        os.makedirs(directory, exist_ok=True)
-    base, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=ext, dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def nonfinite_tensors(obj: Any, prefix: str = "") -> List[str]:
-    """Names of the floating-point tensors and numpy arrays in ``obj`` that hold NaN or Inf.
+def check_weights_available(path: str, key: str = "MODEL.WEIGHTS") -> None:
+    """Refuse, before any work, weights that cannot be read: a local file that does not
+    exist (with the closest existing weights file), or a ``detectron2://`` / ``http(s)://``
+    address neither in iopath's download cache nor reachable (e.g. on an offline compute
+    node; a HEAD request of at most :data:`URL_TIMEOUT_S` seconds). Other URL schemes are
+    left to the checkpointer.
 
     Args:
-        obj: a tensor / array, or dicts, lists and tuples of them (any nesting; other
-            values are ignored).
-        prefix: name of ``obj`` itself.
-
-    Returns:
-        Dotted paths (dict keys, list positions), e.g. ``model.roi_heads.mask_head.mask_fcn1.norm.running_mean``,
-        in the object's order.
-    """
-    import numpy as np
-
-    if torch.is_tensor(obj):
-        bad = (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all())
-        return [prefix or "<tensor>"] if bad else []
-    if isinstance(obj, np.ndarray):
-        bad = np.issubdtype(obj.dtype, np.inexact) and not bool(np.isfinite(obj).all())
-        return [prefix or "<array>"] if bad else []
-    if isinstance(obj, dict):
-        items = ((str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = ((str(i), v) for i, v in enumerate(obj))
-    else:
-        return []
-    found = []
-    for key, value in items:
-        found += nonfinite_tensors(value, f"{prefix}.{key}" if prefix else key)
-    return found
-
-
-def check_finite_weights(obj: Any, path: str, shown: int = 5) -> None:
-    """Refuse to write ``obj`` to ``path`` if a tensor / array in it holds NaN or Inf.
+        path: the weights path or URL ("" = random initialisation: nothing to check).
+        key: how the user gave it (``"MODEL.WEIGHTS"``, ``"train.init_checkpoint"``, ``"--weights"``).
 
     Raises:
-        NonFiniteWeightsError: (a ``FloatingPointError``) one line naming ``path`` and the
-            non-finite tensors (the first ``shown`` of them and how many in all).
+        MissingFileError: naming ``key``, the path and what to do (for a URL: fetch it where
+            there is internet, then set ``key`` to the local file, or place it in the cache).
     """
-    bad = nonfinite_tensors(obj)
-    if bad:
-        more = f", ... ({len(bad)} in all)" if len(bad) > shown else ""
-        raise NonFiniteWeightsError(f"{path}: refused to write weights holding NaN or Inf: {', '.join(bad[:shown])}"
-                                 f"{more}; nothing was written")
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` through :func:`atomic_write`.
-
-    Raises:
-        NonFiniteWeightsError: a tensor in ``obj`` holds NaN or Inf (:func:`check_finite_weights`);
-            nothing is written.
-    """
-    check_finite_weights(obj, path)
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def atomic_pickle_dump(obj: Any, path: str) -> None:
-    """``pickle.dump(obj, path)`` through :func:`atomic_write`.
-
-    Raises:
-        NonFiniteWeightsError: a tensor or array in ``obj`` holds NaN or Inf
-            (:func:`check_finite_weights`); nothing is written.
-    """
-    check_finite_weights(obj, path)
-    with atomic_write(path, "wb") as f:
-        pickle.dump(obj, f)
+    if not path:
+        return
+    url = weights_url(path)
+    if url is None:
+        if "://" not in path:
+            check_input_file(path, key, extensions=WEIGHTS_EXTENSIONS,
+                             fix=f"set {key} to an existing .pth/.pkl file, or to \"\" for random initialisation")
+        return
+    cached = _cached_copy(url)
+    if os.path.isfile(cached):
+        return
+    why = _probe(url, URL_TIMEOUT_S)
+    if why:
+        raise MissingFileError(
+            f"{key} {path!r}: cannot download it: {why}. On an offline node, fetch it elsewhere "
+            f"(wget {url}), copy it here and set {key} to the local file (or place it at {cached})")

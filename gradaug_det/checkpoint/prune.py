@@ -431,7 +431,7 @@ def prune_checkpoint(cfg: CfgNode, w: float, output_dir: str, weights: Optional[
         the pruned model were recomputed at width ``w`` on that many training batches; 0 =
         the full network's sliced statistics).
     """
-    from .io import atomic_torch_save, atomic_write, check_output_path
+    from ..utils.io import atomic_torch_save, atomic_write, check_output_path
 
     w = check_width(w)
     weights = cfg.MODEL.WEIGHTS if weights is None else weights

@@ -12,6 +12,8 @@ from .synthetic_imagefolder import QUICKSTART_CLASSES, generate_imagefolder, ima
 
 # detectron2 dataset registration (gradaug_det.data.datasets), imported when first accessed
 _DETECTRON2_NAMES = (
+    "DATASETS_DOC",
+    "check_datasets_registered",
     "IMAGENET_FRACTIONS",
     "IMAGENET_TRAIN",
     "IMAGENET_VAL",

@@ -60,9 +60,14 @@ __all__ = [
     "list_imagefolder_classes",
     "load_imagefolder",
     "subsample_per_class",
+    "check_datasets_registered",
+    "DATASETS_DOC",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Where the docs say how to register a dataset (named by :func:`check_datasets_registered`).
+DATASETS_DOC = "docs/getting_started.md#datasets"
 
 QUICKSTART_TRAIN = "gradaug_quickstart_train"
 QUICKSTART_VAL = "gradaug_quickstart_val"
@@ -447,3 +452,26 @@ def register_imagenet(
             meta.update(fraction=percent / 100, subsample_seed=seed)
         MetadataCatalog.get(name).set(**meta)
     return names
+
+
+def check_datasets_registered(names: Sequence[str], key: str) -> None:
+    """Refuse a dataset name that is not in detectron2's ``DatasetCatalog``, before any work.
+
+    Args:
+        names: the dataset names a config gives (e.g. ``cfg.DATASETS.TRAIN``).
+        key: how the config names them, for the message (``"DATASETS.TRAIN"``,
+            ``"dataloader.train.dataset.names"``).
+
+    Raises:
+        ConfigError: naming ``key``, the dataset, the closest registered name, how to
+            register one and :data:`DATASETS_DOC`.
+    """
+    from ..utils.cli import ConfigError, did_you_mean
+
+    registered = DatasetCatalog.list()
+    for name in [names] if isinstance(names, str) else names:
+        if name not in registered:
+            raise ConfigError(
+                f"{key}: dataset {name!r} is not registered{did_you_mean(name, registered) or '.'} "
+                "Register yours before building the trainer, e.g. detectron2's register_coco_instances(name, {}, "
+                f"json_file, image_root) (see {DATASETS_DOC})")

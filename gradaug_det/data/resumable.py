@@ -36,6 +36,8 @@ import torch.utils.data as torchdata
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..utils.cli import UserError
+
 __all__ = ["ResumableTrainLoader", "ResumableDataHook", "DataStreamStateError", "check_rank_states",
            "build_resumable_train_loader",
            "instantiate_lazy_train_loader", "resumable_data_hook", "upgrade_legacy_data_order", "seeded_rng",
@@ -309,8 +311,9 @@ def instantiate_lazy_train_loader(loader_cfg):
                                 num_workers=kw.get("num_workers", 0), collate_fn=instantiate(kw.get("collate_fn")))
 
 
-class DataStreamStateError(ValueError):
-    """A checkpoint's data stream state does not hold this run's ranks' own positions."""
+class DataStreamStateError(UserError, ValueError):
+    """A checkpoint's data stream state does not hold this run's ranks' own positions (a
+    :class:`~gradaug_det.utils.cli.UserError`: tools print it without a traceback)."""
 
 
 def check_rank_states(state: Dict[str, Any], world_size: int) -> List[Dict[str, Any]]:

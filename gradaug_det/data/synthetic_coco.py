@@ -42,6 +42,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..utils.io import atomic_write
+
 __all__ = [
     "COCO_SHAPES_CATEGORIES",
     "DISTRACTOR_GLYPHS",
@@ -108,16 +110,14 @@ _TRACE_UPSAMPLE = 3
 # Small file helpers, shared with synthetic_imagefolder.
 # ----------------------------------------------------------------------------
 def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file and ``os.replace``.
+    """Writes ``data`` to ``path`` atomically (:func:`gradaug_det.utils.io.atomic_write`).
 
     Args:
         path: destination file.
         data: file content.
     """
-    tmp = "{}.{}.tmp".format(path, os.getpid())
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def _atomic_write_image(path: str, image: np.ndarray, params: Sequence[int] = ()) -> None:

@@ -327,7 +327,7 @@ def export_width(cfg, w: float, fmt: str, output_dir: str, image: torch.Tensor, 
     temporary file beside ``<output_dir>/model_w<w>.<ts|onnx>``, runs that file on ``image``
     and compares its detections with the slimmable model's at width ``w``
     (:func:`compare_detections`). Only when they agree is the file renamed into place
-    (:func:`gradaug_det.checkpoint.io.atomic_path`) and a JSON description of its input and
+    (:func:`gradaug_det.utils.io.atomic_path`) and a JSON description of its input and
     outputs written beside it; on a mismatch nothing is written.
 
     Args:
@@ -351,7 +351,7 @@ def export_width(cfg, w: float, fmt: str, output_dir: str, image: torch.Tensor, 
     """
     from ..benchmark.cost import count_parameters
     from ..benchmark.report import write_json
-    from ..checkpoint.io import atomic_path
+    from ..utils.io import atomic_path
     from ..checkpoint.prune import pruned_from_config
     from ..slim import check_width, width
 

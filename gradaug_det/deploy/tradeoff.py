@@ -154,13 +154,13 @@ def tradeoff_markdown(rows: Sequence[Dict], metric: str = "bbox", device: str = 
 
 def plot_tradeoff(rows: Sequence[Dict], path: str, metric: str = "bbox") -> None:
     """AP against GFLOPs and against latency, one marker per row, the Pareto front drawn as a
-    line; written atomically (:func:`gradaug_det.checkpoint.io.atomic_path`)."""
+    line; written atomically (:func:`gradaug_det.utils.io.atomic_path`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..checkpoint.io import atomic_path
+    from ..utils.io import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, cost, label in ((axes[0], "gflops", "backbone GFLOPs"), (axes[1], "latency_ms", "ms / image")):

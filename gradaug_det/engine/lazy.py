@@ -15,6 +15,7 @@ and evaluates at extra widths (``TEST.SLIM_WIDTHS`` of the yacs configs) with a 
     test = dict(slim_widths=[0.75, 0.5])   # or on the command line: test.slim_widths=[0.5]
 """
 import os
+import warnings
 from typing import List, Optional
 
 from detectron2.config import instantiate
@@ -31,10 +32,16 @@ from ..evaluation.widths import (
 )
 from ..gradaug import ClassificationTask, DetectionTask, GradAugOptions, SubnetSampler
 from ..gradaug.options import LAZY_KEYS
+from ..slim.calibration import check_calibration_batches
+from ..utils.cli import ConfigError, MissingFileError, did_you_mean
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
 __all__ = ["lazy_gradaug_options", "gradaug_enabled", "needs_unused_parameter_search_lazy",
-           "build_lazy_step_trainer", "lazy_test_widths", "check_lazy_paths", "lazy_test"]
+           "build_lazy_step_trainer", "lazy_test_widths", "check_lazy_paths", "lazy_test", "load_lazy_config",
+           "LAZY_TEST_KEYS"]
+
+#: The keys of a LazyConfig's ``test`` node (``TEST.SLIM_WIDTHS``, ``TEST.BN_CALIBRATION_BATCHES``).
+LAZY_TEST_KEYS = ("slim_widths", "bn_calibration_batches")
 
 
 def lazy_gradaug_options(cfg) -> GradAugOptions:
@@ -91,22 +98,86 @@ def lazy_test_widths(cfg) -> List[float]:
 
 
 def check_lazy_paths(cfg, eval_only: bool, resume: bool) -> None:
-    """Refuse a local ``train.init_checkpoint`` that does not exist, before any work.
+    """Refuse a ``train.init_checkpoint`` that cannot be read, before any work: a local file
+    that does not exist, a ``detectron2://`` / ``https://`` address neither cached nor
+    reachable (:func:`~gradaug_det.checkpoint.io.check_weights_available`).
 
     Checked where the file will be read: ``--eval-only``, and training without ``--resume``.
-    URLs (``detectron2://``, ``https://`` ...) are left to the checkpointer. ``--eval-only``
-    with no ``train.init_checkpoint`` is refused too: it would evaluate random weights.
+    ``--eval-only`` with no ``train.init_checkpoint`` is refused too: it would evaluate random
+    weights.
 
     Raises:
-        FileNotFoundError: naming ``train.init_checkpoint`` and what to set.
+        MissingFileError: (a ``FileNotFoundError``) naming ``train.init_checkpoint`` and what to set.
     """
-    path = cfg.train.get("init_checkpoint", "")
+    from ..checkpoint.io import check_weights_available
+
+    path = cfg.train.get("init_checkpoint", "") or ""
     if eval_only and not path:
-        raise FileNotFoundError("--eval-only with train.init_checkpoint='' would evaluate random weights; set "
-                                "train.init_checkpoint=<the .pth to evaluate> (after any other override of it)")
-    if path and "://" not in path and (eval_only or not resume) and not os.path.isfile(path):
-        raise FileNotFoundError(f"train.init_checkpoint={path!r} is not a file; set train.init_checkpoint=<a .pth "
-                                "or .pkl file> (or train.init_checkpoint= to start from random weights)")
+        raise MissingFileError("--eval-only with train.init_checkpoint='' would evaluate random weights; set "
+                               "train.init_checkpoint=<the .pth to evaluate> (after any other override of it)")
+    if eval_only or not resume:
+        check_weights_available(path, "train.init_checkpoint")
+
+
+def _check_test_keys(cfg) -> None:
+    """Refuse an unknown key of the ``test`` node (the ``gradaug`` node's are refused by
+    :meth:`GradAugOptions.from_dict <gradaug_det.gradaug.options.GradAugOptions.from_dict>`)."""
+    node = cfg.get("test", None)
+    unknown = sorted(set(node.keys()) - set(LAZY_TEST_KEYS)) if node is not None else []
+    if unknown:
+        hint = did_you_mean(f"test.{unknown[0]}", [f"test.{k}" for k in LAZY_TEST_KEYS])
+        raise ConfigError(f"test has unknown keys {unknown}; allowed: {sorted(LAZY_TEST_KEYS)}{hint}")
+
+
+def load_lazy_config(config_file: str, overrides: List[str], *, eval_only: bool = False, resume: bool = False):
+    """A LazyConfig file with ``key=value`` overrides, every user mistake refused before any
+    work (nothing written, no ``train.output_dir``): a missing or misspelt config file, an
+    unknown key under ``gradaug.`` or ``test.`` (with the closest real key), a bad value
+    there, an unregistered dataset, a missing or unreachable ``train.init_checkpoint``.
+
+    Args:
+        config_file: the ``.py`` (or ``.yaml``) LazyConfig.
+        overrides: the tool's trailing ``key=value`` arguments.
+        eval_only, resume: the tool's flags (which datasets and weights will be read).
+
+    Returns:
+        The config.
+
+    Raises:
+        UserError: (``ConfigError``, ``MissingFileError``) naming the file / key and the fix.
+    """
+    from detectron2.config import LazyConfig
+
+    from ..data.datasets import check_datasets_registered
+    from ..utils.io import check_input_file
+
+    check_input_file(config_file, "--config-file", extensions=(".py", ".yaml"),
+                     fix="pass a LazyConfig .py (the shipped one is under configs/lazy/)")
+    with warnings.catch_warnings():
+        # detectron2's model_zoo (which LazyConfigs import) uses pkg_resources; the notice is not the user's
+        warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*", category=UserWarning)
+        cfg = LazyConfig.load(config_file)
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, overrides)
+    except KeyError as e:
+        raise ConfigError(f"config override: {str(e).strip(chr(34) + chr(39))}") from None
+    _check_test_keys(cfg)
+    try:
+        lazy_test_widths(cfg)
+        calibration = cfg.get("test", {}).get("bn_calibration_batches", 0)
+        check_calibration_batches(calibration, key="test.bn_calibration_batches")
+        lazy_gradaug_options(cfg)
+    except ValueError as e:  # the checks name the key: a user's mistake
+        raise ConfigError(str(e)) from None
+    loaders = [("test", "dataloader.test.dataset.names")]
+    if not eval_only or calibration:
+        loaders.insert(0, ("train", "dataloader.train.dataset.names"))
+    for split, key in loaders:
+        names = cfg.get("dataloader", {}).get(split, {}).get("dataset", {}).get("names", None)
+        if names is not None:
+            check_datasets_registered(list(names) if not isinstance(names, str) else names, key)
+    check_lazy_paths(cfg, eval_only, resume)
+    return cfg
 
 
 def lazy_test(cfg, model):

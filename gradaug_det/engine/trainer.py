@@ -28,6 +28,7 @@ from ..data.resumable import build_resumable_train_loader, resumable_data_hook
 from ..gradaug import GradAugOptions, SubnetSampler, build_task
 from ..slim import check_width, linear_keep_probs, residual_blocks
 from ..slim.calibration import check_calibration_batches
+from ..utils.cli import ConfigError
 from .checks import check_gradaug_trainable
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
@@ -37,20 +38,24 @@ logger = logging.getLogger(__name__)
 
 
 def validate_config(cfg) -> None:
-    """Check the GradAug keys before any work starts (``GRADAUG.*``: with GradAug enabled,
+    """Check the GradAug keys before any work starts (``TEST.SLIM_WIDTHS``,
+    ``TEST.BN_CALIBRATION_BATCHES``; ``GRADAUG.*``: with GradAug enabled,
     :meth:`GradAugOptions.validate <gradaug_det.gradaug.options.GradAugOptions.validate>`).
 
     Raises:
-        ValueError: naming the key, the bad value and what is allowed.
+        ConfigError: (a ``ValueError``) naming the key, the bad value and what is allowed.
     """
-    for w in cfg.TEST.SLIM_WIDTHS:
-        try:
-            check_width(w)
-        except ValueError:
-            raise ValueError(f"TEST.SLIM_WIDTHS contains {w!r}; every width must be in (0, 1]") from None
-    check_calibration_batches(cfg.TEST.get("BN_CALIBRATION_BATCHES", 0))
-    if cfg.GRADAUG.ENABLED:
-        GradAugOptions.from_yacs(cfg)
+    try:
+        for w in cfg.TEST.SLIM_WIDTHS:
+            try:
+                check_width(w)
+            except ValueError:
+                raise ValueError(f"TEST.SLIM_WIDTHS contains {w!r}; every width must be in (0, 1]") from None
+        check_calibration_batches(cfg.TEST.get("BN_CALIBRATION_BATCHES", 0))
+        if cfg.GRADAUG.ENABLED:
+            GradAugOptions.from_yacs(cfg)
+    except ValueError as e:  # the checks name the key: a user's mistake, printed without a traceback
+        raise ConfigError(str(e)) from None
 
 
 def apply_depth_eval_scale(cfg, model) -> None:

@@ -111,7 +111,7 @@ class ClassificationEvaluator(DatasetEvaluator):
             logger.warning("[ClassificationEvaluator] did not receive valid predictions.")
             return {}
         if self._output_dir:
-            from ..checkpoint.io import atomic_torch_save
+            from ..utils.io import atomic_torch_save
 
             atomic_torch_save(torch.tensor(ranks), os.path.join(self._output_dir, "classification_ranks.pth"))
         ranks_t = torch.tensor(ranks)

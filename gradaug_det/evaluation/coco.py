@@ -1,10 +1,8 @@
 """``AtomicCOCOEvaluator``: detectron2's ``COCOEvaluator`` whose result files are never half-written."""
-import os
-import shutil
-import tempfile
-
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+
+from ..utils.io import atomic_files
 
 __all__ = ["AtomicCOCOEvaluator"]
 
@@ -19,14 +17,9 @@ class AtomicCOCOEvaluator(COCOEvaluator):
         final = self._output_dir
         if not final or not comm.is_main_process():
             return super().evaluate(img_ids)
-        os.makedirs(final, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-results-", dir=final)
-        self._output_dir = tmp
-        try:
-            results = super().evaluate(img_ids)
-            for name in os.listdir(tmp):
-                os.replace(os.path.join(tmp, name), os.path.join(final, name))
-            return results
-        finally:
-            self._output_dir = final
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_files(final) as tmp:  # each complete file renamed into `final` at the end
+            self._output_dir = tmp
+            try:
+                return super().evaluate(img_ids)
+            finally:
+                self._output_dir = final

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Tuple
 
 from ..slim import check_width
+from ..utils.cli import ConfigError, did_you_mean
 
 __all__ = ["GradAugOptions", "SAMPLINGS", "TRANSFORMS", "SUBNET_LOSSES", "SAMPLER_KEYS", "LAZY_KEYS",
            "MMDET_KEYS"]
@@ -163,7 +164,8 @@ class GradAugOptions:
         options = dict(options or {})
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(f"{key_prefix.rstrip('.')} has unknown keys {unknown}; allowed: {sorted(allowed)}")
+            hint = did_you_mean(key_prefix + unknown[0], [key_prefix + k for k in allowed])
+            raise ConfigError(f"{key_prefix.rstrip('.')} has unknown keys {unknown}; allowed: {sorted(allowed)}{hint}")
         return cls(**options, key_prefix=key_prefix)
 
     def to_dict(self, keys: Optional[Iterable[str]] = None) -> dict:

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
 from torch import nn
 
+from ..utils.cli import UserError
 from .control import SlimmableModule
 
 __all__ = [
@@ -50,8 +51,9 @@ _KEYS = {
 _STRICT: "contextvars.ContextVar[str]" = contextvars.ContextVar("gradaug_slimmable_strict", default="")
 
 
-class SlimmableSettingsMismatch(ValueError):
-    """A checkpoint's slimmable settings differ from the model's where that is refused."""
+class SlimmableSettingsMismatch(UserError, ValueError):
+    """A checkpoint's slimmable settings differ from the model's where that is refused (a
+    :class:`~gradaug_det.utils.cli.UserError`: tools print it without a traceback)."""
 
 
 def slimmable_settings(cfg) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, Instances
 
-from gradaug_det.checkpoint.io import atomic_write
+from gradaug_det.utils.io import atomic_path, atomic_torch_save, atomic_write
 from gradaug_det.evaluation.coco import AtomicCOCOEvaluator
 
 
@@ -112,3 +112,20 @@ def test_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypa
     saved = torch.load(tmp_path / "model_0000001.pth", weights_only=True)
     assert saved["iteration"] == 1 and torch.equal(saved["model"]["weight"], model.weight.detach())
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    """mkstemp's 0600 used to survive the rename: teammates could not read a run's weights."""
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"w": torch.ones(2)}, str(tmp_path / "model.pth"))
+        with atomic_write(str(tmp_path / "last_checkpoint"), "w") as f:
+            f.write("model.pth")
+        with atomic_path(str(tmp_path / "plot.png")) as tmp:
+            with open(tmp, "wb") as f:  # as savefig / cv2.imwrite write to the name
+                f.write(b"png")
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
+        "model.pth": oct(mode), "last_checkpoint": oct(mode), "plot.png": oct(mode)}

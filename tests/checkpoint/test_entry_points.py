@@ -156,11 +156,11 @@ def _run_tool(tool, argv):
 @pytest.mark.parametrize("tool,fmt", [("train_net", "pkl"), ("lazyconfig_train_net", "pth"), ("prune", "pkl"),
                                       ("demo", "pth"), ("convert_pretrained", "pkl")])
 def test_command_line_prints_the_refusal_without_traceback(tmp_path, tiny_yaml, malicious, tool, fmt):
-    """As a user runs each tool: exit status 1, one message naming the file, the object and
+    """As a user runs each tool: exit status 2 (gradaug_det.utils.cli.run_tool), one message naming the file, the object and
     how to re-save the weights (no opt-in), no traceback, and the file's code not run."""
     path, target = malicious(fmt)
     proc = _run_tool(tool, _command_line(tool, tmp_path, tiny_yaml, path))
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     refused = "the object" if fmt == "pkl" else "an object that is not a tensor"
     assert f"error: {path}: refused to load {refused}" in proc.stderr, proc.stderr
     message = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))

@@ -189,7 +189,7 @@ def test_weights_writers_refuse_nonfinite_and_write_nothing(tmp_path, writer, va
     existing file at the path is untouched."""
     import numpy as np
 
-    from gradaug_det.checkpoint.io import NonFiniteWeightsError, atomic_pickle_dump, atomic_torch_save
+    from gradaug_det.utils.io import NonFiniteWeightsError, atomic_pickle_dump, atomic_torch_save
 
     bad = torch.ones(3)
     bad[1] = value

@@ -174,11 +174,13 @@ def test_converted_classifier_carries_its_settings(tmp_path, make_rcnn_cfg, capl
         GradAugCheckpointer(same).load(out)  # slim_fpn is not compared: the classifier had no FPN
 
 
-def test_tool_prints_the_refusal_without_traceback():
-    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
+def test_tool_prints_the_refusal_without_traceback(capsys):
+    from gradaug_det.utils.cli import run_tool
 
     def load():
         check_slimmable_settings({"channel_divisor": 8}, {"channel_divisor": 1}, strict=True, source="m.pth")
 
-    with pytest.raises(SystemExit, match="error: m.pth was trained with other slimmable settings"):
-        exit_on_weights_error(load)
+    with pytest.raises(SystemExit) as e:
+        run_tool(load)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: m.pth was trained with other slimmable settings")

@@ -120,7 +120,7 @@ def test_lazy_tool_rejects_bad_widths_before_work(tmp_path, tool):
     with pytest.raises(ValueError, match=r"test\.slim_widths holds width 1\.5"):
         _run(tool, "--eval-only", *TINY, "test.slim_widths=[1.5]", f"train.output_dir={tmp_path}")
     missing = str(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match=r"train\.init_checkpoint='.*missing\.pth' is not a file"):
+    with pytest.raises(FileNotFoundError, match=r"train\.init_checkpoint '.*missing\.pth': no such file"):
         _run(tool, "--eval-only", *TINY, f"train.output_dir={tmp_path}", f"train.init_checkpoint={missing}")
     # TINY ends with train.init_checkpoint= (random init): --eval-only of random weights is refused
     with pytest.raises(FileNotFoundError, match=r"would evaluate random weights"):

@@ -253,9 +253,9 @@ def test_tool_calibration_without_mask_head_input_writes_finite_statistics(tmp_p
     assert [r.getMessage().split(": ")[-1] for r in records] == ["roi_heads.mask_head.mask_fcn1.norm"]
 
 
-def test_tool_refuses_nonfinite_weights_and_writes_nothing(tmp_path, make_rcnn_cfg, load_tool):
+def test_tool_refuses_nonfinite_weights_and_writes_nothing(tmp_path, make_rcnn_cfg, load_tool, capsys):
     """A NaN in the weights to be written: one-line error naming the tensor; no file written."""
-    from gradaug_det.checkpoint.checkpointer import exit_on_weights_error
+    from gradaug_det.utils.cli import run_tool
 
     cfg = _cfg(make_rcnn_cfg)
     torch.manual_seed(0)
@@ -270,8 +270,9 @@ def test_tool_refuses_nonfinite_weights_and_writes_nothing(tmp_path, make_rcnn_c
         "--config-file", str(tmp_path / "full.yaml"), "--weights", full_ckpt, "--width", "0.5",
         "--output", str(tmp_path / "pruned"), "--no-flops"])
     with pytest.raises(SystemExit) as e:
-        exit_on_weights_error(tool.main, args)
-    msg = str(e.value)
+        run_tool(tool.main, args)
+    assert e.value.code == 2
+    msg = capsys.readouterr().err.strip()
     assert msg.startswith("error: ") and "\n" not in msg
     assert "model_pruned_w0.5.pth: refused to write weights holding NaN or Inf" in msg
     assert "model.backbone.bottom_up.res3.0.conv1.norm.running_var" in msg

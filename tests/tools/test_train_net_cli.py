@@ -63,8 +63,17 @@ def test_bad_slim_width_refused_before_work(tmp_path, tiny_rcnn_opts, tool):
     assert not (tmp_path / "o").exists()
 
 
-def test_prune_and_plot_a_train_net_run(tmp_path, tiny_coco, tiny_rcnn_opts, tool):
-    """tools/prune.py and tools/plot_metrics.py through their parsers on what train_net wrote."""
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_prune_and_plot_a_train_net_run(tmp_path, tiny_coco, tiny_rcnn_opts, tool, umask_022):
+    """tools/prune.py and tools/plot_metrics.py through their parsers on what train_net wrote;
+    under umask 022 every file written (model_final.pth, last_checkpoint, the pruned checkpoint
+    and config, the plots ...) is 0644, as teammates on a cluster need, and no temporary is left."""
     out = tmp_path / "out"
     tool["main"](tool["get_parser"]().parse_args(["--config-file", CONFIG, *tiny_rcnn_opts, "OUTPUT_DIR", str(out),
                                                   "SOLVER.MAX_ITER", "1", "TEST.SLIM_WIDTHS", "[]"]))
@@ -79,3 +88,9 @@ def test_prune_and_plot_a_train_net_run(tmp_path, tiny_coco, tiny_rcnn_opts, too
     written = plot["main"](plot["get_parser"]().parse_args([str(out)]))
     assert [os.path.basename(p) for p in written] == ["losses.png", "gradaug.png", "ap.png"]
     assert all(os.path.getsize(p) > 1000 for p in written)
+
+    files = {os.path.relpath(os.path.join(d, f), tmp_path): os.stat(os.path.join(d, f)).st_mode & 0o777
+             for d, _, names in os.walk(tmp_path) for f in names}
+    assert {"out/model_final.pth", "out/last_checkpoint", "pruned/model_pruned_w0.5.pth"} <= files.keys(), files
+    assert {f: oct(m) for f, m in files.items() if m != 0o644} == {}
+    assert [f for f in files if ".tmp" in f] == []
