@@ -238,3 +238,23 @@ def test_resume_refuses_a_checkpoint_of_one_process_on_two(tmp_path, monkeypatch
                        r"process\(es\), this run of 2 process\(es\) needs every rank's own: resume it with 1"):
         checkpointer.resume_or_load("", resume=True)
     assert loader.state_dict() == before
+
+
+def test_two_process_resume_of_a_one_process_checkpoint_is_one_line(tmp_path, tiny_coco_mixed):
+    """tools/train_net.py --num-gpus 2 --resume on a one-process run's checkpoint: the workers
+    refuse it; the command prints one error line (no worker traceback) and exits 2."""
+    out = tmp_path / "out"
+    env = dict(os.environ, DETECTRON2_DATASETS=tiny_coco_mixed, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("GRADAUG_DET_DEBUG", None)
+    common = [*_TINY, "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1",
+              "OUTPUT_DIR", str(out)]
+    one = subprocess.run([sys.executable, TRAIN_NET, "--config-file", CONFIG, *common], env=env, cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, TRAIN_NET, "--config-file", CONFIG, "--num-gpus", "2", "--dist-url", "auto",
+                          "--resume", *common[:-4], "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", str(out)], env=env,
+                         cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert two.returncode == 2, two.stderr[-3000:]
+    errors = [line for line in two.stderr.splitlines() if line.startswith("error")]
+    assert errors and "this run of 2 process(es) needs every rank's own" in errors[0], two.stderr[-3000:]
+    assert "Traceback" not in two.stderr
