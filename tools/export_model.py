@@ -22,10 +22,10 @@ Example::
 import argparse
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
-from gradaug_det import add_gradaug_config
+from gradaug_det.config import merge_user_config
+from gradaug_det.engine.setup import get_gradaug_cfg
 from gradaug_det.deploy.export import FORMATS, ExportMismatch, check_exportable, export_width, load_sample_image
 
 
@@ -45,10 +45,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_gradaug_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
+    """The config (a mistake in the file or the overrides refused in one message)."""
+    cfg = merge_user_config(get_gradaug_cfg(), args.config_file, args.opts or [])
     cfg.freeze()
     return cfg
 

@@ -113,6 +113,20 @@ def check_output_path(path: str, what: str = "output", *, make_dirs: bool = Fals
 
 
 @contextlib.contextmanager
+def _renamed_on_success(tmp: str, path: str, directory: str) -> Iterator[None]:
+    """Rename ``tmp`` to ``path`` (and sync ``directory``) when the block succeeds; remove
+    ``tmp`` and re-raise when it fails, leaving ``path`` untouched."""
+    try:
+        yield
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _sync_dir(directory)
+
+
+@contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb", *, make_dirs: bool = True) -> Iterator[Any]:
     """Open a temporary file beside ``path``; on success rename it to ``path``.
 
@@ -132,17 +146,11 @@ def atomic_write(path: str, mode: str = "wb", *, make_dirs: bool = True) -> Iter
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     fd, tmp, directory = _temp_file(path, make_dirs)
-    try:
+    with _renamed_on_success(tmp, path, directory):
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _sync_dir(directory)
 
 
 @contextlib.contextmanager
@@ -158,14 +166,8 @@ def atomic_path(path: str, *, make_dirs: bool = True) -> Iterator[str]:
     """
     fd, tmp, directory = _temp_file(path, make_dirs, suffix=os.path.splitext(path)[1])
     os.close(fd)
-    try:
+    with _renamed_on_success(tmp, path, directory):
         yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _sync_dir(directory)
 
 
 @contextlib.contextmanager
