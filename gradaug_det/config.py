@@ -2,7 +2,7 @@
 :func:`merge_user_config`: a user's config file and overrides merged, a mistake refused in one line."""
 import functools
 import re
-from typing import Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -10,7 +10,8 @@ from .gradaug.options import GradAugOptions
 from .utils.cli import ConfigError, did_you_mean
 from .utils.io import check_input_file
 
-__all__ = ["add_gradaug_config", "add_pruned_config", "slimmable_config", "merge_user_config", "config_keys"]
+__all__ = ["add_gradaug_config", "add_pruned_config", "slimmable_config", "slimmable_settings", "merge_user_config",
+           "config_keys"]
 
 #: The config files a yacs tool reads.
 CONFIG_EXTENSIONS = (".yaml", ".yml")
@@ -158,6 +159,22 @@ def slimmable_config(cfg: CN) -> CN:
     if "SLIMMABLE" in cfg.MODEL:
         return cfg.MODEL.SLIMMABLE
     return _default_slimmable()
+
+
+def slimmable_settings(cfg: CN) -> Dict[str, Any]:
+    """The slimmable settings of a detectron2 config (``MODEL.SLIMMABLE`` or its defaults).
+
+    Args:
+        cfg: a detectron2 ``CfgNode``.
+
+    Returns:
+        ``{"channel_rule": str, "channel_divisor": int, "slim_fpn": bool}``: the settings
+        recorded in checkpoints (:data:`gradaug_det.slim.settings.RECORD_KEY`) and checked on
+        load (:func:`gradaug_det.slim.settings.check_slimmable_settings`).
+    """
+    s = slimmable_config(cfg)
+    return {"channel_rule": str(s.get("CHANNEL_RULE", "round")), "channel_divisor": int(s.CHANNEL_DIVISOR),
+            "slim_fpn": bool(s.SLIM_FPN)}
 
 
 @functools.lru_cache(maxsize=None)

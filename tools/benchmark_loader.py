@@ -76,7 +76,7 @@ def dataset_dicts(cfg, args, tmp):
                                            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     from detectron2.data.datasets import load_coco_json
 
-    from gradaug_det.data.synthetic_coco import generate_coco_shapes
+    from gradaug_det.data.synthetic import generate_coco_shapes
 
     n, size = args.synthetic
     paths = generate_coco_shapes(args.data_dir or tmp, num_train=n, num_val=1, image_size=size, seed=args.seed)

@@ -184,7 +184,7 @@ def main(args) -> dict:
             raise SystemExit(f"--register {args.register!r}: cannot import it ({e})")
     import gradaug_det  # noqa: F401  (registers the quickstart datasets)
     from detectron2.data import DatasetCatalog
-    from gradaug_det.engine.pipeline import (
+    from gradaug_det.launch.pipeline import (
         auto_device,
         pretrain_and_convert,
         read_eval_curve,
@@ -221,7 +221,7 @@ def main(args) -> dict:
         pre_dir = os.path.join(out, "pretrain")
         emitted = os.path.join(pre_dir, "backbone_d2.yaml")
         if os.path.isfile(emitted) and os.path.isfile(os.path.join(pre_dir, "backbone_d2.pkl")):
-            from gradaug_det.engine.pipeline import flatten_config_opts
+            from gradaug_det.launch.pipeline import flatten_config_opts
 
             print(f"Reusing the pretrained backbone in {pre_dir}")
             init_opts = flatten_config_opts(emitted)

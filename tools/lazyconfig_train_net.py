@@ -29,7 +29,7 @@ from gradaug_det.engine import create_ddp_model
 from gradaug_det.engine.launch import launch_tool
 from gradaug_det.engine.lazy import (build_lazy_step_trainer, lazy_test, lazy_test_widths, load_lazy_config,
                                      needs_unused_parameter_search_lazy)
-from gradaug_det.engine.slurm import preemption_hook
+from gradaug_det.engine.preemption import preemption_hook
 from gradaug_det.slim.settings import strict_slimmable_settings
 from gradaug_det.utils.cli import run_tool
 

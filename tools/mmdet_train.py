@@ -49,7 +49,7 @@ def main(argv=None):
         cfg.optim_wrapper.loss_scale = "dynamic"
     cfg.resume = args.resume
     if args.generate_shapes:
-        from gradaug_det.data.synthetic_coco import generate_coco_shapes
+        from gradaug_det.data.synthetic import generate_coco_shapes
 
         generate_coco_shapes(cfg.data_root)
     try:

@@ -28,8 +28,8 @@ from detectron2.utils.logger import setup_logger
 
 from gradaug_det import add_gradaug_config
 from gradaug_det.checkpoint.io import check_weights_available
-from gradaug_det.checkpoint.prune import prune_checkpoint
 from gradaug_det.config import merge_user_config
+from gradaug_det.deploy.prune import prune_checkpoint
 from gradaug_det.utils.cli import run_tool
 
 logger = logging.getLogger("gradaug_det.prune")

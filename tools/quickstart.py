@@ -166,7 +166,7 @@ def main(args) -> dict:
     start = time.perf_counter()
     import gradaug_det  # noqa: F401  (registers the quickstart datasets)
     from detectron2.data import DatasetCatalog
-    from gradaug_det.engine.pipeline import (
+    from gradaug_det.launch.pipeline import (
         auto_device,
         pretrain_and_convert,
         read_final_results,

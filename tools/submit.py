@@ -13,13 +13,13 @@ address from submitit's job environment. The tool's output (OUTPUT_DIR, train.ou
 
 On preemption or near the time limit Slurm signals the job: it saves a checkpoint after the
 current iteration and requeues itself; the requeued job continues with --resume
-(gradaug_det.engine.slurm). ``--cluster local`` runs the same job on this machine.
+(gradaug_det.launch.slurm). ``--cluster local`` runs the same job on this machine.
 """
 import argparse
 import os
 import sys
 
-from gradaug_det.engine.slurm import TrainingJob, make_executor, prepare_tool_args
+from gradaug_det.launch.slurm import TrainingJob, make_executor, prepare_tool_args
 
 
 def get_parser():

@@ -7,8 +7,6 @@ them with the cost model; :mod:`.backbone` times slimmable against stock backbon
 writes the Markdown tables. The tools ``tools/benchmark.py``, ``tools/benchmark_backbone.py``,
 ``tools/benchmark_loader.py`` and ``tools/gpu_check.py`` are thin command lines over these.
 """
-from .cost import (PHASES, PassProbe, PassRecord, backbone_flops, cost_model, count_parameters, count_train_flops,
-                   peak_rss_mb, rss_mb)
+from .cost import PHASES, PassProbe, PassRecord, cost_model, count_train_flops, peak_rss_mb, rss_mb
 
-__all__ = ["PHASES", "PassProbe", "PassRecord", "backbone_flops", "cost_model", "count_parameters",
-           "count_train_flops", "peak_rss_mb", "rss_mb"]
+__all__ = ["PHASES", "PassProbe", "PassRecord", "cost_model", "count_train_flops", "peak_rss_mb", "rss_mb"]

@@ -175,7 +175,7 @@ def backbone_step(model, x, width, device, probe_autocast=None, probe_backward=N
     """
     import contextlib
 
-    import gradaug_det
+    from .. import slim
 
     if not keep_grads:
         for p in model.parameters():
@@ -183,7 +183,7 @@ def backbone_step(model, x, width, device, probe_autocast=None, probe_backward=N
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with gradaug_det.width(model, width), (probe_autocast or contextlib.nullcontext)():  # no-op on stock
+    with slim.width(model, width), (probe_autocast or contextlib.nullcontext)():  # no-op on stock
         out = model(x)
         loss = sum(v.float().mean() for v in out.values())
     (probe_backward or torch.Tensor.backward)(loss)
@@ -269,10 +269,10 @@ def run_backbone_benchmark(bench: BackboneBench, progress: bool = True) -> List[
 
 def _signature(model, width):
     """The (in, out) channels of every slimmable convolution at ``width`` (what runs)."""
-    import gradaug_det
+    from .. import slim
     from ..slim import SlimConv2d
 
-    with gradaug_det.width(model, width):
+    with slim.width(model, width):
         return tuple(m.active_channels() for m in model.modules() if isinstance(m, SlimConv2d))
 
 

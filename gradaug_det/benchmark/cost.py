@@ -50,8 +50,6 @@ __all__ = [
     "PassProbe",
     "cost_model",
     "count_train_flops",
-    "backbone_flops",
-    "count_parameters",
     "rss_mb",
     "peak_rss_mb",
 ]
@@ -315,43 +313,6 @@ def count_train_flops(run: Callable[[Callable, Callable], None], model: nn.Modul
     with PassProbe(model, "flops") as probe:
         run(probe.autocast, probe.backward)
     return probe.passes
-
-
-def backbone_flops(model: nn.Module, height: int, width: int) -> int:
-    """Forward FLOPs of ``model.backbone`` on one ``height`` x ``width`` image, in eval mode.
-
-    Counted by the cost model's counter (:class:`~torch.utils.flop_counter.FlopCounterMode`:
-    2 FLOPs per multiply-add, convolutions and matrix products only), the unit of a pass's
-    ``backbone_fwd_flops`` (on the same input). Under
-    :func:`gradaug_det.width` this is the sub-network's real compute, since a slimmed layer
-    convolves with its sliced weights; a pruned model gives the same count.
-
-    Args:
-        model: a detector with a ``backbone`` (a ``DistributedDataParallel`` wrapper is
-            looked through).
-        height, width: input size in pixels.
-
-    Returns:
-        The FLOP count (an int).
-    """
-    from ..gradaug.losses import unwrap_model  # plain torch
-
-    backbone = unwrap_model(model).backbone
-    param = next(backbone.parameters())
-    image = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            backbone(image)
-    finally:
-        backbone.train(was_training)
-    return int(counter.get_total_flops())
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of ``model`` (every parameter, trainable or frozen)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def cost_model(baseline: PassRecord, baseline_iter_s: float, passes: List[PassRecord]) -> dict:

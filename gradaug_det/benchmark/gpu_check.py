@@ -361,9 +361,9 @@ def _syncbn_worker(device: str, tiny: bool, result: str, tmp: str) -> None:
 
     from detectron2.layers import ShapeSpec
 
-    import gradaug_det
-    from gradaug_det.modeling import build_slimmable_resnet_fpn_backbone
-    from gradaug_det.slim import preferred_channel_divisor
+    from .. import slim
+    from ..modeling import build_slimmable_resnet_fpn_backbone
+    from ..slim import preferred_channel_divisor
 
     from .backbone import backbone_cfg
 
@@ -389,7 +389,7 @@ def _syncbn_worker(device: str, tiny: bool, result: str, tmp: str) -> None:
         for w in (1.0, 0.9, 0.75, 0.5):
             for p in model.parameters():
                 p.grad = None
-            with gradaug_det.width(model, w):
+            with slim.width(model, w):
                 out = ddp(x)
                 loss = sum((v.float() ** 2).mean() for v in out.values())
             loss.backward()
@@ -422,8 +422,8 @@ def section_cudnn(ctx: CheckContext) -> Dict:
     """cudnn.benchmark on / off while the width changes at every step."""
     from detectron2.layers import ShapeSpec
 
-    import gradaug_det
-    from gradaug_det.modeling import build_slimmable_resnet_fpn_backbone
+    from .. import slim
+    from ..modeling import build_slimmable_resnet_fpn_backbone
 
     from .backbone import backbone_cfg
 
@@ -445,7 +445,7 @@ def section_cudnn(ctx: CheckContext) -> Dict:
                     if ctx.cuda:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    with gradaug_det.width(model, w):
+                    with slim.width(model, w):
                         out = model(x)
                     sum(v.float().mean() for v in out.values()).backward()
                     if ctx.cuda:

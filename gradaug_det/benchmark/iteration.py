@@ -275,7 +275,7 @@ def measure_slicing(model, cfg, gradaug: Dict, plan: Sequence[Sequence[SubnetSpe
     Raises:
         ValueError: if ``reps < 1`` or ``iterations < 1``.
     """
-    from ..gradaug.losses import unwrap_model
+    from ..utils.parallel import unwrap_model
 
     if reps < 1 or (iterations is not None and iterations < 1):
         raise ValueError(f"measure_slicing needs reps >= 1 and iterations >= 1 (or None), got reps={reps}, "

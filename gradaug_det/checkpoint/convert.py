@@ -48,6 +48,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..config import slimmable_settings
+from ..slim.settings import RECORD_KEY
 from ..utils.io import atomic_pickle_dump, atomic_torch_save
 from .io import load_weights_file
 
@@ -505,8 +507,6 @@ def convert_classifier(source: Union[str, StateDict], output: Optional[str] = No
     _log_dropped(dropped)
     ckpt = make_d2_checkpoint(backbone, head, target=target, source=f"SlimmableClassifier: {name}", **conv)
     # how the classifier's sub-networks were formed (checked, as a warning, when a detector loads it)
-    from ..slim.settings import RECORD_KEY, slimmable_settings
-
     record = loaded.get(RECORD_KEY) if isinstance(loaded, dict) else None
     if record is None and cfg is not None:
         record = {**slimmable_settings(cfg), "slim_fpn": None}  # a classifier has no FPN

@@ -7,8 +7,10 @@ MMDetection quickstart); the detectron2 registration helpers are imported on fir
 """
 import importlib
 
-from .synthetic_coco import COCO_SHAPES_CATEGORIES, QUICKSTART_SHAPES, coco_shapes_paths, generate_coco_shapes
-from .synthetic_imagefolder import QUICKSTART_CLASSES, generate_imagefolder, imagefolder_wnids
+from .synthetic import (
+    COCO_SHAPES_CATEGORIES, QUICKSTART_CLASSES, QUICKSTART_SHAPES, coco_shapes_paths, generate_coco_shapes,
+    generate_imagefolder, imagefolder_wnids,
+)
 
 # detectron2 dataset registration (gradaug_det.data.datasets), imported when first accessed
 _DETECTRON2_NAMES = (

@@ -8,11 +8,11 @@ Registered names
 ``register_quickstart``:
     ``gradaug_quickstart_train``, ``gradaug_quickstart_val`` -- COCO-format
     instance segmentation (3 classes: circle, rectangle, triangle), see
-    :mod:`gradaug_det.data.synthetic_coco` (parameters: ``QUICKSTART_SHAPES``);
+    :mod:`gradaug_det.data.synthetic.coco_shapes` (parameters: ``QUICKSTART_SHAPES``);
     ``gradaug_quickstart_cls_train``, ``gradaug_quickstart_cls_val`` -- the
     ImageFolder classification data of the same look for pretraining the
     backbone (8 glyph classes, ``QUICKSTART_CLASSES``), see
-    :mod:`gradaug_det.data.synthetic_imagefolder`.
+    :mod:`gradaug_det.data.synthetic.imagefolder`.
 ``register_imagenet``:
     ``imagenet_train``, ``imagenet_val`` -- every image of
     ``root/{train,val}/<wnid>/*``;
@@ -35,13 +35,10 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .synthetic_coco import (
-    COCO_SHAPES_CATEGORIES,
-    QUICKSTART_SHAPES,
-    coco_shapes_paths,
-    generate_coco_shapes,
+from .synthetic import (
+    COCO_SHAPES_CATEGORIES, QUICKSTART_CLASSES, QUICKSTART_SHAPES, coco_shapes_paths, generate_coco_shapes,
+    generate_imagefolder,
 )
-from .synthetic_imagefolder import QUICKSTART_CLASSES, generate_imagefolder
 
 __all__ = [
     "QUICKSTART_TRAIN",
@@ -141,7 +138,7 @@ def register_quickstart(
     with the values ``load_coco_json`` derives from the fixed categories).
 
     Generation is lazy by default: the loader first calls
-    :func:`~gradaug_det.data.synthetic_coco.generate_coco_shapes` (a no-op when
+    :func:`~gradaug_det.data.synthetic.coco_shapes.generate_coco_shapes` (a no-op when
     the ``DONE`` marker matches, about 2 s for the default sizes otherwise),
     which writes *both* splits. ``COCOEvaluator`` opens ``metadata.json_file``
     when it is constructed; detectron2's ``DefaultTrainer.test`` and

@@ -1,6 +1,6 @@
 """Export one width of a slimmable Mask/Faster R-CNN as TorchScript or ONNX (tracing).
 
-The exported network is the *pruned* one (:func:`gradaug_det.checkpoint.prune.pruned_from_config`:
+The exported network is the *pruned* one (:func:`gradaug_det.deploy.prune.pruned_from_config`:
 a physically smaller stock detectron2 model, BN calibration honoured), traced the way
 detectron2's ``tools/deploy/export_model.py`` traces with ``--export-method tracing``:
 :class:`detectron2.export.TracingAdapter` around ``model.inference(..., do_postprocess=False)``.
@@ -35,6 +35,17 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+
+import detectron2.data.transforms as T
+from detectron2.data import DatasetCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.export import TracingAdapter
+
+from ..benchmark.report import write_json
+from ..utils.io import atomic_path
+from ..slim import check_width, width
+from ..utils.analysis import count_parameters
+from .prune import pruned_from_config
 
 __all__ = [
     "FORMATS",
@@ -125,10 +136,6 @@ def load_sample_image(cfg, path: Optional[str] = None) -> torch.Tensor:
         ValueError: a tensor that is not ``(C, H, W)`` with ``C = len(MODEL.PIXEL_MEAN)``, or no
             test set.
     """
-    import detectron2.data.transforms as T
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.detection_utils import read_image
-
     channels = len(cfg.MODEL.PIXEL_MEAN)
     if path is not None and not os.path.isfile(path):
         raise FileNotFoundError(f"--sample-image {path}: no such file")
@@ -164,8 +171,6 @@ def flattened_inference(model: nn.Module, image: torch.Tensor) -> List[torch.Ten
     Returns:
         The flattened outputs (:data:`OUTPUT_NAMES`), on the CPU.
     """
-    from detectron2.export import TracingAdapter
-
     adapter = TracingAdapter(model, [{"image": image}], _inference)
     with torch.no_grad():
         return [t.cpu() for t in adapter(image)]
@@ -189,8 +194,6 @@ def export_traced(model: nn.Module, image: torch.Tensor, fmt: str, path: str) ->
     Returns:
         The output names (:data:`OUTPUT_NAMES` for Mask R-CNN).
     """
-    from detectron2.export import TracingAdapter
-
     image = image.to(next(model.parameters()).device)
     adapter = TracingAdapter(model, [{"image": image}], _inference)
     with torch.no_grad():
@@ -322,7 +325,7 @@ def export_width(cfg, w: float, fmt: str, output_dir: str, image: torch.Tensor, 
                  weights: Optional[str] = None, runs: int = 5) -> Dict:
     """Export ``cfg``'s model at width ``w`` and check it against the slimmable model.
 
-    Builds the pruned model (:func:`gradaug_det.checkpoint.prune.pruned_from_config`: BN
+    Builds the pruned model (:func:`gradaug_det.deploy.prune.pruned_from_config`: BN
     calibration per ``TEST.BN_CALIBRATION_BATCHES``), traces it (:func:`export_traced`) into a
     temporary file beside ``<output_dir>/model_w<w>.<ts|onnx>``, runs that file on ``image``
     and compares its detections with the slimmable model's at width ``w``
@@ -349,12 +352,6 @@ def export_width(cfg, w: float, fmt: str, output_dir: str, image: torch.Tensor, 
     Raises:
         ExportMismatch: the exported model disagrees (nothing written).
     """
-    from ..benchmark.cost import count_parameters
-    from ..benchmark.report import write_json
-    from ..utils.io import atomic_path
-    from ..checkpoint.prune import pruned_from_config
-    from ..slim import check_width, width
-
     w = check_width(w)
     path = os.path.join(output_dir, f"model_w{w:g}.{EXTENSIONS[fmt]}")
     device = torch.device(cfg.MODEL.DEVICE)

@@ -1,12 +1,12 @@
 """Accuracy against cost of one slimmable detector over widths and test sizes.
 
 For every width ``w`` (with and, for ``w < 1`` where asked, without BN calibration) the
-model is pruned once (:func:`gradaug_det.checkpoint.prune.pruned_from_config`), then for
+model is pruned once (:func:`gradaug_det.deploy.prune.pruned_from_config`), then for
 every test size ``s`` (``INPUT.MIN_SIZE_TEST = s``, ``MAX_SIZE_TEST`` scaled alike) the
 pruned model is evaluated with detectron2's ``COCOEvaluator`` on ``DATASETS.TEST[0]``, its
 backbone FLOPs counted on an ``s x s`` image (padded to the backbone's ``size_divisibility``,
 as the model pads)
-(:func:`gradaug_det.benchmark.cost.backbone_flops`, 2 per multiply-add) and its latency per
+(:func:`gradaug_det.utils.analysis.backbone_flops`, 2 per multiply-add) and its latency per
 image measured (:func:`gradaug_det.deploy.export.median_latency_ms` on the first test image,
 on ``MODEL.DEVICE``). :func:`pareto_front` marks the configurations no other one beats in
 both AP and cost; :func:`best_under_budget` picks one under a budget.
@@ -16,6 +16,16 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from tqdm import tqdm
+
+from detectron2.data import build_detection_test_loader
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+
+from ..benchmark.report import markdown_table
+from ..utils.io import atomic_path
+from ..utils.analysis import backbone_flops, count_parameters
+from .export import median_latency_ms
+from .prune import pruned_from_config
 
 __all__ = ["evaluate_tradeoff", "pareto_front", "best_under_budget", "tradeoff_markdown", "plot_tradeoff",
            "size_cfg"]
@@ -35,9 +45,6 @@ def size_cfg(cfg, size: int):
 
 
 def _evaluate(cfg, model) -> Dict[str, float]:
-    from detectron2.data import build_detection_test_loader
-    from detectron2.evaluation import COCOEvaluator, inference_on_dataset
-
     dataset = cfg.DATASETS.TEST[0]
     results = inference_on_dataset(model, build_detection_test_loader(cfg, dataset),
                                    COCOEvaluator(dataset, output_dir=None))
@@ -45,10 +52,6 @@ def _evaluate(cfg, model) -> Dict[str, float]:
 
 
 def _latency(cfg, model, runs: int) -> float:
-    from detectron2.data import build_detection_test_loader
-
-    from .export import median_latency_ms
-
     inputs = next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))[:1]
 
     def run():
@@ -74,11 +77,6 @@ def evaluate_tradeoff(cfg, widths: Sequence[float], sizes: Sequence[int], *, bn_
         Rows ``{"width", "size", "bn_calibration_batches", "bbox_AP", "segm_AP" (Mask R-CNN),
         "gflops" (backbone, s x s image padded as the model pads), "params", "latency_ms", "device"}``.
     """
-    from tqdm import tqdm
-
-    from ..benchmark.cost import backbone_flops, count_parameters
-    from ..checkpoint.prune import pruned_from_config
-
     variants = [(w, n) for w in widths for n in ([0] + ([bn_calibration_batches] if bn_calibration_batches and w < 1
                                                          else []))]
     rows = []
@@ -139,8 +137,6 @@ def _f(value, digits=1) -> str:
 
 def tradeoff_markdown(rows: Sequence[Dict], metric: str = "bbox", device: str = "") -> str:
     """The rows as a Markdown table, Pareto-front rows marked (``*``: GFLOPs, ``+``: latency)."""
-    from ..benchmark.report import markdown_table
-
     by_flops, by_time = pareto_front(rows, "gflops", metric), pareto_front(rows, "latency_ms", metric)
     headers = ["width", "size", "BN cal.", "bbox AP", "segm AP", "backbone GFLOPs", "params (M)", "ms / image",
                "Pareto"]
@@ -159,8 +155,6 @@ def plot_tradeoff(rows: Sequence[Dict], path: str, metric: str = "bbox") -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ..utils.io import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, cost, label in ((axes[0], "gflops", "backbone GFLOPs"), (axes[1], "latency_ms", "ms / image")):

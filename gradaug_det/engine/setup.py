@@ -6,7 +6,11 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint.convert import check_pretrained_config
+from ..checkpoint.io import check_weights_available
 from ..config import add_gradaug_config, merge_user_config
+from ..data.datasets import check_datasets_registered
+from .trainer import validate_config
 
 __all__ = ["setup", "build_config", "check_config_inputs", "get_gradaug_cfg"]
 
@@ -29,10 +33,6 @@ def check_config_inputs(cfg, *, eval_only: bool = False, resume: bool = False) -
     Raises:
         UserError: (``ConfigError``, ``MissingFileError``) naming the key, the value and the fix.
     """
-    from ..checkpoint.io import check_weights_available
-    from ..data.datasets import check_datasets_registered
-    from .trainer import validate_config
-
     validate_config(cfg)
     if not eval_only or cfg.TEST.get("BN_CALIBRATION_BATCHES", 0):
         check_datasets_registered(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
@@ -71,7 +71,5 @@ def setup(args):
     # gradaug-det's own messages (per-width result tables, conversions) go to the same log
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="gradaug_det", abbrev_name="ga")
     if os.path.isfile(cfg.MODEL.WEIGHTS):
-        from ..checkpoint.convert import check_pretrained_config
-
         check_pretrained_config(cfg)  # warns where converted weights expect other pixel conventions
     return cfg

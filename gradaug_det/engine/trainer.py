@@ -24,12 +24,19 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.checkpointer import GradAugCheckpointer
+from ..data.classification import build_classification_test_loader, build_classification_train_loader
 from ..data.resumable import build_resumable_train_loader, resumable_data_hook
+from ..evaluation.classification import build_classification_evaluator, evaluate_classifier
+from ..evaluation.coco import AtomicCOCOEvaluator
+from ..evaluation.widths import (
+    bn_calibration_from_config, evaluate_at_widths, log_width_results, merge_width_results, normalize_widths, run_at_widths,
+)
 from ..gradaug import GradAugOptions, SubnetSampler, build_task
 from ..slim import check_width, linear_keep_probs, residual_blocks
 from ..slim.calibration import check_calibration_batches
 from ..utils.cli import ConfigError
 from .checks import check_gradaug_trainable
+from .preemption import preemption_hook
 from .runner import GradAugAMPTrainer, GradAugSimpleTrainer
 
 __all__ = ["GradAugTrainer", "validate_config", "create_ddp_model", "apply_depth_eval_scale"]
@@ -160,8 +167,6 @@ class GradAugTrainer(DefaultTrainer):
         a checkpoint and stops after the step in which the preemption signal came, and, with
         ``DATALOADER.RESUMABLE``, the data-order hook (last: it seeds the global generators right
         before each step; :class:`~gradaug_det.data.resumable.ResumableDataHook`)."""
-        from .slurm import preemption_hook
-
         return super().build_hooks() + [preemption_hook(self.checkpointer),
                                          resumable_data_hook(self._trainer.data_loader)]
 
@@ -189,8 +194,6 @@ class GradAugTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         if cls.is_classifier(cfg):
-            from ..data.classification import build_classification_train_loader
-
             return build_classification_train_loader(cfg)
         if cfg.DATALOADER.get("RESUMABLE", False):
             return build_resumable_train_loader(cfg)
@@ -199,8 +202,6 @@ class GradAugTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         if cls.is_classifier(cfg):
-            from ..data.classification import build_classification_test_loader
-
             return build_classification_test_loader(cfg, dataset_name)
         return super().build_test_loader(cfg, dataset_name)
 
@@ -208,13 +209,9 @@ class GradAugTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         if evaluator_type == "coco":
-            from ..evaluation.coco import AtomicCOCOEvaluator  # result files written atomically
-
             return AtomicCOCOEvaluator(dataset_name,
                                        output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
         if evaluator_type == "classification":
-            from ..evaluation.classification import build_classification_evaluator
-
             return build_classification_evaluator(cfg, dataset_name, output_dir=output_folder)
         raise NotImplementedError(
             f"no evaluator for dataset {dataset_name!r} (evaluator_type={evaluator_type!r}); "
@@ -229,15 +226,6 @@ class GradAugTrainer(DefaultTrainer):
         other widths are added as "bbox@w0.75" etc., and a table of all widths is logged.
         Classifiers are evaluated with top-k and, with ``TEST.FGSM_EPSILONS``, FGSM.
         """
-        from ..evaluation.widths import (
-            bn_calibration_from_config,
-            evaluate_at_widths,
-            log_width_results,
-            merge_width_results,
-            normalize_widths,
-            run_at_widths,
-        )
-
         widths = normalize_widths(cfg.TEST.SLIM_WIDTHS)
         if widths == [1.0] and not cls.is_classifier(cfg):
             return super().test(cfg, model, evaluators)
@@ -247,8 +235,6 @@ class GradAugTrainer(DefaultTrainer):
         for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
             data_loader = cls.build_test_loader(cfg, dataset_name)
             if cls.is_classifier(cfg) and evaluators is None:
-                from ..evaluation.classification import evaluate_classifier
-
                 per_width = run_at_widths(
                     model, widths, lambda w: evaluate_classifier(cfg, model, dataset_name, data_loader, width=w),
                     calibration)

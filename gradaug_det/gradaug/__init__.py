@@ -6,7 +6,8 @@ adapters; the detectron2 tasks, batch transforms and RoI soft labels are importe
 """
 import importlib
 
-from .losses import OutputRecorder, soft_label_kl, unwrap_model
+from ..utils.parallel import unwrap_model
+from .losses import OutputRecorder, soft_label_kl
 from .options import GradAugOptions
 from .sampler import SubnetSampler, SubnetSpec
 from .step import GradAugOutput, gradaug_step, subnet_metrics

@@ -11,13 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["soft_target_kl", "soft_label_kl", "OutputRecorder", "unwrap_model"]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper."""
-    return model.module if hasattr(model, "module") and isinstance(
-        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+__all__ = ["soft_target_kl", "soft_label_kl", "OutputRecorder"]
 
 
 def soft_target_kl(student_logits: torch.Tensor, target: torch.Tensor,

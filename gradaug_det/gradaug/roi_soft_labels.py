@@ -21,7 +21,8 @@ from torch import nn
 
 from detectron2.structures import Boxes
 
-from .losses import soft_label_kl, unwrap_model
+from ..utils.parallel import unwrap_model
+from .losses import soft_label_kl
 
 __all__ = ["RoIClassifierSoftLabels"]
 

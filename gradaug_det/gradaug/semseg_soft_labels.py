@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .losses import soft_target_kl, unwrap_model
+from ..utils.parallel import unwrap_model
+from .losses import soft_target_kl
 from .transforms import SubnetGeometry
 
 __all__ = ["SemSegSoftLabels"]

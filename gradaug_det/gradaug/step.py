@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..slim import depth, residual_blocks, width
-from .losses import unwrap_model
+from ..utils.parallel import unwrap_model
 from .sampler import SubnetSampler, SubnetSpec
 
 __all__ = ["GradAugOutput", "gradaug_step", "subnet_metrics", "check_finite_losses", "describe_pass"]

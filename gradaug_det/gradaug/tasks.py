@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .losses import OutputRecorder, unwrap_model
+from ..utils.parallel import unwrap_model
+from .losses import OutputRecorder
 from .roi_soft_labels import RoIClassifierSoftLabels
 from .semseg_soft_labels import SemSegSoftLabels
 from .options import GradAugOptions

@@ -9,13 +9,14 @@ sub-networks (e.g. ``MODEL.SLIMMABLE.CHANNEL_DIVISOR`` 8 vs 1: a 56- instead of 
 * ``channel_divisor``: ``MODEL.SLIMMABLE.CHANNEL_DIVISOR``;
 * ``slim_fpn``: ``MODEL.SLIMMABLE.SLIM_FPN`` (None for models without an FPN).
 
-:func:`check_slimmable_settings` compares a file's record with the model or config it is
-loaded into: a mismatch is refused where it would change results (``--eval-only`` at
+:func:`check_slimmable_settings` compares a file's record with the model it is loaded into
+(or a config's settings): a mismatch is refused where it would change results (``--eval-only`` at
 sub-widths, ``tools/prune.py``; see :func:`strict_slimmable_settings`) and logged as a
 warning otherwise (training, fine-tuning from another model's weights). Files without a
 record (model-zoo weights, older checkpoints) load as before.
 
-Everything here but :func:`slimmable_settings` of a yacs config is plain torch.
+Plain torch: the settings of a detectron2 config are
+:func:`gradaug_det.config.slimmable_settings`.
 """
 import contextlib
 import contextvars
@@ -29,7 +30,6 @@ from .control import SlimmableModule
 
 __all__ = [
     "RECORD_KEY",
-    "slimmable_settings",
     "model_slimmable_settings",
     "check_slimmable_settings",
     "strict_slimmable_settings",
@@ -56,22 +56,6 @@ class SlimmableSettingsMismatch(UserError, ValueError):
     :class:`~gradaug_det.utils.cli.UserError`: tools print it without a traceback)."""
 
 
-def slimmable_settings(cfg) -> Dict[str, Any]:
-    """The slimmable settings of a detectron2 config (``MODEL.SLIMMABLE`` or its defaults).
-
-    Args:
-        cfg: a detectron2 ``CfgNode``.
-
-    Returns:
-        ``{"channel_rule": str, "channel_divisor": int, "slim_fpn": bool}``.
-    """
-    from ..config import slimmable_config
-
-    s = slimmable_config(cfg)
-    return {"channel_rule": str(s.get("CHANNEL_RULE", "round")), "channel_divisor": int(s.CHANNEL_DIVISOR),
-            "slim_fpn": bool(s.SLIM_FPN)}
-
-
 def model_slimmable_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
     """The slimmable settings a built model actually uses, read from its layers.
 
@@ -84,8 +68,8 @@ def model_slimmable_settings(model: nn.Module) -> Optional[Dict[str, Any]]:
         model: any module (a DDP wrapper is looked through).
 
     Returns:
-        The settings dict (as :func:`slimmable_settings`), or None when the model has no
-        slimmable layer (a stock model: its widths cannot change). Where layers disagree
+        The settings dict (as :func:`gradaug_det.config.slimmable_settings`), or None when
+        the model has no slimmable layer (a stock model: its widths cannot change). Where layers disagree
         (e.g. an mmdet backbone and neck given different ``channel_divisor``), the value is
         the sorted list of what they use.
     """
@@ -115,7 +99,9 @@ def _as_settings(current) -> Optional[Dict[str, Any]]:
         return model_slimmable_settings(current)
     if isinstance(current, Mapping) and "MODEL" not in current:
         return dict(current)
-    return slimmable_settings(current)
+    raise TypeError(f"check_slimmable_settings compares with a model or a settings dict, got a "
+                    f"{type(current).__name__}; for a detectron2 config pass "
+                    "gradaug_det.config.slimmable_settings(cfg)")
 
 
 def check_slimmable_settings(saved: Optional[Mapping], current: Union[nn.Module, Mapping, Any], *,
@@ -127,8 +113,8 @@ def check_slimmable_settings(saved: Optional[Mapping], current: Union[nn.Module,
 
     Args:
         saved: the checkpoint's :data:`RECORD_KEY` entry, or None.
-        current: the model (:func:`model_slimmable_settings`), a detectron2 config
-            (:func:`slimmable_settings`) or a settings dict.
+        current: the model (:func:`model_slimmable_settings`) or a settings dict (of a
+            detectron2 config: :func:`gradaug_det.config.slimmable_settings`).
         strict: raise on a mismatch instead of logging a warning.
         source: the file (or what it is), named in the message.
 
@@ -136,6 +122,7 @@ def check_slimmable_settings(saved: Optional[Mapping], current: Union[nn.Module,
         True if every compared setting matches (or nothing could be compared).
 
     Raises:
+        TypeError: ``current`` is neither a module nor a settings dict (e.g. a config).
         SlimmableSettingsMismatch: with ``strict``, naming each key, the file's value and
             the model's, and what to set.
     """

@@ -112,7 +112,7 @@ def test_soft_subnet_pass_counts_backbone_and_box_head_only(make_rcnn_cfg):
     # the backbones equal the backbone counted alone on one image, times the 2 images: width
     # 1.0 at 64x64, width 0.5 (sliced weights) at 32x32
     import gradaug_det
-    from gradaug_det.benchmark.cost import backbone_flops
+    from gradaug_det.utils.analysis import backbone_flops
 
     assert full.backbone_fwd_flops == 2 * backbone_flops(model, 64, 64)
     with gradaug_det.width(model, 0.5):

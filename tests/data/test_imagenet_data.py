@@ -15,7 +15,7 @@ from gradaug_det.data.datasets import (
     register_imagenet,
     subsample_per_class,
 )
-from gradaug_det.data.synthetic_imagefolder import generate_imagefolder, imagefolder_wnids
+from gradaug_det.data.synthetic import generate_imagefolder, imagefolder_wnids
 
 ALL_NAMES = [IMAGENET_TRAIN, IMAGENET_VAL] + [imagenet_frac_name(p) for p in (10, 20, 50)]
 SMALL = dict(num_classes=3, train_per_class=10, val_per_class=4, image_size=32, seed=0)
@@ -267,7 +267,7 @@ def test_shapes_category_appearance(tmp_path):
     import json
 
     from gradaug_det.data import generate_imagefolder
-    from gradaug_det.data.synthetic_coco import _GOLDEN_RATIO_CONJUGATE
+    from gradaug_det.data.synthetic.drawing import GOLDEN_RATIO_CONJUGATE as _GOLDEN_RATIO_CONJUGATE
 
     root = str(tmp_path / "cat")
     generate_imagefolder(root, num_classes=3, train_per_class=4, val_per_class=1, image_size=64,

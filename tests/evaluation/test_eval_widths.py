@@ -133,7 +133,7 @@ def test_coco_ap_per_width(tmp_path, make_rcnn_cfg, assert_same_detections):
     differ from width 1.0's: they fail if width switching is broken."""
     from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 
-    from gradaug_det.benchmark.cost import count_parameters
+    from gradaug_det.utils.analysis import count_parameters
     from gradaug_det.checkpoint.prune import prune_model
 
     paths = generate_coco_shapes(str(tmp_path), num_train=1, num_val=2, image_size=64, progress=False)

@@ -93,7 +93,7 @@ def train_pipeline(size=128):
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     """The project's synthetic COCO shapes data, small (12 train / 4 val images, 128 px)."""
-    from gradaug_det.data.synthetic_coco import generate_coco_shapes
+    from gradaug_det.data.synthetic import generate_coco_shapes
 
     root = tmp_path_factory.mktemp("shapes")
     generate_coco_shapes(str(root), num_train=12, num_val=4, image_size=128, seed=0, progress=False)

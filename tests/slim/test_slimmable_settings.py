@@ -10,12 +10,12 @@ import torch
 from detectron2.modeling import build_model
 
 from gradaug_det.checkpoint.checkpointer import GradAugCheckpointer
+from gradaug_det.config import slimmable_settings
 from gradaug_det.slim.settings import (
     RECORD_KEY,
     SlimmableSettingsMismatch,
     check_slimmable_settings,
     model_slimmable_settings,
-    slimmable_settings,
     strict_slimmable_settings,
 )
 
@@ -92,8 +92,8 @@ def test_check_compares_only_known_settings(make_rcnn_cfg):
     assert check_slimmable_settings(saved, {"channel_rule": "reference", "channel_divisor": 1, "slim_fpn": True},
                                     strict=True)
     with pytest.raises(SlimmableSettingsMismatch, match="CHANNEL_RULE 'reference' in the file, 'round' here"):
-        check_slimmable_settings(saved, cfg, strict=True, source="x.pth")
-    assert check_slimmable_settings(None, cfg, strict=True)
+        check_slimmable_settings(saved, slimmable_settings(cfg), strict=True, source="x.pth")
+    assert check_slimmable_settings(None, slimmable_settings(cfg), strict=True)
     assert check_slimmable_settings(saved, torch.nn.Linear(2, 2), strict=True)  # a stock model: nothing to compare
     with pytest.raises(SlimmableSettingsMismatch, match="damaged"):
         check_slimmable_settings("round", cfg, strict=False)

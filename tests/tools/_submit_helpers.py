@@ -14,7 +14,8 @@ import time
 import cloudpickle
 import pytest
 
-from gradaug_det.engine import slurm
+from gradaug_det.engine import preemption
+from gradaug_det.launch import slurm
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,14 +56,14 @@ class PreemptedOnce(slurm.TrainingJob):
 
     def __call__(self):
         if not self.resume:
-            after_step = slurm.PreemptionHook.after_step
+            after_step = preemption.PreemptionHook.after_step
 
             def signalled_after_step(hook):
                 if hook.trainer.iter == self.preempt_after:
                     os.kill(os.getpid(), signal.SIGUSR2)
                 after_step(hook)
 
-            slurm.PreemptionHook.after_step = signalled_after_step
+            preemption.PreemptionHook.after_step = signalled_after_step
         return super().__call__()
 
 

@@ -12,7 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 
 import gradaug_det
-from gradaug_det.benchmark.cost import backbone_flops, count_parameters
+from gradaug_det.utils.analysis import backbone_flops, count_parameters
 from gradaug_det.config import add_pruned_config
 from gradaug_det.checkpoint.prune import (
     feature_difference,

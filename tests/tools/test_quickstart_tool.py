@@ -46,7 +46,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path, assert_same_detections):
     with open(out / "mask_rcnn" / "log.txt") as f:
         assert "backbone_d2.pkl" in f.read()  # the detector started from the converted backbone
 
-    from gradaug_det.engine.pipeline import read_final_results
+    from gradaug_det.launch.pipeline import read_final_results
 
     det = read_final_results(str(out / "mask_rcnn"))
     assert set(det) == {"bbox", "segm", "bbox@w0.75", "segm@w0.75"}

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from gradaug_det.engine import slurm
+from gradaug_det.launch import slurm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _submit_helpers import (REPO, assert_bit_equal, enter_job_env, job_env, job_log,  # noqa: E402

@@ -10,7 +10,7 @@
   every task before it stops the job. Saving from a signal handler in the middle of a step
   is unsafe (half-applied optimizer step, ranks at different iterations, collectives
   interrupted), so while the training loop runs the handler only sets a flag.
-  :class:`PreemptionHook` (a detectron2 hook) agrees on the flag across ranks after every
+  :class:`~gradaug_det.engine.preemption.PreemptionHook` (a detectron2 hook) agrees on the flag across ranks after every
   step (one all-reduce of one number), saves a checkpoint of that step — all ranks at the
   same iteration — and stops the loop. The task of rank 0 then calls submitit's own handler
   at this safe point, which calls :meth:`TrainingJob.checkpoint` (the same job with
@@ -27,24 +27,27 @@ the signal submitit requeues it at once and the requeued job resumes from mmengi
 periodic checkpoint (``--resume``).
 """
 import dataclasses
+import importlib.util
 import logging
 import os
+import runpy
 import shutil
-import signal
 import sys
 from typing import List, Optional, Sequence
 
-import torch
 import torch.distributed as dist
+
+from detectron2.engine import default_argument_parser
+from detectron2.engine.launch import _distributed_worker  # launch()'s per-process entry
+
+from ..engine.preemption import TrainingPreempted, install_signal_handler, preemption_state
 
 __all__ = [
     "TOOLS",
     "DistributedEnv",
     "TrainingJob",
-    "PreemptionHook",
-    "TrainingPreempted",
     "distributed_env",
-    "preemption_hook",
+    "make_executor",
     "tool_kind",
     "prepare_tool_args",
 ]
@@ -104,8 +107,6 @@ def prepare_tool_args(tool: str, tool_args: Sequence[str], job_dir: str) -> List
                 f"{flag} is set by the Slurm allocation (--nodes, --gpus-per-node, --job-dir of tools/submit.py); "
                 "remove it from the tool's arguments")
     if kind == "mmdet":
-        import importlib.util
-
         if importlib.util.find_spec("mmengine") is None:
             raise ValueError("tools/mmdet_train.py needs MMDetection: `make install-mmdet` or pip install -e .[mmdet]")
 
@@ -135,15 +136,11 @@ def _parse(parse, argv):
 
 def _load_tool(path: str) -> dict:
     """The globals of the tool script at ``path`` (tools are scripts, not a package)."""
-    import runpy
-
     return runpy.run_path(path, run_name="gradaug_det_tool_" + os.path.splitext(os.path.basename(path))[0])
 
 
 def _tool_parser(tool: dict):
     """The detectron2 tool's parser: its ``get_parser()``, else ``default_argument_parser()``."""
-    from detectron2.engine import default_argument_parser
-
     return tool.get("get_parser", default_argument_parser)()
 
 
@@ -191,145 +188,6 @@ def distributed_env() -> DistributedEnv:
 
 
 # ----------------------------------------------------------------------------------------
-# Preemption: the signal sets a flag; a hook acts on it after the current step.
-# ----------------------------------------------------------------------------------------
-class TrainingPreempted(BaseException):
-    """Raised by :class:`PreemptionHook` after it saved the checkpoint of ``iteration``.
-
-    A ``BaseException`` (like ``KeyboardInterrupt``): detectron2's training loop lets it
-    through without logging it as a failure, and still runs the hooks' ``after_train``.
-    """
-
-    def __init__(self, iteration: int):
-        super().__init__(f"preempted: checkpoint saved after iteration {iteration}")
-        self.iteration = iteration
-
-
-class _PreemptionState:
-    """The flag shared by the signal handler and :class:`PreemptionHook` (one per process)."""
-
-    def __init__(self, signum: int, submitit_handler):
-        self.signum = signum
-        self.submitit_handler = submitit_handler  # submitit's checkpoint-and-requeue handler
-        self.requested = False
-        self.in_loop = False
-
-    def on_signal(self, signum, frame):
-        if self.in_loop:
-            if not self.requested:
-                logger.warning("Received %s: saving a checkpoint after the current iteration, then requeueing",
-                               signal.Signals(signum).name)
-            self.requested = True
-        elif callable(self.submitit_handler):
-            # not training (building, loading, evaluating): nothing half-done to save
-            self.submitit_handler(signum, frame)
-
-
-_STATE: Optional[_PreemptionState] = None
-
-
-def _install_signal_handler() -> None:
-    """Route submitit's preemption signal to the flag (keeps submitit's handler for later)."""
-    global _STATE
-    from submitit import JobEnvironment
-
-    signum = getattr(signal, "SIG" + JobEnvironment.USR_SIG)
-    _STATE = _PreemptionState(signum, signal.getsignal(signum))
-    signal.signal(signum, _STATE.on_signal)
-
-
-def _any_rank(flag: bool) -> bool:
-    """True if ``flag`` is set on any rank (one all-reduce; every rank must call it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-try:
-    from detectron2.engine import HookBase
-except ModuleNotFoundError:  # the mmdet path needs no detectron2
-    HookBase = object
-
-
-class PreemptionHook(HookBase):
-    """After each step: if the preemption signal reached any rank, save and stop.
-
-    Every rank takes part in the decision (one all-reduce per step), so all stop after the
-    same iteration. The checkpoint is ``model_<iter>.pth`` written like detectron2's
-    ``PeriodicCheckpointer`` writes it (``iteration`` plus whatever the checkpointer's
-    checkpointables hold: model, optimizer, scheduler, trainer state). On the last iteration
-    it does not stop: training ends normally. Register it last (after the LR scheduler hook).
-    A step that includes a periodic evaluation ends only after it: the signal delay
-    (``tools/submit.py --signal-delay``) must cover a step, an evaluation and a checkpoint.
-
-    Args:
-        checkpointer: the trainer's checkpointer (``trainer.checkpointer``).
-    """
-
-    def __init__(self, checkpointer):
-        self.checkpointer = checkpointer
-
-    def before_train(self):
-        if _STATE is not None:
-            _STATE.in_loop = True
-
-    def after_train(self):
-        if _STATE is not None:
-            _STATE.in_loop = False
-
-    def after_step(self):
-        if _STATE is None:
-            return
-        stop = _any_rank(_STATE.requested)
-        it = self.trainer.iter
-        if it + 1 >= self.trainer.max_iter:
-            # the training steps are done: a signal from now on (final checkpoint, evaluation)
-            # goes to submitit's handler at once; a request during this step is dropped
-            _STATE.in_loop = False
-            return
-        if not stop:
-            return
-        from detectron2.utils import comm
-
-        self.checkpointer.save(f"model_{it:07d}", iteration=it)
-        comm.synchronize()  # the file is written (rank 0) before any rank leaves
-        self._forget_printed_iteration(it)
-        raise TrainingPreempted(it)
-
-    def _forget_printed_iteration(self, it: int) -> None:
-        """Let detectron2's ``PeriodicWriter.after_train`` print iteration ``it`` again.
-
-        After a stop, ``after_train`` writes the stopped iteration once more. When a
-        ``CommonMetricPrinter`` printed it in this step and no iteration time is recorded yet
-        (``IterationTimer``'s first iterations of a run), its ETA estimate divides by the
-        iterations since its last write, zero: the ``ZeroDivisionError`` would replace
-        :class:`TrainingPreempted` and the job would fail instead of requeueing. Forgetting
-        that write makes the printer print the line without an ETA.
-        """
-        from detectron2.engine.hooks import PeriodicWriter
-        from detectron2.utils.events import CommonMetricPrinter
-
-        # detectron2's private fields (as in detectron2 0.6-0.7): the hooks, their writers, the last write
-        writers = [w for h in self.trainer._hooks if isinstance(h, PeriodicWriter) for w in h._writers]
-        for writer in writers:
-            last = getattr(writer, "_last_write", None)  # (iteration, time) or None
-            if isinstance(writer, CommonMetricPrinter) and last is not None and last[0] == it:
-                writer._last_write = None
-
-
-def preemption_hook(checkpointer) -> Optional[PreemptionHook]:
-    """The :class:`PreemptionHook` when running in a :class:`TrainingJob`, else None.
-
-    Trainers append it to their hooks (detectron2's ``register_hooks`` skips None), so a
-    run outside submitit pays nothing.
-    """
-    return PreemptionHook(checkpointer) if _STATE is not None else None
-
-
-# ----------------------------------------------------------------------------------------
 # The submitit callable.
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -372,7 +230,7 @@ class TrainingJob:
 
     def __call__(self):
         env = distributed_env()
-        _install_signal_handler()
+        install_signal_handler()
         logger.info("Task %d/%d (node %d/%d, local rank %d), rendezvous %s", env.rank, env.world_size, env.node,
                     env.num_nodes, env.local_rank, env.dist_url)
         try:
@@ -395,8 +253,6 @@ class TrainingJob:
         raise outcome  # submitit records why the job was not requeued
 
     def _run_detectron2(self, env: DistributedEnv):
-        from detectron2.engine.launch import _distributed_worker  # launch()'s per-process entry
-
         tool = _load_tool(self.tool)
         args = _tool_parser(tool).parse_args(self.argv())
         args.num_gpus, args.num_machines = env.local_world_size, env.num_nodes
@@ -422,8 +278,9 @@ class TrainingJob:
                               WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                               LOCAL_WORLD_SIZE=str(env.local_world_size))
             argv += ["--launcher", "pytorch"]
-        assert _STATE is not None
-        _STATE.in_loop = False  # no step hook in mmengine: submitit checkpoints and requeues at once
+        state = preemption_state()
+        assert state is not None
+        state.in_loop = False  # no step hook in mmengine: submitit checkpoints and requeues at once
         return _load_tool(self.tool)["main"](argv)
 
     def _requeue(self, stop: TrainingPreempted) -> BaseException:
@@ -433,13 +290,14 @@ class TrainingJob:
         requeue), or its ``UncompletedJobError`` saying why it did not requeue.
         """
         rank = dist.get_rank() if dist.is_initialized() else 0
+        state = preemption_state()
         outcome: BaseException = SystemExit(-1)
         if rank == 0:
             logger.info("Checkpoint after iteration %d saved; requeueing the job", stop.iteration)
             try:
-                if callable(_STATE.submitit_handler):
+                if callable(state.submitit_handler):
                     # submitit's handler: checkpoint() -> store the resumed job, requeue, exit
-                    _STATE.submitit_handler(_STATE.signum, None)
+                    state.submitit_handler(state.signum, None)
             except BaseException as e:  # noqa: B036  (its SystemExit, or why it did not requeue)
                 outcome = e
         if dist.is_initialized() and dist.get_world_size() > 1:

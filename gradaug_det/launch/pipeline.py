@@ -16,6 +16,9 @@ import time
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+import yaml
+
 __all__ = [
     "auto_device",
     "run_tool",
@@ -46,8 +49,6 @@ def auto_device(requested: str = "auto") -> str:
     Raises:
         SystemExit: if a CUDA device is requested but torch sees none.
     """
-    import torch
-
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -265,8 +266,6 @@ def flatten_config_opts(yaml_file: str) -> List[str]:
         ``["MODEL.WEIGHTS", "...", "MODEL.PIXEL_MEAN", "[123.675, ...]", ...]``; values are
         written so that yacs' ``merge_from_list`` (``literal_eval``) reads them back.
     """
-    import yaml
-
     with open(yaml_file) as f:
         tree = yaml.safe_load(f) or {}
     opts: List[str] = []

@@ -16,7 +16,7 @@ cross, ring, diamond, bar, star, cycling) drawn in a fixed hue, with random
 position, size, rotation, hue/brightness jitter and a noisy textured
 background. Classes sharing a shape (``num_classes > 8``) differ by hue.
 With ``style="shapes"`` the images look like the detection data of
-:mod:`~gradaug_det.data.synthetic_coco` and only the shape tells the class
+:mod:`~gradaug_det.data.synthetic.coco_shapes` and only the shape tells the class
 (the quickstart's classification pretraining).
 """
 
@@ -29,19 +29,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .synthetic_coco import (
-    _atomic_write_image,
-    _APPEARANCES,
-    _category_color,
-    _contrasting_color,
-    _textured_background,
-    draw_glyph,
-    _check_int,
-    _read_marker,
-    _remove_marker,
-    _remove_stale_files,
-    _write_marker,
-)
+from .checks import check_int
+from .drawing import APPEARANCES, GOLDEN_RATIO_CONJUGATE, category_color, contrasting_color, draw_glyph, textured_background
+from .files import atomic_write_image, read_marker, remove_marker, remove_stale_files, write_marker
 
 __all__ = ["QUICKSTART_CLASSES", "generate_imagefolder", "imagefolder_wnids"]
 
@@ -63,8 +53,6 @@ QUICKSTART_CLASSES: Dict[str, Any] = {
     "style": "shapes",
     "appearance": "category",
 }
-# Golden-ratio hue spacing keeps the hues of consecutive classes far apart.
-_GOLDEN = 0.6180339887498949
 
 
 def imagefolder_wnids(num_classes: int) -> List[str]:
@@ -76,13 +64,13 @@ def imagefolder_wnids(num_classes: int) -> List[str]:
     Returns:
         ``["n00000000", "n00000001", ...]``; sorted order equals class order.
     """
-    num_classes = _check_int("num_classes", num_classes, 1)
+    num_classes = check_int("num_classes", num_classes, 1)
     return ["n{:08d}".format(k) for k in range(num_classes)]
 
 
 def _class_color(class_id: int, rng: np.random.Generator) -> tuple:
     """Returns a jittered BGR colour for a class (fixed hue, random brightness)."""
-    hue = ((class_id * _GOLDEN) % 1.0 + rng.uniform(-0.025, 0.025)) % 1.0
+    hue = ((class_id * GOLDEN_RATIO_CONJUGATE) % 1.0 + rng.uniform(-0.025, 0.025)) % 1.0
     hsv = np.array(
         [[[hue * 180.0, rng.uniform(170, 255), rng.uniform(160, 255)]]], dtype=np.float32
     )
@@ -110,15 +98,15 @@ def _render(rng: np.random.Generator, class_id: int, size: int, style: str = "hu
     """
     shape = _SHAPES[class_id % len(_SHAPES)]
     if style == "shapes":
-        image = _textured_background(rng, size)
+        image = textured_background(rng, size)
         r = size * rng.uniform(0.15, 0.4)
         cx, cy = size / 2 + rng.uniform(-0.2, 0.2, size=2) * size
         rot = rng.uniform(0, 2 * np.pi)
         ref = image[int(np.clip(cy, 0, size - 1)), int(np.clip(cx, 0, size - 1))]
         if appearance == "category":
-            color = _category_color(rng, class_id + 1, ref)
+            color = category_color(rng, class_id + 1, ref)
         else:
-            color = _contrasting_color(rng, ref)
+            color = contrasting_color(rng, ref)
         draw_glyph(image, shape, (cx, cy), r, rot, color, cv2.LINE_8)
         amp = int(rng.integers(4, 17))
     else:
@@ -151,7 +139,7 @@ def generate_imagefolder(
 ) -> Dict[str, str]:
     """Generates (or reuses) a tiny, learnable ImageFolder dataset under ``root``.
 
-    Same restart rules as :func:`gradaug_det.data.synthetic_coco.generate_coco_shapes`:
+    Same restart rules as :func:`gradaug_det.data.synthetic.coco_shapes.generate_coco_shapes`:
     if ``root/DONE`` records exactly these parameters nothing is written;
     otherwise the marker is removed, all images are rewritten atomically,
     stale files following this generator's naming scheme
@@ -171,7 +159,7 @@ def generate_imagefolder(
         progress: show a tqdm progress bar.
         style: ``"hue"`` (default): each class is a glyph in its own hue on a dim
             gradient. ``"shapes"``: the look of the detection data
-            (:mod:`~gradaug_det.data.synthetic_coco`: textured background, random
+            (:mod:`~gradaug_det.data.synthetic.coco_shapes`: textured background, random
             contrasting colour, glyph 30-80 % of the side, off-centre), so only the
             glyph tells the class -- pretraining on it gives a backbone that knows the
             detection data's shapes and clutter. At most 8 classes (one per glyph).
@@ -189,14 +177,14 @@ def generate_imagefolder(
     root = os.fspath(root)
     wnids = imagefolder_wnids(num_classes)
     counts = {
-        "train": _check_int("train_per_class", train_per_class, 1),
-        "val": _check_int("val_per_class", val_per_class, 1),
+        "train": check_int("train_per_class", train_per_class, 1),
+        "val": check_int("val_per_class", val_per_class, 1),
     }
-    image_size = _check_int("image_size", image_size, 16)
-    seed = _check_int("seed", seed, 0)
+    image_size = check_int("image_size", image_size, 16)
+    seed = check_int("seed", seed, 0)
     if style not in ("hue", "shapes"):
         raise ValueError("style must be 'hue' or 'shapes', got {!r}".format(style))
-    if appearance not in _APPEARANCES or (appearance != "random" and style != "shapes"):
+    if appearance not in APPEARANCES or (appearance != "random" and style != "shapes"):
         raise ValueError("appearance must be 'random', or 'category' with style='shapes'; got "
                          "appearance={!r}, style={!r}".format(appearance, style))
     if style == "shapes" and len(wnids) > len(_SHAPES):
@@ -205,6 +193,7 @@ def generate_imagefolder(
             .format(len(_SHAPES), len(wnids))
         )
     params: Dict[str, Any] = {
+        # the generator's name when the format was fixed: kept, so earlier markers stay valid
         "generator": "gradaug_det.data.synthetic_imagefolder",
         "version": _FORMAT_VERSION,
         "num_classes": len(wnids),
@@ -218,12 +207,12 @@ def generate_imagefolder(
     if appearance != "random":
         params["appearance"] = appearance
     paths = {split: os.path.join(root, split) for split in _SPLIT_CODES}
-    if _read_marker(root) == params:
+    if read_marker(root) == params:
         return paths
 
     logger.info("Generating synthetic ImageFolder dataset at %s ...", root)
     os.makedirs(root, exist_ok=True)
-    _remove_marker(root)
+    remove_marker(root)
     jobs = [
         (split, class_id, index)
         for split in _SPLIT_CODES
@@ -238,7 +227,7 @@ def generate_imagefolder(
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], class_id, index])
         image = _render(rng, class_id, image_size, style, appearance)
         name = "{}_{:05d}.JPEG".format(wnids[class_id], index)
-        _atomic_write_image(
+        atomic_write_image(
             os.path.join(class_dir, name), image, (cv2.IMWRITE_JPEG_QUALITY, 95)
         )
 
@@ -251,8 +240,8 @@ def generate_imagefolder(
             keep = set()
             if wnid in wnids:
                 keep = {"{}_{:05d}.JPEG".format(wnid, i) for i in range(counts[split])}
-            _remove_stale_files(class_dir, _FILE_RE, keep)
+            remove_stale_files(class_dir, _FILE_RE, keep)
             if not os.listdir(class_dir):
                 os.rmdir(class_dir)
-    _write_marker(root, params)
+    write_marker(root, params)
     return paths

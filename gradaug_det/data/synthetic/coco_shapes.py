@@ -31,22 +31,25 @@ Guarantees:
   same parameters and an intact marker returns immediately; an interrupted run
   or one with different parameters is regenerated.
 """
-
 import json
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from ..utils.io import atomic_write
+from .checks import check_int, check_int_range
+from .drawing import (
+    APPEARANCES, DISTRACTOR_GLYPHS, SIZE_RANGE, category_color, contrasting_color, draw_glyph, draw_shape_mask, paint,
+    textured_background,
+)
+from .files import atomic_write_bytes, atomic_write_image, read_marker, remove_marker, remove_stale_files, write_marker
 
 __all__ = [
     "COCO_SHAPES_CATEGORIES",
-    "DISTRACTOR_GLYPHS",
     "QUICKSTART_SHAPES",
     "generate_coco_shapes",
     "coco_shapes_paths",
@@ -62,7 +65,6 @@ COCO_SHAPES_CATEGORIES: List[Dict[str, Any]] = [
 ]
 
 _FORMAT_VERSION = 1
-_MARKER_NAME = "DONE"
 _SPLIT_CODES = {"train": 0, "val": 1}
 _IMAGE_NAME_RE = re.compile(r"^\d{6}\.png$")
 
@@ -75,17 +77,6 @@ _MIN_FRAGMENT_AREA = 16
 _MIN_SHAPE_AREA = 40
 # Placement attempts per shape before giving up on it.
 _MAX_PLACEMENT_TRIES = 12
-# Hue spacing of the categories' colours (appearance="category"): consecutive
-# categories get hues far apart on the hue circle.
-_GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
-_APPEARANCES = ("random", "category")
-# Characteristic shape size is log-uniform in this range, expressed as a
-# fraction of the image side (at 256 px: ~12 px .. ~170 px), which populates
-# the COCO small (< 32^2), medium and large (>= 96^2) area buckets.
-_SIZE_RANGE = (0.047, 0.66)
-#: Unannotated clutter drawn under the annotated shapes (``distractors``): glyphs that
-#: are not one of the categories (see :func:`draw_glyph`).
-DISTRACTOR_GLYPHS = ("cross", "ring", "star")
 
 #: The generation parameters of the quickstart / ``make demo`` data (one home for them:
 #: ``register_quickstart`` and ``tools/quickstart.py`` read this). 128 px images, objects
@@ -104,280 +95,6 @@ QUICKSTART_SHAPES: Dict[str, Any] = {
 
 # Upsampling factor used to trace pixel-boundary polygons with cv2.findContours.
 _TRACE_UPSAMPLE = 3
-
-
-# ----------------------------------------------------------------------------
-# Small file helpers, shared with synthetic_imagefolder.
-# ----------------------------------------------------------------------------
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically (:func:`gradaug_det.utils.io.atomic_write`).
-
-    Args:
-        path: destination file.
-        data: file content.
-    """
-    with atomic_write(path, "wb") as f:
-        f.write(data)
-
-
-def _atomic_write_image(path: str, image: np.ndarray, params: Sequence[int] = ()) -> None:
-    """Encodes an image with OpenCV (format from the extension) and writes it atomically.
-
-    Args:
-        path: destination file; its extension selects the encoder.
-        image: HxWx3 uint8 image in BGR order.
-        params: OpenCV ``imencode`` parameters.
-    """
-    ext = os.path.splitext(path)[1]
-    ok, buf = cv2.imencode(ext, image, list(params))
-    if not ok:
-        raise RuntimeError("OpenCV failed to encode an image for {!r}".format(path))
-    _atomic_write_bytes(path, buf.tobytes())
-
-
-def _read_marker(root: str) -> Optional[Dict[str, Any]]:
-    """Reads the ``DONE`` marker of a generated dataset.
-
-    Args:
-        root: dataset root.
-
-    Returns:
-        The parameters stored in the marker, or None if it is missing or unreadable.
-    """
-    path = os.path.join(root, _MARKER_NAME)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            content = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return content if isinstance(content, dict) else None
-
-
-def _write_marker(root: str, params: Dict[str, Any]) -> None:
-    """Atomically writes the ``DONE`` marker containing ``params``."""
-    data = json.dumps(params, sort_keys=True, indent=1).encode("utf-8") + b"\n"
-    _atomic_write_bytes(os.path.join(root, _MARKER_NAME), data)
-
-
-def _remove_marker(root: str) -> None:
-    """Removes the ``DONE`` marker if present."""
-    try:
-        os.remove(os.path.join(root, _MARKER_NAME))
-    except FileNotFoundError:
-        pass
-
-
-def _remove_stale_files(directory: str, pattern: "re.Pattern", keep: set) -> None:
-    """Deletes files in ``directory`` whose name matches ``pattern`` and is not in ``keep``.
-
-    Only files following the generator's own naming scheme are ever deleted.
-    """
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        if pattern.match(name) and name not in keep:
-            os.remove(os.path.join(directory, name))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    """Validates an integer argument and returns it.
-
-    Raises:
-        ValueError: if ``value`` is not an integer >= ``minimum``.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError("{} must be an integer >= {}, got {!r}".format(name, minimum, value))
-    return int(value)
-
-
-# ----------------------------------------------------------------------------
-# Drawing.
-# ----------------------------------------------------------------------------
-def _textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draws a background: linear colour gradient + sinusoidal stripes + blotches.
-
-    Channels are computed separately and merged with OpenCV, which is several
-    times faster than numpy broadcasting over a trailing axis of length 3.
-
-    Args:
-        rng: random generator.
-        size: image side in pixels.
-
-    Returns:
-        float32 array of shape (size, size, 3) with values roughly in [0, 255].
-    """
-    coords = np.arange(size, dtype=np.float32) / size
-    yy, xx = coords[:, None], coords[None, :]
-    angle = rng.uniform(0, 2 * np.pi)
-    t = np.float32(np.cos(angle)) * xx + np.float32(np.sin(angle)) * yy
-    t = (t - t.min()) / np.float32(max(float(t.max() - t.min()), 1e-6))
-    c0 = rng.uniform(20, 235, size=3)
-    c1 = rng.uniform(20, 235, size=3)
-
-    # Stripes with random orientation, frequency, phase and per-channel amplitude.
-    s_angle = rng.uniform(0, np.pi)
-    freq = rng.uniform(3, 18)
-    phase = rng.uniform(0, 2 * np.pi)
-    stripes = np.sin(
-        np.float32(2 * np.pi * freq * np.cos(s_angle)) * xx
-        + np.float32(2 * np.pi * freq * np.sin(s_angle)) * yy
-        + np.float32(phase)
-    )
-    stripe_amp = rng.uniform(5, 30, size=3)
-
-    # Low-frequency blotches: bicubically upsampled coarse noise.
-    coarse = rng.normal(0, 1, size=(6, 6, 3)).astype(np.float32)
-    blotches = cv2.split(cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC))
-    blotch_amp = rng.uniform(4, 16)
-
-    channels = [
-        np.float32(c0[i])
-        + np.float32(c1[i] - c0[i]) * t
-        + np.float32(stripe_amp[i]) * stripes
-        + np.float32(blotch_amp) * blotches[i]
-        for i in range(3)
-    ]
-    return cv2.merge(channels)
-
-
-def draw_glyph(
-    canvas: np.ndarray,
-    glyph: str,
-    center: Tuple[float, float],
-    radius: float,
-    angle: float,
-    color: Any,
-    line_type: int = cv2.LINE_AA,
-) -> None:
-    """Draws one filled glyph in place (the classification classes and the clutter).
-
-    Args:
-        canvas: HxW or HxWx3 image (any dtype OpenCV draws on), modified in place.
-        glyph: one of ``circle, square, triangle, cross, ring, diamond, bar, star``.
-        center: (x, y) centre in pixels.
-        radius: half the glyph's extent in pixels.
-        angle: rotation in radians (ignored by the circle and ring).
-        color: colour (a scalar for a single-channel canvas).
-        line_type: OpenCV line type (``cv2.LINE_AA`` or ``cv2.LINE_8``).
-
-    Raises:
-        ValueError: for an unknown glyph.
-    """
-    cx, cy, r = float(center[0]), float(center[1]), float(radius)
-    thick = max(int(round(r * 0.35)), 2)
-    c, s = np.cos(angle), np.sin(angle)
-
-    def rotated(offsets: np.ndarray) -> np.ndarray:
-        return np.stack([cx + c * offsets[:, 0] - s * offsets[:, 1],
-                         cy + s * offsets[:, 0] + c * offsets[:, 1]], 1)
-
-    def poly(points: np.ndarray) -> None:
-        cv2.fillPoly(canvas, [np.round(points).astype(np.int32)], color, lineType=line_type)
-
-    ctr = (int(round(cx)), int(round(cy)))
-    if glyph == "circle":
-        cv2.circle(canvas, ctr, int(round(r)), color, -1, line_type)
-    elif glyph == "ring":
-        cv2.circle(canvas, ctr, int(round(r)), color, thick, line_type)
-    elif glyph == "square":
-        poly(rotated(np.array([[-r, -r], [r, -r], [r, r], [-r, r]]) * 0.8))
-    elif glyph == "diamond":
-        poly(rotated(np.array([[0, -r], [0.6 * r, 0], [0, r], [-0.6 * r, 0]])))
-    elif glyph == "triangle":
-        a = angle + np.arange(3) * 2 * np.pi / 3
-        poly(np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], 1))
-    elif glyph == "cross":
-        w = thick / 2
-        poly(rotated(np.array([[-r, -w], [r, -w], [r, w], [-r, w]])))
-        poly(rotated(np.array([[-w, -r], [w, -r], [w, r], [-w, r]])))
-    elif glyph == "bar":
-        poly(rotated(np.array([[-r, -r * 0.22], [r, -r * 0.22], [r, r * 0.22], [-r, r * 0.22]])))
-    elif glyph == "star":
-        a = angle + np.arange(10) * np.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
-        poly(np.stack([cx + radii * np.cos(a), cy + radii * np.sin(a)], 1))
-    else:
-        raise ValueError("unknown glyph {!r}".format(glyph))
-
-
-def _shape_polygon(
-    rng: np.random.Generator, category_id: int, center: np.ndarray, scale: float
-) -> np.ndarray:
-    """Returns the integer vertex polygon of a rectangle or triangle.
-
-    Args:
-        rng: random generator.
-        category_id: 2 (rectangle) or 3 (triangle).
-        center: (x, y) centre.
-        scale: characteristic size in pixels.
-
-    Returns:
-        int32 array of shape (N, 2) with (x, y) vertices.
-    """
-    if category_id == 2:
-        aspect = rng.uniform(0.45, 1.0)
-        w, h = scale, scale * aspect
-        if rng.random() < 0.5:
-            w, h = h, w
-        box = ((float(center[0]), float(center[1])), (w, h), float(rng.uniform(0, 180)))
-        pts = cv2.boxPoints(box)
-    else:
-        # Three vertices on a circle, with angular gaps >= 70 degrees so that
-        # the triangle is never degenerate.
-        gaps = rng.uniform(70, 150, size=2)
-        angles = np.radians(rng.uniform(0, 360) + np.array([0.0, gaps[0], gaps[0] + gaps[1]]))
-        radius = scale / 2 * rng.uniform(0.85, 1.15, size=3)
-        pts = np.stack(
-            [center[0] + radius * np.cos(angles), center[1] + radius * np.sin(angles)], 1
-        )
-    return np.round(pts).astype(np.int32)
-
-
-def _draw_shape_mask(
-    rng: np.random.Generator,
-    category_id: int,
-    size: int,
-    size_range: Tuple[float, float] = _SIZE_RANGE,
-) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Samples a shape of the given category and rasterises its full mask.
-
-    Args:
-        rng: random generator.
-        category_id: 1 circle, 2 rectangle, 3 triangle.
-        size: image side in pixels.
-        size_range: (min, max) characteristic size as a fraction of ``size``
-            (log-uniform).
-
-    Returns:
-        (mask, params): uint8 mask of shape (size, size) with 1 inside the shape
-        (no anti-aliasing, so the mask matches the painted pixels exactly), and
-        the drawing parameters needed to paint it.
-    """
-    lo, hi = size_range
-    scale = float(np.exp(rng.uniform(np.log(lo * size), np.log(hi * size))))
-    # Centres stay scale/4 away from the border: large shapes may be truncated
-    # by the image border, but most of each shape lies inside the image.
-    margin = scale / 4
-    center = rng.uniform(margin, size - margin, size=2)
-    mask = np.zeros((size, size), np.uint8)
-    if category_id == 1:
-        x, y, r = int(round(center[0])), int(round(center[1])), max(int(round(scale / 2)), 2)
-        params = {"circle": (x, y, r)}
-        cv2.circle(mask, (x, y), r, 1, thickness=-1, lineType=cv2.LINE_8)
-    else:
-        poly = _shape_polygon(rng, category_id, center, scale)
-        params = {"poly": poly}
-        cv2.fillPoly(mask, [poly], 1, lineType=cv2.LINE_8)
-    return mask, params
-
-
-def _paint(image: np.ndarray, params: Dict[str, Any], color: Tuple[float, float, float]) -> None:
-    """Paints a shape onto a float32 image in place (same rasterisation as the mask)."""
-    if "circle" in params:
-        x, y, r = params["circle"]
-        cv2.circle(image, (x, y), r, color, thickness=-1, lineType=cv2.LINE_8)
-    else:
-        cv2.fillPoly(image, [params["poly"]], color, lineType=cv2.LINE_8)
 
 
 def _fill_external(mask: np.ndarray) -> np.ndarray:
@@ -445,49 +162,11 @@ def _mask_to_polygons(mask: np.ndarray, offset: Tuple[int, int] = (0, 0)) -> Lis
     return polygons
 
 
-def _contrasting_color(
-    rng: np.random.Generator, reference: np.ndarray
-) -> Tuple[float, float, float]:
-    """Samples a colour at least ~70 (L2 in RGB) away from ``reference``."""
-    color = rng.uniform(0, 255, size=3)
-    for _ in range(20):
-        if np.linalg.norm(color - reference) >= 70:
-            break
-        color = rng.uniform(0, 255, size=3)
-    return float(color[0]), float(color[1]), float(color[2])
-
-
-def _category_color(
-    rng: np.random.Generator, category_id: int, reference: np.ndarray
-) -> Tuple[float, float, float]:
-    """Samples a colour typical of ``category_id``, contrasting with ``reference``.
-
-    Real object categories have characteristic colours and shades; here each category
-    owns a hue band (centres spaced by the golden ratio, width +-0.05 of the hue circle)
-    with random saturation and brightness, so colour is a strong but not a sufficient
-    cue (distractors take any colour). Up to 20 draws look for one at least ~70 (L2 in
-    RGB) away from ``reference``, as :func:`_contrasting_color`.
-    """
-    centre = (category_id * _GOLDEN_RATIO_CONJUGATE) % 1.0
-    best, best_dist = None, -1.0
-    for _ in range(20):
-        hue = (centre + rng.uniform(-0.05, 0.05)) % 1.0
-        hsv = np.array([[[hue * 180.0, rng.uniform(0.55, 1.0) * 255, rng.uniform(0.35, 1.0) * 255]]],
-                       dtype=np.float32)
-        color = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2BGR)[0, 0].astype(np.float64)
-        dist = float(np.linalg.norm(color - reference))
-        if dist > best_dist:
-            best, best_dist = color, dist
-        if dist >= 70:
-            break
-    return float(best[0]), float(best[1]), float(best[2])
-
-
 def _render_image(
     rng: np.random.Generator,
     size: int,
     num_shapes: Tuple[int, int],
-    size_range: Tuple[float, float] = _SIZE_RANGE,
+    size_range: Tuple[float, float] = SIZE_RANGE,
     distractors: Tuple[int, int] = (0, 0),
     appearance: str = "random",
 ) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
@@ -501,13 +180,13 @@ def _render_image(
         distractors: inclusive (min, max) number of unannotated clutter glyphs
             (``DISTRACTOR_GLYPHS``) painted on the background, under the shapes.
         appearance: ``"random"`` (any colour) or ``"category"`` (each category's own hue
-            band, :func:`_category_color`).
+            band, :func:`category_color`).
 
     Returns:
         (image, instances): uint8 BGR image and a list of dicts with keys
         ``category_id``, ``segmentation``, ``bbox``, ``area``.
     """
-    image = _textured_background(rng, size)
+    image = textured_background(rng, size)
     if distractors[1] > 0:
         lo, hi = size_range
         for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):
@@ -516,14 +195,14 @@ def _render_image(
             center = rng.uniform(0, size, size=2)
             ref = image[int(center[1]), int(center[0])]
             draw_glyph(image, glyph, (center[0], center[1]), radius, rng.uniform(0, 2 * np.pi),
-                       _contrasting_color(rng, ref), cv2.LINE_8)
+                       contrasting_color(rng, ref), cv2.LINE_8)
     owner = np.full((size, size), -1, dtype=np.int16)  # index of the top shape per pixel
     shapes: List[Dict[str, Any]] = []
     target = int(rng.integers(num_shapes[0], num_shapes[1] + 1))
     for _ in range(target):
         for _attempt in range(_MAX_PLACEMENT_TRIES):
             category_id = int(rng.integers(1, len(COCO_SHAPES_CATEGORIES) + 1))
-            mask, params = _draw_shape_mask(rng, category_id, size, size_range)
+            mask, params = draw_shape_mask(rng, category_id, size, size_range)
             full_area = cv2.countNonZero(mask)
             if full_area < _MIN_SHAPE_AREA:
                 continue
@@ -554,10 +233,10 @@ def _render_image(
         y0, y1, x0, x1 = shape["crop"]
         reference = image[y0:y1, x0:x1].reshape(-1, 3).mean(0)
         if appearance == "category":
-            color = _category_color(rng, shape["category_id"], reference)
+            color = category_color(rng, shape["category_id"], reference)
         else:
-            color = _contrasting_color(rng, reference)
-        _paint(image, shape["params"], color)
+            color = contrasting_color(rng, reference)
+        paint(image, shape["params"], color)
 
     # Sensor-like (uniform, per channel) noise over everything so that shapes
     # are not flat; cv2.add rounds and saturates to uint8.
@@ -617,7 +296,7 @@ def _generate_split(
     seed: int,
     num_shapes: Tuple[int, int],
     progress: bool,
-    size_range: Tuple[float, float] = _SIZE_RANGE,
+    size_range: Tuple[float, float] = SIZE_RANGE,
     distractors: Tuple[int, int] = (0, 0),
     appearance: str = "random",
 ) -> None:
@@ -636,21 +315,21 @@ def _generate_split(
                                           appearance)
         file_name = "{:06d}.png".format(image_id)
         names.add(file_name)
-        _atomic_write_image(os.path.join(image_dir, file_name), image)
+        atomic_write_image(os.path.join(image_dir, file_name), image)
         images.append(
             {"id": image_id, "file_name": file_name, "width": image_size, "height": image_size}
         )
         for inst in instances:
             inst = {"id": len(annotations) + 1, "image_id": image_id, **inst, "iscrowd": 0}
             annotations.append(inst)
-    _remove_stale_files(image_dir, _IMAGE_NAME_RE, names)
+    remove_stale_files(image_dir, _IMAGE_NAME_RE, names)
 
     dataset = {
         "info": {
             "description": "gradaug_det synthetic shapes ({} split)".format(split),
             "version": str(_FORMAT_VERSION),
             "year": 2024,
-            "contributor": "gradaug_det.data.synthetic_coco",
+            "contributor": "gradaug_det.data.synthetic_coco",  # as generated before: the same bytes
             "date_created": "n/a",
         },
         "licenses": [],
@@ -660,7 +339,7 @@ def _generate_split(
     }
     os.makedirs(os.path.dirname(paths["json_file"]), exist_ok=True)
     data = json.dumps(dataset, separators=(",", ":")).encode("utf-8")
-    _atomic_write_bytes(paths["json_file"], data)
+    atomic_write_bytes(paths["json_file"], data)
 
 
 def generate_coco_shapes(
@@ -671,7 +350,7 @@ def generate_coco_shapes(
     seed: int = 0,
     num_shapes: Tuple[int, int] = (1, 4),
     progress: bool = True,
-    size_range: Tuple[float, float] = _SIZE_RANGE,
+    size_range: Tuple[float, float] = SIZE_RANGE,
     distractors: Tuple[int, int] = (0, 0),
     appearance: str = "random",
 ) -> Dict[str, Dict[str, str]]:
@@ -722,20 +401,11 @@ def generate_coco_shapes(
         ValueError: if an argument is out of range.
     """
     root = os.fspath(root)
-    num_train = _check_int("num_train", num_train, 1)
-    num_val = _check_int("num_val", num_val, 1)
-    image_size = _check_int("image_size", image_size, 32)
-    seed = _check_int("seed", seed, 0)
-    try:
-        lo, hi = num_shapes
-    except (TypeError, ValueError):
-        raise ValueError(
-            "num_shapes must be a (min, max) pair of integers, got {!r}".format(num_shapes)
-        ) from None
-    lo = _check_int("num_shapes[0]", lo, 1)
-    hi = _check_int("num_shapes[1]", hi, 1)
-    if lo > hi:
-        raise ValueError("num_shapes must satisfy min <= max, got {!r}".format(num_shapes))
+    num_train = check_int("num_train", num_train, 1)
+    num_val = check_int("num_val", num_val, 1)
+    image_size = check_int("image_size", image_size, 32)
+    seed = check_int("seed", seed, 0)
+    lo, hi = check_int_range("num_shapes", num_shapes, 1)
     try:
         size_lo, size_hi = (float(v) for v in size_range)
     except (TypeError, ValueError):
@@ -747,21 +417,13 @@ def generate_coco_shapes(
             "size_range must satisfy 0 < min <= max <= 1 (fractions of image_size), "
             "got {!r}".format(size_range)
         )
-    try:
-        d_lo, d_hi = distractors
-    except (TypeError, ValueError):
-        raise ValueError(
-            "distractors must be a (min, max) pair of integers, got {!r}".format(distractors)
-        ) from None
-    d_lo = _check_int("distractors[0]", d_lo, 0)
-    d_hi = _check_int("distractors[1]", d_hi, 0)
-    if d_lo > d_hi:
-        raise ValueError("distractors must satisfy min <= max, got {!r}".format(distractors))
-    if appearance not in _APPEARANCES:
+    d_lo, d_hi = check_int_range("distractors", distractors, 0)
+    if appearance not in APPEARANCES:
         raise ValueError("appearance must be one of {}, got {!r}".format(
-            ", ".join(map(repr, _APPEARANCES)), appearance))
+            ", ".join(map(repr, APPEARANCES)), appearance))
 
     params = {
+        # the generator's name when the format was fixed: kept, so earlier markers stay valid
         "generator": "gradaug_det.data.synthetic_coco",
         "version": _FORMAT_VERSION,
         "num_train": num_train,
@@ -771,14 +433,14 @@ def generate_coco_shapes(
         "num_shapes": [lo, hi],
     }
     # Recorded only when not the defaults, so markers of earlier versions stay valid.
-    if (size_lo, size_hi) != tuple(_SIZE_RANGE):
+    if (size_lo, size_hi) != tuple(SIZE_RANGE):
         params["size_range"] = [size_lo, size_hi]
     if (d_lo, d_hi) != (0, 0):
         params["distractors"] = [d_lo, d_hi]
     if appearance != "random":
         params["appearance"] = appearance
     paths = coco_shapes_paths(root)
-    if _read_marker(root) == params and all(
+    if read_marker(root) == params and all(
         os.path.isfile(p["json_file"]) for p in paths.values()
     ):
         logger.debug("Synthetic shapes dataset at %s is up to date.", root)
@@ -786,9 +448,9 @@ def generate_coco_shapes(
 
     logger.info("Generating synthetic shapes dataset at %s ...", root)
     os.makedirs(root, exist_ok=True)
-    _remove_marker(root)
+    remove_marker(root)
     for split, count in (("train", num_train), ("val", num_val)):
         _generate_split(root, split, count, image_size, seed, (lo, hi), progress,
                         (size_lo, size_hi), (d_lo, d_hi), appearance)
-    _write_marker(root, params)
+    write_marker(root, params)
     return paths

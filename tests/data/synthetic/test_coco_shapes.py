@@ -16,7 +16,7 @@ from gradaug_det.data.datasets import (
     QUICKSTART_VAL,
     register_quickstart,
 )
-from gradaug_det.data.synthetic_coco import (
+from gradaug_det.data.synthetic import (
     COCO_SHAPES_CATEGORIES,
     coco_shapes_paths,
     generate_coco_shapes,
@@ -274,7 +274,7 @@ def _mean_hue_offsets(root):
     colour and its category's hue centre, from the written PNG and the annotation polygons."""
     import cv2
 
-    from gradaug_det.data.synthetic_coco import _GOLDEN_RATIO_CONJUGATE
+    from gradaug_det.data.synthetic.drawing import GOLDEN_RATIO_CONJUGATE as _GOLDEN_RATIO_CONJUGATE
 
     paths = coco_shapes_paths(root)["train"]
     with open(paths["json_file"]) as f:

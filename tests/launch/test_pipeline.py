@@ -1,5 +1,5 @@
 """The helpers tools/quickstart.py and tools/compare.py read results with
-(gradaug_det.engine.pipeline), against what detectron2 itself writes."""
+(gradaug_det.launch.pipeline), against what detectron2 itself writes."""
 import json
 import logging
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from gradaug_det.engine import pipeline
+from gradaug_det.launch import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
