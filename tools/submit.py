@@ -20,6 +20,7 @@ import os
 import sys
 
 from gradaug_det.launch.slurm import TrainingJob, make_executor, prepare_tool_args
+from gradaug_det.utils.cli import UserError
 
 
 def get_parser():
@@ -72,7 +73,7 @@ def main(argv=None):
             raise ValueError(f"{job_dir} already holds a run (last_checkpoint): pass the tool's --resume to "
                              "continue it, or choose another --job-dir")
         executor = build_executor(args, job_dir)
-    except ValueError as e:
+    except (ValueError, UserError) as e:  # before anything is submitted or written
         sys.exit(f"error: {e}")
     os.makedirs(job_dir, exist_ok=True)
     job = executor.submit(TrainingJob(os.path.abspath(args.tool), tool_args, job_dir))

@@ -40,6 +40,9 @@ import torch.distributed as dist
 from detectron2.engine import default_argument_parser
 from detectron2.engine.launch import _distributed_worker  # launch()'s per-process entry
 
+from ..config import merge_user_config
+from ..engine.lazy import load_lazy_config
+from ..engine.setup import check_config_inputs, get_gradaug_cfg
 from ..engine.preemption import TrainingPreempted, install_signal_handler, preemption_state
 
 __all__ = [
@@ -98,6 +101,9 @@ def prepare_tool_args(tool: str, tool_args: Sequence[str], job_dir: str) -> List
     Raises:
         ValueError: an unknown tool, launch flags (the allocation sets them), an output
             directory of its own, a missing config file, or arguments the tool's parser rejects.
+        UserError: what the tool itself would refuse before any work (unknown keys with the
+            closest real one, bad values, unregistered datasets, missing weights), for the
+            detectron2 and LazyConfig tools.
     """
     kind = tool_kind(tool)
     tool_args = list(tool_args)
@@ -124,6 +130,11 @@ def prepare_tool_args(tool: str, tool_args: Sequence[str], job_dir: str) -> List
         argv = tool_args + (["OUTPUT_DIR", job_dir] if kind == "detectron2" else [f"train.output_dir={job_dir}"])
     if not config or not os.path.isfile(config):
         raise ValueError(f"config file {config!r} does not exist")
+    if kind == "detectron2":  # the tool's own checks, here rather than in the queue: keys, datasets, weights
+        cfg = merge_user_config(get_gradaug_cfg(), config, list(parsed.opts or ()))
+        check_config_inputs(cfg, resume=parsed.resume)
+    elif kind == "lazyconfig":
+        load_lazy_config(config, list(parsed.opts or ()), resume=parsed.resume)
     return argv
 
 

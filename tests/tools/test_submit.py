@@ -113,6 +113,12 @@ def test_bad_arguments_fail_before_submission(tmp_path, monkeypatch):
          f"the tool's arguments '--config-file {CONFIG} --trust-pickle' are invalid"),
         (["tools/demo.py", "--config-file", CONFIG], "the tool must be one of"),
         (["--nodes", "0", "tools/train_net.py", "--config-file", CONFIG], "nodes=0 is invalid"),
+        # what the tool itself refuses before any work is refused before the job queues
+        (["tools/train_net.py", "--config-file", CONFIG, "GRADAUG.NUM_SUBNET", "2"],
+         "did you mean 'GRADAUG.NUM_SUBNETS'"),
+        (["tools/train_net.py", "--config-file", CONFIG, "MODEL.WEIGHTS", "missing.pth"], "'missing.pth': no such file"),
+        (["tools/train_net.py", "--config-file", CONFIG, "DATASETS.TRAIN", "('coco_2017_trian',)"],
+         "did you mean 'coco_2017_train'"),
     ]
     for argv, message in cases:
         if argv[0] != "--nodes":
