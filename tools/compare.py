@@ -100,7 +100,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="find the schedule with one probe run of the first arm (see --eval-period, "
                              "--patience, --min-delta, --max-iters) and train every arm and seed that long")
     parser.add_argument("--schedule-from", default=None, metavar="RESULTS_JSON",
-                        help="reuse the schedule an earlier --until-converged run wrote to its results.json")
+                        help="reuse the schedule (iterations, and --eval-period unless given) that an earlier "
+                             "--until-converged run wrote to its results.json")
     parser.add_argument("--max-iters", type=int, default=None,
                         help="--until-converged: the probe's cap (default: 4 x the config's SOLVER.MAX_ITER)")
     parser.add_argument("--patience", type=int, default=5,
@@ -416,6 +417,12 @@ def _check_args(args, cfg, arms) -> dict:
     if args.train_fraction is not None and len(cfg.DATASETS.TRAIN) != 1:
         raise UserError(f"--train-fraction needs one training dataset, got {list(cfg.DATASETS.TRAIN)}; "
                         "pass --dataset NAME")
+    pre_baseline = [a["name"] for a in arms if a["pretrain"] == "baseline"]
+    quickstart = os.path.abspath(args.config_file) == DETECTION_CONFIG and not args.dataset
+    if pre_baseline and (args.weights or not quickstart):
+        raise UserError(f"--arms {pre_baseline[0]}: pretrain=baseline pretrains the quickstart backbone without "
+                        "GradAug; it needs the quickstart config and data and no --weights (for your own "
+                        "backbones, give that arm MODEL.WEIGHTS=<file> instead)")
     if args.weights and not os.path.isfile(args.weights):
         raise UserError(f"--weights {args.weights!r}: no such file")
     return arm_cfgs
@@ -585,6 +592,8 @@ def main(args) -> dict:
               "iterations", flush=True)
     elif args.schedule_from:
         schedule = dict(_read_schedule(args.schedule_from), source=os.path.abspath(args.schedule_from))
+        if args.eval_period is None:  # evaluated as often as the study it continues
+            args.eval_period = schedule["eval_period"]
     else:
         schedule = {"rule": "fixed", "iters": args.iters or cfg.SOLVER.MAX_ITER}
     iters = schedule["iters"]

@@ -77,6 +77,16 @@ def test_convergence_rule_on_hand_made_curves(compare):
     assert rule([(10, float("nan")), (20, float("nan"))], 1, 0.0)["best_iter"] is None
 
 
+def test_schedule_from_reads_only_an_until_converged_schedule(compare, tmp_path):
+    schedule = {"rule": "until-converged", "iters": 1700, "eval_period": 100, "patience": 5, "min_delta": 0.5}
+    good, fixed = tmp_path / "good.json", tmp_path / "fixed.json"
+    good.write_text(json.dumps({"schedule": schedule, "runs": []}))
+    fixed.write_text(json.dumps({"schedule": {"rule": "fixed", "iters": 400}}))
+    assert compare._read_schedule(str(good)) == schedule
+    with pytest.raises(UserError, match="holds no --until-converged schedule"):
+        compare._read_schedule(str(fixed))
+
+
 def _run(arm, seed, points, sec_per_iter, final_segm=None):
     curve = [{"iter": i, "time": i * sec_per_iter, "AP": ap} for i, ap in points]
     return {"arm": arm, "seed": seed, "iters": points[-1][0], "seconds": points[-1][0] * sec_per_iter,
@@ -121,6 +131,7 @@ def _compare(args, tmp_path, **kw):
     (["--until-converged"], "--until-converged needs --eval-period N"),
     (["--until-converged", "--eval-period", "10", "--iters", "50"], "--iters and --until-converged: pick one"),
     (["--schedule-from", "nope.json"], "--schedule-from 'nope.json': cannot read a results.json"),
+    (["--arms", "b=:GRADAUG.ENABLED=False,pretrain=baseline"], "pretrain=baseline pretrains the quickstart"),
 ])
 def test_compare_refuses_in_one_line_before_any_work(tmp_path, args, message):
     res = _compare([*args, "--dataset", "gradaug_quickstart_tiny_train", "--val-dataset",
