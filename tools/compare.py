@@ -18,10 +18,11 @@ reference, "the baseline"; CONFIG empty means ``--config-file``), e.g. the refer
 
 (``pretrain=baseline`` in an arm's list starts it from a backbone pretrained without GradAug).
 The schedule is ``--iters``, or ``--until-converged``: one probe run of the first arm at a
-constant learning rate, evaluated every ``--eval-period`` iterations up to ``--max-iters``,
-stopped by :func:`convergence` (no AP gain above ``--min-delta`` in ``--patience``
-evaluations); the iteration of its best AP is then every arm's and seed's schedule (written to
-results.json; ``--schedule-from`` reuses it). ``--train-fraction F`` trains on a seeded
+constant learning rate, evaluated every ``--eval-period`` iterations up to ``--max-iters``
+(it runs to that cap), its curve cut by :func:`convergence` (the first evaluation ending
+``--patience`` evaluations without an AP gain above ``--min-delta``); the iteration of its best
+AP up to there is then every arm's and seed's schedule (written to results.json;
+``--schedule-from`` reuses it). ``--train-fraction F`` trains on a seeded
 ``F`` of the training images (:func:`gradaug_det.data.datasets.register_subset`). The
 equal-time arm is on by default only without ``--arms`` / ``--until-converged``.
 
