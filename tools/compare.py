@@ -492,6 +492,7 @@ def main(args) -> dict:
         run_tool,
         schedule_opts,
     )
+    from gradaug_det.benchmark.report import device_name, write_json, write_text
     from gradaug_det.config import merge_user_config
     from gradaug_det.data.datasets import register_subset
     from gradaug_det.engine.setup import get_gradaug_cfg
@@ -616,20 +617,19 @@ def main(args) -> dict:
     commit = _commit()
     train_desc = (f"{train_names[0]} ({args.train_fraction:g} of {subset[0]}, seed {args.fraction_seed})"
                   if subset else ", ".join(train_names))
+    machine = device_name(device)
     md = os.path.join(out, "results.md")
-    with open(md, "w") as f:
-        f.write(f"{command}\n\ncommit {commit}, device {device}. Trained on {train_desc}, "
-                f"{iters} iterations ({schedule['rule']} schedule). COCO AP at width 1.0 on "
-                f"{cfg.DATASETS.TEST[0]}, mean ± std over seeds {args.seeds}; best = the best evaluation "
-                f"of a run; time to reach = training seconds until a run first reaches the mean best AP "
-                f"of {arm_names[0]}:\n\n{table}\n")
+    write_text(md, f"{command}\n\ncommit {commit}, device {device}: {machine}. Trained on {train_desc}, "
+               f"{iters} iterations ({schedule['rule']} schedule). COCO AP at width 1.0 on "
+               f"{cfg.DATASETS.TEST[0]}, mean ± std over seeds {args.seeds}; best = the best evaluation "
+               f"of a run; time to reach = training seconds until a run first reaches the mean best AP "
+               f"of {arm_names[0]}:\n\n{table}\n")
     js = os.path.join(out, "results.json")
-    with open(js, "w") as f:
-        json.dump({"command": command, "commit": commit, "config": args.config_file, "device": device,
-                   "seeds": args.seeds, "arms": arms, "equal_time": equal_time,
-                   "train_dataset": train_names,
-                   "train_fraction": args.train_fraction, "fraction_seed": args.fraction_seed,
-                   "schedule": schedule, "summary": summarize(runs, arm_names), "runs": runs}, f, indent=1)
+    write_json(js, {"command": command, "commit": commit, "config": args.config_file, "device": device,
+                    "machine": machine, "seeds": args.seeds, "arms": arms, "equal_time": equal_time,
+                    "train_dataset": train_names,
+                    "train_fraction": args.train_fraction, "fraction_seed": args.fraction_seed,
+                    "schedule": schedule, "summary": summarize(runs, arm_names), "runs": runs})
     print("\n" + table)
     print(f"\nDone in {time.perf_counter() - start:.0f} s. Outputs:")
     for label, path in (("table", md), ("all numbers", js), ("AP curves", png), ("runs' commands", log)):

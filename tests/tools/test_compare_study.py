@@ -188,4 +188,5 @@ def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
     assert "NUM_SUBNETS: 2" in ref_cfg and "SUBNET_LOSS: soft" in ref_cfg
     md = (out / "results.md").read_text()
     assert "until-converged schedule" in md and "gradaug_quickstart_tiny_train_frac0.5_seed1" in md
+    assert "-core CPU" in results["machine"] and results["machine"] in md and results["commit"] in md
     assert (out / "ap_curves.png").stat().st_size > 10000
