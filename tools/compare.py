@@ -18,11 +18,11 @@ reference, "the baseline"; CONFIG empty means ``--config-file``), e.g. the refer
 
 (``pretrain=baseline`` in an arm's list starts it from a backbone pretrained without GradAug).
 The schedule is ``--iters``, or ``--until-converged``: one probe run of the first arm at a
-constant learning rate, evaluated every ``--eval-period`` iterations up to ``--max-iters``
-(it runs to that cap), its curve cut by :func:`convergence` (the first evaluation ending
-``--patience`` evaluations without an AP gain above ``--min-delta``); the iteration of its best
-AP up to there is then every arm's and seed's schedule (written to results.json;
-``--schedule-from`` reuses it). ``--train-fraction F`` trains on a seeded
+constant learning rate, evaluated every ``--eval-period`` iterations up to ``--max-iters``,
+stopped once :func:`convergence` says so (``--patience`` evaluations in a row without an AP
+gain above ``--min-delta``; checked every 5 s on the evaluations it has written); the
+iteration of its best AP up to there is then every arm's and seed's schedule (written to
+results.json; ``--schedule-from`` reuses it). ``--train-fraction F`` trains on a seeded
 ``F`` of the training images (:func:`gradaug_det.data.datasets.register_subset`). The
 equal-time arm is on by default only without ``--arms`` / ``--until-converged``.
 
@@ -193,9 +193,10 @@ def parse_arms(texts, default_config: str) -> list:
 def convergence(curve, patience: int, min_delta: float) -> dict:
     """The schedule rule of ``--until-converged``: early stopping on a validation AP curve.
 
-    Walking the evaluations in order, an evaluation whose AP exceeds the last gain's AP by more
-    than ``min_delta`` is a gain; the run has converged at the first evaluation that ends
-    ``patience`` evaluations in a row without a gain. The schedule is the iteration of the best
+    Walking the evaluations in order, the first with an AP and every one whose AP exceeds the
+    last gain's AP by more than ``min_delta`` is a gain; the run has converged at the first
+    evaluation that ends ``patience`` evaluations in a row without a gain. An evaluation without
+    an AP (NaN: nothing detected) before the first AP does not count; after it, it is no gain. The schedule is the iteration of the best
     AP up to there (the first one on ties).
 
     Args:
@@ -213,6 +214,8 @@ def convergence(curve, patience: int, min_delta: float) -> dict:
     converged = False
     for i, (_, ap) in enumerate(curve):
         if ap is None or math.isnan(ap):
+            if ref is None:  # no AP yet (a model that detects nothing): not a plateau
+                continue
             ap = -math.inf
         if ref is None or ap > ref + min_delta:
             ref, since = ap, 0
@@ -240,7 +243,7 @@ def _mean_std(values):
 
 def _best(run, task):
     """(AP, iteration, training seconds) of a run's best evaluation of ``task``, or Nones."""
-    points = [p for p in run["curves"].get(task) or [] if p["AP"] is not None and not math.isnan(p["AP"])]
+    points = [p for p in run.get("curves", {}).get(task) or [] if p["AP"] is not None and not math.isnan(p["AP"])]
     if not points:
         return None, None, None
     p = max(points, key=lambda p: (p["AP"], -p["iter"]))
@@ -260,7 +263,7 @@ def time_to_reach(runs, target: float, task: str = "bbox"):
     """
     out = []
     for r in runs:
-        hit = next((p for p in r["curves"].get(task) or []
+        hit = next((p for p in r.get("curves", {}).get(task) or []
                     if p["AP"] is not None and not math.isnan(p["AP"]) and p["AP"] >= target), None)
         out.append({"seed": r["seed"], "iter": hit["iter"] if hit else None, "time": hit["time"] if hit else None})
     return out
@@ -553,16 +556,22 @@ def main(args) -> dict:
             return ["TEST.EVAL_PERIOD", str(args.eval_period)]
         return ["TEST.EVAL_PERIOD", str(max(1, n // args.eval_points))]
 
-    def train(arm, seed, n, name=None, run_dir=None, constant_lr=False):
+    def train(arm, seed, n, name=None, run_dir=None, constant_lr=False, stop_when=None):
         name = name or arm["name"]
         run_dir = run_dir or os.path.join(out, f"{name}_seed{seed}")
         lr = ["SOLVER.STEPS", "()"] if constant_lr else []
         run_tool(tool, [*prefix, "--config-file", arm["config"], *init_opts(arm["pretrain"]), *common,
                         *arm["opts"], *schedule_opts(arm_cfgs[arm["name"]], n), *eval_opts(n), *lr, "SEED", str(seed),
-                        "OUTPUT_DIR", run_dir, *args.opts], f"{name} seed {seed}", log, quiet=args.quiet)
-        done, seconds = read_training_speed(run_dir)
+                        "OUTPUT_DIR", run_dir, *args.opts], f"{name} seed {seed}", log, quiet=args.quiet,
+                 stop_when=stop_when)
+        try:
+            done, seconds = read_training_speed(run_dir)
+            per_iter = seconds / max(done, 1)
+        except SystemExit:
+            if stop_when is None:
+                raise
+            per_iter = float("nan")  # the probe, stopped early: no training speed logged
         final = read_final_results(run_dir)
-        per_iter = seconds / max(done, 1)
         curves = {task: [{"iter": i, "time": i * per_iter, "AP": ap}
                          for i, ap in read_eval_curve(run_dir, f"{task}/AP")] for task in TASKS}
         run = {"arm": name, "seed": seed, "iters": n, "seconds": n * per_iter, "dir": run_dir,
@@ -575,13 +584,24 @@ def main(args) -> dict:
     # the schedule, fixed before any arm runs
     if args.until_converged:
         cap = args.max_iters or 4 * cfg.SOLVER.MAX_ITER
-        probe = train(arms[0], args.seeds[0], cap, name=f"probe_{arms[0]['name']}",
-                      run_dir=os.path.join(out, "probe"), constant_lr=True)
-        # every evaluation, NaN where detectron2 logged no bbox AP (a model that detects nothing)
-        logged = {p["iter"]: p["AP"] for p in probe["curves"]["bbox"]}
-        per_iter = probe["seconds"] / cap
-        curve = [{"iter": i, "time": i * per_iter, "AP": logged.get(i, float("nan"))}
-                 for i in sorted({*range(args.eval_period, cap + 1, args.eval_period), cap})]
+        probe_dir = os.path.join(out, "probe")
+        evals = sorted({*range(args.eval_period, cap + 1, args.eval_period), cap})
+
+        def probe_curve():
+            """The probe's evaluations so far, NaN where detectron2 logged no bbox AP (a model
+            that detects nothing). While it runs, the evaluation after i iterations is logged
+            under i - 1: each logged iteration is mapped to the nearest evaluation point."""
+            logged = {min(evals, key=lambda e: abs(e - it)): ap for it, ap in read_eval_curve(probe_dir, "bbox/AP")}
+            last = max(logged, default=0)
+            return [(e, logged.get(e, float("nan"))) for e in evals if e <= last]
+
+        def converged():
+            return convergence(probe_curve(), args.patience, args.min_delta)["converged"]
+
+        probe = train(arms[0], args.seeds[0], cap, name=f"probe_{arms[0]['name']}", run_dir=probe_dir,
+                      constant_lr=True, stop_when=converged)
+        per_iter = probe["seconds"] / cap  # NaN when stopped early
+        curve = [{"iter": i, "time": i * per_iter, "AP": ap} for i, ap in probe_curve()]
         rule = convergence([(p["iter"], p["AP"]) for p in curve], args.patience, args.min_delta)
         if rule["best_iter"] is None:
             raise SystemExit(f"--until-converged: the probe run ({probe['dir']}) has no bbox AP to converge on")

@@ -74,7 +74,12 @@ def test_convergence_rule_on_hand_made_curves(compare):
     # the best AP may come before the stop; ties: the first iteration; NaN counts as no AP
     assert rule([(10, float("nan")), (20, 8.0), (30, 8.0), (40, 7.0)], patience=2, min_delta=0.1) == \
         {"converged": True, "stop_iter": 40, "best_iter": 20, "best_AP": 8.0}
-    assert rule([(10, float("nan")), (20, float("nan"))], 1, 0.0)["best_iter"] is None
+    assert rule([(10, float("nan")), (20, float("nan"))], 1, 0.0) == {"converged": False, "stop_iter": 20,
+                                                                     "best_iter": None, "best_AP": None}
+    # evaluations before the first AP are not a plateau; after it, a NaN is no gain
+    assert rule([(10, float("nan")), (20, float("nan")), (30, float("nan")), (40, 5.0)], 2, 0.5) == \
+        {"converged": False, "stop_iter": 40, "best_iter": 40, "best_AP": 5.0}
+    assert rule([(10, 5.0), (20, float("nan")), (30, 5.2)], 2, 0.5)["stop_iter"] == 30
 
 
 def test_schedule_from_reads_only_an_until_converged_schedule(compare, tmp_path):
@@ -142,14 +147,15 @@ def test_compare_refuses_in_one_line_before_any_work(tmp_path, args, message):
 
 
 def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
-    """The probe (constant LR, evaluated every 3 iterations up to 9), then 2 arms x 1 seed for the
-    probe's best iteration, on half of the tiny quickstart training images (3 iterations at least:
-    detectron2 logs no training speed for fewer)."""
+    """The probe (constant LR, evaluated every 3 iterations, cap 60) is stopped by the rule
+    (patience 1, min-delta 100: the evaluation after the first logged AP ends it) long before
+    its cap; then 2 arms x 1 seed for the probe's best iteration, on half of the tiny quickstart
+    training images (3 iterations at least: detectron2 logs no training speed for fewer)."""
     out = tmp_path / "cmp"
     res = _compare(["--dataset", "gradaug_quickstart_tiny_train", "--val-dataset", "gradaug_quickstart_tiny_val",
                     "--arms", "baseline=:GRADAUG.ENABLED=False", "ref=:GRADAUG.NUM_SUBNETS=2,GRADAUG.SUBNET_LOSS=soft",
-                    "--seeds", "3", "--until-converged", "--eval-period", "3", "--max-iters", "9",
-                    "--patience", "2", "--min-delta", "0", "--train-fraction", "0.5", "--fraction-seed", "1",
+                    "--seeds", "3", "--until-converged", "--eval-period", "3", "--max-iters", "60",
+                    "--patience", "1", "--min-delta", "100", "--train-fraction", "0.5", "--fraction-seed", "1",
                     "--device", "cpu", "--quiet", "--output-dir", str(out), "--opts", *TINY],
                    tmp_path, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -157,14 +163,18 @@ def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
         results = json.load(f)
     schedule = results["schedule"]
     probe = schedule["probe"]
-    assert schedule["rule"] == "until-converged" and probe["constant_lr"] and schedule["max_iters"] == 9
-    assert [p["iter"] for p in probe["curve"]] == [3, 6, 9]
+    assert schedule["rule"] == "until-converged" and probe["constant_lr"] and schedule["max_iters"] == 60
+    iters = [p["iter"] for p in probe["curve"]]
+    assert iters == list(range(3, iters[-1] + 1, 3)) and iters[-1] < 60  # stopped early
+    # the rule is checked every 5 s: the probe may run a few evaluations past the stop (unused)
+    assert probe["converged"] and probe["stop_iter"] <= iters[-1]
     from importlib.util import module_from_spec, spec_from_file_location
 
     spec = spec_from_file_location("compare_tool", os.path.join(REPO, "tools", "compare.py"))
     compare = module_from_spec(spec)
     spec.loader.exec_module(compare)
-    rule = compare.convergence([(p["iter"], p["AP"]) for p in probe["curve"]], 2, 0.0)
+    rule = compare.convergence([(p["iter"], p["AP"]) for p in probe["curve"]], 1, 100.0)
+    assert rule["converged"] and rule["stop_iter"] == probe["stop_iter"]
     assert schedule["iters"] == rule["best_iter"] == probe["best_iter"]
     # no equal-time arm in study mode; every arm trains the probe's schedule on the subset
     assert [(r["arm"], r["seed"], r["iters"]) for r in results["runs"]] == \
@@ -173,8 +183,11 @@ def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
     assert results["equal_time"] is False and set(results["summary"]) == {"baseline", "ref"}
     assert "bbox_reach" in results["summary"]["ref"] or math.isnan(results["summary"]["baseline"]["bbox_best"][0])
     with open(out / "runs.log") as f:
-        commands = [line for line in f if re.match(r"^\[(probe_baseline|baseline|ref) seed 3\] ", line)]
+        log = f.read()
+    commands = [line for line in log.splitlines() if re.match(r"^\[(probe_baseline|baseline|ref) seed 3\] ", line)
+                and " stopped after " not in line]
     assert len(commands) == 3  # probe + 2 arms
+    assert "[probe_baseline seed 3] stopped after" in log
     for line in commands:  # each child registers the same subset before tools/train_net.py runs
         argv = shlex.split(line.split("] ", 1)[1])
         assert argv[1] == "-c" and "register_subset('gradaug_quickstart_tiny_train', 0.5, 1)" in argv[2]
