@@ -30,6 +30,9 @@ _DETECTRON2_NAMES = (
     "register_imagenet",
     "register_quickstart",
     "subsample_per_class",
+    "subsample_images",
+    "subset_name",
+    "register_subset",
 )
 
 

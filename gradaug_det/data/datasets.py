@@ -13,6 +13,10 @@ Registered names
     ImageFolder classification data of the same look for pretraining the
     backbone (8 glyph classes, ``QUICKSTART_CLASSES``), see
     :mod:`gradaug_det.data.synthetic.imagefolder`.
+``register_subset``:
+    ``<source>_frac<F>_seed<S>`` -- a seeded fraction of the images of any registered
+    dataset (:func:`subsample_images`), e.g. the scarce-data split of ``tools/compare.py
+    --train-fraction``.
 ``register_imagenet``:
     ``imagenet_train``, ``imagenet_val`` -- every image of
     ``root/{train,val}/<wnid>/*``;
@@ -57,6 +61,9 @@ __all__ = [
     "list_imagefolder_classes",
     "load_imagefolder",
     "subsample_per_class",
+    "subsample_images",
+    "subset_name",
+    "register_subset",
     "check_datasets_registered",
     "DATASETS_DOC",
 ]
@@ -377,6 +384,92 @@ def subsample_per_class(records: Sequence[dict], fraction: float, seed: int = 0)
         order = rng.permutation(len(indices))[:k]
         keep.update(indices[j] for j in order)
     return [dict(rec) for i, rec in enumerate(records) if i in keep]
+
+
+def subsample_images(records: Sequence[dict], fraction: float, seed: int = 0) -> List[dict]:
+    """Keeps a seeded, fixed fraction of the images of a (detection) dataset.
+
+    ``k = max(1, floor(fraction * n + 1/2))`` of the ``n`` records are kept (the rounding
+    of :func:`subsample_per_class`, on the exact rational ``fraction``). Which ones: the
+    first ``k`` of a permutation drawn from ``numpy.random.default_rng(seed)`` over the
+    records sorted by ``(file_name, image_id)``, so the result does not depend on the input
+    order, and for a fixed seed a smaller fraction gives a subset of a larger one. Unlike
+    :func:`subsample_per_class` it needs no ``class_id`` (a detection image has many).
+
+    Args:
+        records: detectron2 dataset dicts (``file_name``, ``image_id``, ...).
+        fraction: fraction to keep, in (0, 1].
+        seed: non-negative integer seed.
+
+    Returns:
+        Shallow copies of the kept records, in their input order.
+
+    Raises:
+        ValueError: if ``fraction`` or ``seed`` is out of range.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, Fraction)):
+        raise ValueError("fraction must be a number in (0, 1], got {!r}".format(fraction))
+    if not 0 < fraction <= 1:
+        raise ValueError("fraction must be in (0, 1], got {!r}".format(fraction))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError("seed must be a non-negative integer, got {!r}".format(seed))
+    exact = Fraction(float(fraction)).limit_denominator(1_000_000)
+    order = sorted(range(len(records)),
+                   key=lambda i: (str(records[i].get("file_name", "")), str(records[i].get("image_id"))))
+    k = _num_to_keep(exact, len(order))
+    perm = np.random.default_rng(int(seed)).permutation(len(order))[:k]
+    keep = {order[j] for j in perm}
+    return [dict(rec) for i, rec in enumerate(records) if i in keep]
+
+
+def subset_name(source: str, fraction: float, seed: int = 0) -> str:
+    """The registered name of :func:`register_subset`'s subset, e.g.
+    ``gradaug_quickstart_train_frac0.1_seed0``."""
+    return "{}_frac{:g}_seed{}".format(source, float(fraction), int(seed))
+
+
+def register_subset(source: str, fraction: float, seed: int = 0) -> str:
+    """Registers a seeded fraction of the images of the registered dataset ``source``.
+
+    The loader calls ``DatasetCatalog.get(source)`` when the subset is loaded and keeps
+    :func:`subsample_images` of it. The metadata is ``source``'s (class names, evaluator
+    type ...; copied now and again after each load, as a COCO loader sets ``thing_classes``
+    when it runs) without ``json_file`` (that file lists every image of ``source``), plus
+    ``fraction``, ``subsample_seed`` and ``subset_of``. Idempotent.
+
+    Args:
+        source: a registered dataset name (usually a training split).
+        fraction: fraction of its images to keep, in (0, 1].
+        seed: subsampling seed (non-negative integer).
+
+    Returns:
+        The subset's name, :func:`subset_name`.
+
+    Raises:
+        KeyError: ``source`` is not registered.
+        ValueError: ``fraction`` or ``seed`` out of range.
+    """
+    if source not in DatasetCatalog.list():
+        raise KeyError("dataset {!r} is not registered".format(source))
+    subsample_images([], fraction, seed)  # validates fraction and seed now
+    name = subset_name(source, fraction, seed)
+    if name in DatasetCatalog.list():
+        return name
+
+    def copy_metadata():  # again after loading: a COCO loader sets thing_classes when it runs
+        have = MetadataCatalog.get(name).as_dict()
+        MetadataCatalog.get(name).set(**{k: v for k, v in MetadataCatalog.get(source).as_dict().items()
+                                         if k not in ("name", "json_file") and k not in have})
+
+    def load():
+        records = subsample_images(DatasetCatalog.get(source), fraction, seed)
+        copy_metadata()
+        return records
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(fraction=float(fraction), subsample_seed=int(seed), subset_of=source)
+    copy_metadata()
+    return name
 
 
 def register_imagenet(

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -59,7 +59,8 @@ def auto_device(requested: str = "auto") -> str:
 
 def run_tool(tool: str, args: Sequence[str], stage: str, log_file: Optional[str] = None,
              env: Optional[Dict[str, str]] = None, quiet: bool = False,
-             output_file: Optional[str] = None) -> float:
+             output_file: Optional[str] = None, stop_when: Optional[Callable[[], bool]] = None,
+             poll_s: float = 5.0) -> float:
     """Runs ``python <tool> <args>`` in a child process, as a user would, and waits for it.
 
     The child's output goes to the terminal (detectron2's progress and ETA lines), or with
@@ -74,6 +75,10 @@ def run_tool(tool: str, args: Sequence[str], stage: str, log_file: Optional[str]
         env: environment of the child (default: this process's).
         quiet: do not show the child's output, only keep it in ``output_file``.
         output_file: where a quiet child's output is appended (default ``log_file``).
+        stop_when: called every ``poll_s`` seconds while the tool runs; when it returns True the
+            tool is terminated (SIGTERM, then SIGKILL after 60 s) and that is not an error
+            (e.g. early stopping on the evaluations a training run has written so far).
+        poll_s: seconds between ``stop_when`` calls.
 
     Returns:
         The wall-clock seconds the tool took.
@@ -94,13 +99,39 @@ def run_tool(tool: str, args: Sequence[str], stage: str, log_file: Optional[str]
         os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
         out = open(output_file, "a")
     start = time.perf_counter()
+    stopped = False
     try:
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=poll_s if stop_when is not None else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop_when():
+                        stopped = True
+                        proc.terminate()
+                        try:
+                            proc.wait(timeout=60)
+                        except subprocess.TimeoutExpired:
+                            proc.kill()
+                            proc.wait()
+                        break
+        except BaseException:  # Ctrl-C or an error in stop_when: do not leave the child running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
     finally:
         if out is not None:
             out.close()
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    if stopped:
+        print(f"[{stage}] stopped after {seconds:.0f} s (its stop condition was met)", flush=True)
+        if log_file:
+            with open(log_file, "a") as f:
+                f.write(f"[{stage}] stopped after {seconds:.0f} s (its stop condition was met)\n")
+    elif proc.returncode != 0:
         where = f" (its output is in {output_file})" if out is not None else ""
         raise SystemExit(f"[{stage}] failed with exit code {proc.returncode}{where}:\n  {line}")
     return seconds

@@ -100,6 +100,31 @@ def test_compare_table_mean_and_sample_std():
             for s, t, b, m in ((0, 10.0, 40.0, 30.0), (1, 12.0, 42.0, 33.0), (2, 14.0, 44.0, 36.0))]
     runs.append({"arm": "baseline", "seed": 0, "iters": 100, "seconds": 6.0, "bbox_AP": 39.0, "segm_AP": 31.0})
     table = compare["results_table"](runs, has_segm=True).splitlines()
-    assert table[2] == "| baseline, equal iterations | 1 | 100 | 6 ± 0 | 39.0 ± 0.0 | 31.0 ± 0.0 |"
+    # runs without evaluation curves: no best AP, no time to reach (—)
+    assert table[2] == "| baseline, equal iterations | 1 | 100 | 6 ± 0 | 39.0 ± 0.0 | — | — | 31.0 ± 0.0 | — | — |"
     # mean 42, sample std 2 (bbox); mean 33, sample std 3 (segm); time 12 ± 2
-    assert table[3] == "| GradAug | 3 | 100 | 12 ± 2 | 42.0 ± 2.0 | 33.0 ± 3.0 |"
+    assert table[3] == "| GradAug | 3 | 100 | 12 ± 2 | 42.0 ± 2.0 | — | — | 33.0 ± 3.0 | — | — |"
+
+
+def test_run_tool_stop_when_terminates_the_tool_without_an_error(tmp_path):
+    """stop_when (the --until-converged probe's early stop): polled while the tool runs; True
+    ends it (not an error), False lets it finish; a tool that fails without being stopped still
+    raises."""
+    import time
+
+    tool = tmp_path / "count.py"
+    out = tmp_path / "count.txt"
+    tool.write_text("import sys, time\n"
+                    "for i in range(600):\n"
+                    "    open(sys.argv[1], 'a').write(f'{i}\\n'); time.sleep(0.05)\n"
+                    "sys.exit(int(sys.argv[2]))\n")
+    lines = lambda: len(out.read_text().splitlines()) if out.exists() else 0  # noqa: E731
+    log = tmp_path / "runs.log"
+    start = time.perf_counter()
+    pipeline.run_tool(str(tool), [str(out), "3"], "count", str(log), stop_when=lambda: lines() >= 5, poll_s=0.1)
+    assert time.perf_counter() - start < 20 and 5 <= lines() < 600  # stopped long before its 30 s
+    assert "[count] stopped after" in log.read_text()
+    failing = tmp_path / "fail.py"
+    failing.write_text("import time, sys\ntime.sleep(0.3)\nsys.exit(3)\n")
+    with pytest.raises(SystemExit, match="failed with exit code 3"):  # never stopped: its exit code counts
+        pipeline.run_tool(str(failing), [], "fail", stop_when=lambda: False, poll_s=0.1)
