@@ -33,7 +33,7 @@ from torch import nn
 from detectron2.evaluation import inference_on_dataset
 
 from ..slim import SlimmableModule, check_width, width
-from ..slim.calibration import batch_norm_layers, calibrated_bn, check_calibration_batches
+from ..slim.calibration import CALIBRATED_SUFFIX, batch_norm_layers, calibrated_bn, check_calibration_batches
 
 __all__ = [
     "normalize_widths",
@@ -56,8 +56,6 @@ logger = logging.getLogger(__name__)
 
 # Metrics of the table, in column order, per kind of results dict.
 _TABLE_METRICS = ("AP", "AP50", "AP75", "top1", "top5")
-#: Suffix of the task names of results with calibrated BN statistics.
-CALIBRATED_SUFFIX = "+bncal"
 _WIDTH_KEY_RE = re.compile(r"^(?P<task>.+)@w(?P<width>[0-9.]+(?:e-?[0-9]+)?)$")
 
 

@@ -38,9 +38,12 @@ from torch import nn
 from . import functional
 from .control import width as width_ctx
 
-__all__ = ["check_calibration_batches", "batch_norm_layers", "calibrate_bn", "calibrated_bn", "save_bn_buffers", "restore_bn_buffers"]
+__all__ = ["CALIBRATED_SUFFIX", "check_calibration_batches", "batch_norm_layers", "calibrate_bn", "calibrated_bn", "save_bn_buffers", "restore_bn_buffers"]
 
 logger = logging.getLogger(__name__)
+
+#: Suffix naming results evaluated with calibrated BN statistics (``"bbox+bncal"``, ``"0.9+bncal"``).
+CALIBRATED_SUFFIX = "+bncal"
 
 
 def check_calibration_batches(num_batches, key: str = "TEST.BN_CALIBRATION_BATCHES") -> int:
