@@ -12,6 +12,7 @@ GradAug configs import ``gradaug_det.mmdet`` themselves (``custom_imports``).
 """
 import argparse
 import os
+import sys
 
 from mmengine.config import DictAction
 
@@ -53,7 +54,14 @@ def main(argv=None):
 
         generate_coco_shapes(cfg.data_root)
     try:
-        Runner.from_cfg(cfg).train()
+        runner = Runner.from_cfg(cfg)
+        # in a tools/submit.py job (which imported gradaug_det.engine.preemption; a plain run needs
+        # no detectron2): on the preemption signal, checkpoint after the current iteration and requeue
+        preemption = sys.modules.get("gradaug_det.engine.preemption")
+        hook = preemption.mmengine_preemption_hook() if preemption is not None else None
+        if hook is not None:
+            runner.register_hook(hook)
+        runner.train()
     except (UntrustedPickleError, CheckpointFileError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -22,9 +22,15 @@
   A job that ends normally does not requeue.
 
 MMDetection's ``tools/mmdet_train.py`` runs with ``--launcher pytorch`` (the rendezvous
-exported as ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK``); on
-the signal submitit requeues it at once and the requeued job resumes from mmengine's last
-periodic checkpoint (``--resume``).
+exported as ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) and
+registers :class:`~gradaug_det.engine.preemption.MMEnginePreemptionHook`
+(:func:`~gradaug_det.engine.preemption.mmengine_preemption_hook`), the same
+protocol in mmengine's hooks: after the signal, the next iteration does not start; the
+checkpoint of the iterations done (``iter_<n>.pth``, ``last_checkpoint``: model, optimizer,
+schedulers, message hub, GradAug sampler state) also holds every rank's RNG states at that
+point, which the resumed run restores at the same point (after mmengine has advanced the
+data loader past the trained batches), so the resumed run ends at the weights of an
+uninterrupted one.
 """
 import dataclasses
 import importlib.util
@@ -291,7 +297,7 @@ class TrainingJob:
             argv += ["--launcher", "pytorch"]
         state = preemption_state()
         assert state is not None
-        state.in_loop = False  # no step hook in mmengine: submitit checkpoints and requeues at once
+        state.in_loop = False  # until the training loop starts (MMEnginePreemptionHook)
         return _load_tool(self.tool)["main"](argv)
 
     def _requeue(self, stop: TrainingPreempted) -> BaseException:

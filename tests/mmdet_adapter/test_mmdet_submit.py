@@ -51,3 +51,57 @@ def test_submit_mmdet_train_local_job(tmp_path, shapes_data_options, short_train
     # one start of the task: a job that ends normally is not requeued
     logs = glob.glob(str(job_dir / "submitit" / "*" / "*_0_log.out"))
     assert sum(open(p).read().count("Starting with JobEnvironment") for p in logs) == 1
+
+
+PREEMPTED_ITERS = 4
+PREEMPT_AFTER = 2  # the signal comes during the first run's iteration 2
+
+
+def test_preempted_mmdet_job_checkpoints_requeues_and_resumes_to_same_weights(
+        tmp_path, monkeypatch, shapes_data_options, short_train_options):
+    """tools/mmdet_train.py as a submitit job (local executor) that Slurm's signal reaches in
+    iteration 2 of 4: it saves iter_2.pth (with the sampler and RNG states), requeues, resumes
+    with --resume and ends at the weights of an uninterrupted tools/mmdet_train.py run."""
+    import sys as _sys
+
+    _sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
+    from _submit_helpers import MMDetPreemptedOnce, assert_bit_equal, enter_job_env, run_preempted_once, task_starts
+
+    from gradaug_det.engine import preemption
+    from gradaug_det.launch import slurm
+
+    options = [*shapes_data_options, *short_train_options(PREEMPTED_ITERS),
+               "val_dataloader=None", "val_cfg=None", "val_evaluator=None"]  # no evaluation: weights only
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    ref_dir = tmp_path / "ref"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "mmdet_train.py"), QUICKSTART,
+                           "--work-dir", str(ref_dir), "--cfg-options", *options],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    enter_job_env(monkeypatch, env)
+    job_dir = str(tmp_path / "job")
+    tool = os.path.join(ROOT, "tools", "mmdet_train.py")
+    args = slurm.prepare_tool_args(tool, [QUICKSTART, "--cfg-options", *options], job_dir)
+    run_preempted_once(tool, args, job_dir, tasks_per_node=1, preempt_after=PREEMPT_AFTER, timeout_s=400,
+                       job_class=MMDetPreemptedOnce)
+    assert task_starts(job_dir) == 2  # requeued once
+
+    # the checkpoint of the 2 iterations done, with the sampler's and the RNG's states
+    stopped = load_mmengine_checkpoint(os.path.join(job_dir, f"iter_{PREEMPT_AFTER}.pth"))
+    assert stopped["meta"]["iter"] == PREEMPT_AFTER
+    sampler = SubnetSampler(seed=0)
+    for _ in range(PREEMPT_AFTER):
+        sampler.sample()
+    assert stopped["gradaug_sampler"] == sampler.state_dict()
+    assert len(stopped[preemption.MMEnginePreemptionHook.RNG_KEY]) == 1
+    logs = "".join(open(os.path.join(d, f)).read() for d, _, fs in os.walk(os.path.join(job_dir, "submitit"))
+                   for f in fs if f.endswith(("_0_log.out", "_0_log.err")))
+    assert "Received SIGUSR2: saving a checkpoint after the current iteration" in logs
+    assert f"Advance dataloader {PREEMPT_AFTER} steps" in logs
+
+    final = load_mmengine_checkpoint(os.path.join(job_dir, f"iter_{PREEMPTED_ITERS}.pth"))
+    ref = load_mmengine_checkpoint(str(ref_dir / f"iter_{PREEMPTED_ITERS}.pth"))
+    assert final["meta"]["iter"] == ref["meta"]["iter"] == PREEMPTED_ITERS
+    assert final["state_dict"].keys() == ref["state_dict"].keys()
+    assert_bit_equal(final["state_dict"], ref["state_dict"])

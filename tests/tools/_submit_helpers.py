@@ -67,6 +67,24 @@ class PreemptedOnce(slurm.TrainingJob):
         return super().__call__()
 
 
+@dataclasses.dataclass
+class MMDetPreemptedOnce(slurm.TrainingJob):
+    """:class:`PreemptedOnce` for ``tools/mmdet_train.py``: in the first run every task gets
+    the signal at the end of iteration ``preempt_after`` (1-based: that many iterations are
+    done), through mmengine's ``after_train_iter``."""
+
+    preempt_after: int = 0
+
+    def __call__(self):
+        if not self.resume:
+            def signalled_after_iter(hook, runner, batch_idx, data_batch=None, outputs=None):
+                if batch_idx + 1 == self.preempt_after:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+
+            preemption.MMEnginePreemptionHook.after_train_iter = signalled_after_iter
+        return super().__call__()
+
+
 def enter_job_env(monkeypatch, env):
     """Makes ``env`` this process's environment and the repository its directory, as for
     ``tools/submit.py``: the local executor's tasks inherit both."""
@@ -75,7 +93,7 @@ def enter_job_env(monkeypatch, env):
     monkeypatch.chdir(REPO)
 
 
-def run_preempted_once(tool, tool_args, job_dir, tasks_per_node, preempt_after, timeout_s):
+def run_preempted_once(tool, tool_args, job_dir, tasks_per_node, preempt_after, timeout_s, job_class=None):
     """Submits :class:`PreemptedOnce` to submitit's local executor and waits for it to end.
 
     Args:
@@ -85,11 +103,13 @@ def run_preempted_once(tool, tool_args, job_dir, tasks_per_node, preempt_after, 
         tasks_per_node: the job's tasks (processes, CPU only).
         preempt_after: the iteration of the first run during which the signal comes.
         timeout_s: how long it may take; the test fails after that.
+        job_class: the job (default :class:`PreemptedOnce`; :class:`MMDetPreemptedOnce` for
+            ``tools/mmdet_train.py``).
     """
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job imports nothing from tests/
     executor = slurm.make_executor(job_dir, cluster="local", gpus_per_node=0, tasks_per_node=tasks_per_node,
                                    timeout_min=10)
-    job = executor.submit(PreemptedOnce(tool, tool_args, job_dir, preempt_after=preempt_after))
+    job = executor.submit((job_class or PreemptedOnce)(tool, tool_args, job_dir, preempt_after=preempt_after))
     deadline = time.time() + timeout_s
     while not job.done():
         if time.time() > deadline:
