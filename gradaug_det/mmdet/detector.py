@@ -8,7 +8,7 @@ iteration through the shared :func:`gradaug_det.gradaug.gradaug_step`:
    batch and back-propagates;
 2. each sampled sub-network (width / depth set on the backbone and neck) sees the batch
    rescaled and/or rotated (:func:`.transforms.transform_batch`) and learns from the full network's detached RoI
-   class distributions ("soft": the teacher's RoIs moved with the batch by
+   class distributions ("soft": Cascade R-CNN's per stage; the teacher's RoIs moved with the batch by
    :meth:`.transforms.BatchGeometry.map_rois`, every row kept, weight 0 where a rotation left
    no area), the rescaled annotations ("gt") or both;
 3. one optimizer step.
@@ -46,53 +46,107 @@ __all__ = ["GradAugDetectorMixin", "GradAugMaskRCNN", "GradAugFasterRCNN",
 
 @dataclass
 class _Pass:
-    """What the detector's ``loss`` does in the current GradAug pass."""
+    """What the detector's ``loss`` does in the current GradAug pass. RoIs, logits and
+    weights are per box-classifier stage (one, or Cascade R-CNN's stages)."""
 
     mode: str  # "record" (full network) or "teach" (sub-network)
     use_gt: bool = True
-    rois: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    weights: Optional[torch.Tensor] = None  # (R,) 0 for RoIs the transform left without area
-    recorded: Dict[str, List[torch.Tensor]] = field(default_factory=lambda: {"rois": [], "logits": []})
+    rois: Optional[List[torch.Tensor]] = None
+    logits: Optional[List[torch.Tensor]] = None
+    weights: Optional[List[torch.Tensor]] = None  # per stage (R,): 0 for RoIs the transform left without area
+    recorded: Dict[str, Dict[int, torch.Tensor]] = field(default_factory=lambda: {"rois": {}, "logits": {}})
     features: Optional[tuple] = None
 
 
 class _RoISoftLabels:
-    """The box classifier of a ``StandardRoIHead``: record the full network's RoIs and
-    class logits; compute a sub-network's logits on given RoIs."""
+    """The box classifier(s) of a ``StandardRoIHead`` or a ``CascadeRoIHead``: record the full
+    network's RoIs and class logits of every stage; compute a sub-network's logits of a stage
+    on given RoIs.
+
+    Cascade R-CNN: every stage's classifier learns the full network's same stage on that
+    stage's RoIs (the RoIs the full network's stage ``k`` pooled, mapped through the
+    transform); the stage losses are summed with the head's ``stage_loss_weights``, as mmdet
+    weights the stages' own losses (the detectron2 side scales the stages' gradients by
+    ``1 / num_stages`` instead, as detectron2 does).
+    """
 
     def __init__(self, detector: nn.Module):
         roi = getattr(detector, "roi_head", None)
-        if roi is None or not hasattr(roi, "bbox_roi_extractor") or isinstance(
-                getattr(roi, "bbox_head", None), nn.ModuleList):
+        extractor = getattr(roi, "bbox_roi_extractor", None)
+        head = getattr(roi, "bbox_head", None)
+        cascade = isinstance(head, nn.ModuleList)
+        if roi is None and getattr(detector, "bbox_head", None) is not None:  # a one-stage (dense) head
             raise ValueError(
-                f"model.gradaug.subnet_loss with 'soft' needs a StandardRoIHead (Faster / Mask R-CNN), got "
-                f"{type(roi).__name__}; set model.gradaug.subnet_loss='gt' for this detector"
+                f"model.gradaug.subnet_loss with 'soft' needs RoIs, and {type(detector).__name__}'s "
+                f"{type(detector.bbox_head).__name__} has none: a per-anchor soft label would pair each full-"
+                "network anchor with a sub-network anchor, but a sub-network's input is rescaled by s "
+                "(model.gradaug.scales), so an anchor of size a at centre c maps to size s*a at s*c, and the "
+                "sub-network's anchors keep the sizes a on grids of the same strides: none matches; set "
+                "model.gradaug.subnet_loss='gt' for this detector"
+            )
+        if roi is None or extractor is None or head is None or cascade != isinstance(extractor, nn.ModuleList):
+            raise ValueError(
+                f"model.gradaug.subnet_loss with 'soft' needs a StandardRoIHead (Faster / Mask R-CNN) or a "
+                f"CascadeRoIHead, got {type(roi).__name__}; set model.gradaug.subnet_loss='gt' for this detector"
             )
         self.roi_head = roi
+        self.extractors = list(extractor) if cascade else [extractor]
+        self.heads = list(head) if cascade else [head]
+        self.stage_weights = [float(w) for w in roi.stage_loss_weights] if cascade else [1.0]
+        if len(self.stage_weights) != len(self.heads):
+            raise ValueError(f"model.roi_head.stage_loss_weights has {len(self.stage_weights)} entries for "
+                             f"{len(self.heads)} stages")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.heads)
 
     @contextlib.contextmanager
     def record(self, store: _Pass):
-        def on_extract(module, args, output):
-            store.recorded["rois"].append(args[1].detach())
+        def recorder(key, stage, pick):
+            def hook(module, args, output):
+                if stage in store.recorded[key]:
+                    raise RuntimeError(f"stage {stage}'s box classifier ran twice in the full network's pass")
+                store.recorded[key][stage] = pick(args, output).detach()
+            return hook
 
-        def on_predict(module, args, output):
-            store.recorded["logits"].append(output[0].detach())
-
-        handles = [self.roi_head.bbox_roi_extractor.register_forward_hook(on_extract),
-                   self.roi_head.bbox_head.register_forward_hook(on_predict)]
+        handles = []
+        for stage, (extractor, head) in enumerate(zip(self.extractors, self.heads)):
+            handles.append(extractor.register_forward_hook(recorder("rois", stage, lambda a, o: a[1])))
+            handles.append(head.register_forward_hook(recorder("logits", stage, lambda a, o: o[0])))
         try:
             yield
         finally:
             for h in handles:
                 h.remove()
 
-    def student_logits(self, x, rois: torch.Tensor) -> torch.Tensor:
-        roi = self.roi_head
-        feats = roi.bbox_roi_extractor(x[: roi.bbox_roi_extractor.num_inputs], rois)
+    def teacher(self, store: _Pass) -> dict:
+        """The recorded ``{"rois": [per stage (R_k, 5)], "logits": [per stage (R_k, K+1)]}``."""
+        stages = range(self.num_stages)
+        if any(k not in store.recorded["rois"] or k not in store.recorded["logits"] for k in stages):
+            raise RuntimeError(
+                f"expected {self.num_stages} box prediction(s) in the full network's pass, saw stages "
+                f"{sorted(store.recorded['logits'])}"
+            )
+        return {"rois": [store.recorded["rois"][k] for k in stages],
+                "logits": [store.recorded["logits"][k] for k in stages]}
+
+    def student_logits(self, x, rois: torch.Tensor, stage: int = 0) -> torch.Tensor:
+        """Class logits (R, K+1) of stage ``stage``'s box classifier on ``rois`` ((R, 5):
+        image index, x0, y0, x1, y1 in input pixels), from the feature maps ``x``."""
+        roi, extractor = self.roi_head, self.extractors[stage]
+        feats = extractor(x[: extractor.num_inputs], rois)
         if roi.with_shared_head:
             feats = roi.shared_head(feats)
-        return roi.bbox_head(feats)[0]
+        return self.heads[stage](feats)[0]
+
+    def loss(self, x, state: _Pass) -> torch.Tensor:
+        """``sum_k stage_weight_k * soft_label_kl(student_k, teacher_k, weights_k)`` (one term
+        unless Cascade R-CNN)."""
+        terms = [w * soft_label_kl(self.student_logits(x, rois, k), logits, weights)
+                 for k, (w, rois, logits, weights) in enumerate(
+                     zip(self.stage_weights, state.rois, state.logits, state.weights))]
+        return sum(terms[1:], terms[0])
 
 
 def _loss_terms(log_vars) -> Dict[str, torch.Tensor]:
@@ -125,13 +179,7 @@ class MMDetTask:
             losses = model(**batch, mode="loss")
         _, log_vars = net.parse_losses(losses)
         self.full_log_vars = {k: v.detach() for k, v in log_vars.items()}
-        teacher = None
-        if self.use_soft:
-            if len(state.recorded["logits"]) != 1 or not state.recorded["rois"]:
-                raise RuntimeError(
-                    f"expected one box prediction in the full network's pass, saw {len(state.recorded['logits'])}"
-                )
-            teacher = {"rois": state.recorded["rois"][0], "logits": state.recorded["logits"][0]}
+        teacher = self.soft.teacher(state) if self.use_soft else None
         return _loss_terms(log_vars), teacher
 
     def subnet_pass(self, model, batch, teacher, spec):
@@ -142,7 +190,8 @@ class MMDetTask:
             getattr(prep, "pad_size_divisor", 1), getattr(prep, "pad_value", 0.0))
         state = _Pass("teach", use_gt=self.use_gt)
         if self.use_soft:
-            state.rois, state.weights = geometry.map_rois(teacher["rois"])
+            mapped = [geometry.map_rois(rois) for rois in teacher["rois"]]
+            state.rois, state.weights = [r for r, _ in mapped], [w for _, w in mapped]
             state.logits = teacher["logits"]
         with net.gradaug_pass(state):
             losses = model(inputs=inputs, data_samples=samples, mode="loss")
@@ -269,8 +318,7 @@ class GradAugDetectorMixin:
         else:  # soft labels only: RPN and mask head losses would be discarded
             losses = {}
             x = self.extract_feat(batch_inputs)
-        student = self.gradaug_task.soft.student_logits(x, state.rois)
-        losses["loss_soft_cls"] = soft_label_kl(student, state.logits, state.weights)
+        losses["loss_soft_cls"] = self.gradaug_task.soft.loss(x, state)
         return losses
 
 
@@ -288,13 +336,13 @@ class GradAugFasterRCNN(GradAugDetectorMixin, FasterRCNN):
 
 @MODELS.register_module()
 class GradAugCascadeRCNN(GradAugDetectorMixin, CascadeRCNN):
-    """mmdet ``CascadeRCNN`` (also Cascade Mask R-CNN) trained with GradAug. Sub-networks
-    learn from the rescaled annotations: ``model.gradaug.subnet_loss='gt'`` ("soft" needs one
-    RoI box classifier and is refused when the model is built)."""
+    """mmdet ``CascadeRCNN`` (also Cascade Mask R-CNN) trained with GradAug. With "soft"
+    labels every stage's box classifier learns the full network's same stage (on that stage's
+    RoIs, mapped through the transform), the stages weighted by ``stage_loss_weights``."""
 
 
 @MODELS.register_module()
 class GradAugRetinaNet(GradAugDetectorMixin, RetinaNet):
     """mmdet ``RetinaNet`` trained with GradAug. Sub-networks learn from the rescaled
-    annotations: ``model.gradaug.subnet_loss='gt'`` (no RoIs, so "soft" is refused when the
-    model is built)."""
+    annotations: ``model.gradaug.subnet_loss='gt'`` ("soft" is refused when the model is built:
+    no RoIs, and a rescaled sub-network's anchors do not pair with the full network's)."""

@@ -279,7 +279,7 @@ def test_soft_loss_leaves_out_rois_rotated_out_of_the_image(make_batch, mask_rcn
     num_classes = model.roi_head.bbox_head.num_classes + 1
     logits = torch.randn(3, num_classes, generator=torch.Generator().manual_seed(0))
     spec = SubnetSpec(scale=1.0, angle=45.0)
-    out = model.gradaug_task.subnet_pass(model, data, {"rois": rois, "logits": logits}, spec)
+    out = model.gradaug_task.subnet_pass(model, data, {"rois": [rois], "logits": [logits]}, spec)
 
     inputs, _, geometry = transform_batch(data["inputs"], data["data_samples"], 1.0, 45.0,
                                           model.data_preprocessor.pad_size_divisor)

@@ -22,8 +22,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs")
 MATRIX = {
     "faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py": {"gt": "trains", "soft": "trains"},
     "mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py": {"gt": "trains", "soft": "trains"},
-    "cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py": {"gt": "trains", "soft": "refused"},
-    "cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py": {"gt": "trains", "soft": "refused"},
+    "cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py": {"gt": "trains", "soft": "trains"},
+    "cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py": {"gt": "trains", "soft": "trains"},
     "retinanet/retinanet_r50_fpn_1x_coco.py": {"gt": "trains", "soft": "refused"},
 }
 CASES = [(c, loss) for c, losses in MATRIX.items() for loss in losses]
