@@ -41,6 +41,7 @@ def main(argv=None):
     from gradaug_det.checkpoint.io import CheckpointFileError, UntrustedPickleError
     from gradaug_det.mmdet.checkpoint import use_safe_checkpoint_loading
     from gradaug_det.mmdet.config import load_runner_config
+    from gradaug_det.mmdet.preemption import mmengine_preemption_hook
 
     use_safe_checkpoint_loading()  # load_from / --resume / Pretrained paths: no code runs from a file
 
@@ -55,10 +56,9 @@ def main(argv=None):
         generate_coco_shapes(cfg.data_root)
     try:
         runner = Runner.from_cfg(cfg)
-        # in a tools/submit.py job (which imported gradaug_det.engine.preemption; a plain run needs
-        # no detectron2): on the preemption signal, checkpoint after the current iteration and requeue
-        preemption = sys.modules.get("gradaug_det.engine.preemption")
-        hook = preemption.mmengine_preemption_hook() if preemption is not None else None
+        # in a tools/submit.py job (its signal handler is installed): on the preemption signal,
+        # checkpoint after the current iteration and requeue
+        hook = mmengine_preemption_hook()
         if hook is not None:
             runner.register_hook(hook)
         runner.train()

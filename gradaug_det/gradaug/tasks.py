@@ -9,10 +9,9 @@ import functools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..utils.parallel import unwrap_model
+from ..utils.parallel import any_rank, unwrap_model
 from .losses import OutputRecorder
 from .roi_soft_labels import RoIClassifierSoftLabels
 from .semseg_soft_labels import SemSegSoftLabels
@@ -141,15 +140,6 @@ def foreground_heads_with_sync_norm(model) -> List[Tuple[str, str, str]]:
     return out
 
 
-def _any_worker(flag: bool, device: torch.device) -> bool:
-    """True if ``flag`` is True on any worker (one all-reduce; no communication in one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 @contextlib.contextmanager
 def _heads_skipped(net, heads: List[Tuple[str, str, str]]):
     """For one forward, the given RoI heads return their loss as 0 without running their
@@ -260,7 +250,7 @@ class DetectionTask:
             skip = []
             if self.sync_norm_heads:
                 empty = sum(len(d["instances"]) for d in batch_t if "instances" in d) == 0
-                skip = self.sync_norm_heads if _any_worker(empty, _model_device(model)) else []
+                skip = self.sync_norm_heads if any_rank(empty) else []
             soft = self.soft.teach(teacher_t) if self.use_soft else contextlib.nullcontext()
             with _heads_skipped(unwrap_model(model), skip), soft:
                 losses = model(batch_t)

@@ -23,8 +23,8 @@
 
 MMDetection's ``tools/mmdet_train.py`` runs with ``--launcher pytorch`` (the rendezvous
 exported as ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) and
-registers :class:`~gradaug_det.engine.preemption.MMEnginePreemptionHook`
-(:func:`~gradaug_det.engine.preemption.mmengine_preemption_hook`), the same
+registers :class:`~gradaug_det.mmdet.preemption.MMEnginePreemptionHook`
+(:func:`~gradaug_det.mmdet.preemption.mmengine_preemption_hook`), the same
 protocol in mmengine's hooks: after the signal, the next iteration does not start; the
 checkpoint of the iterations done (``iter_<n>.pth``, ``last_checkpoint``: model, optimizer,
 schedulers, message hub, GradAug sampler state) also holds every rank's RNG states at that
@@ -49,7 +49,7 @@ from detectron2.engine.launch import _distributed_worker  # launch()'s per-proce
 from ..config import merge_user_config
 from ..engine.lazy import load_lazy_config
 from ..engine.setup import check_config_inputs, get_gradaug_cfg
-from ..engine.preemption import TrainingPreempted, install_signal_handler, preemption_state
+from ..utils.preemption import TrainingPreempted, install_signal_handler, preemption_state
 
 __all__ = [
     "TOOLS",

@@ -67,7 +67,7 @@ def test_preempted_mmdet_job_checkpoints_requeues_and_resumes_to_same_weights(
     _sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
     from _submit_helpers import MMDetPreemptedOnce, assert_bit_equal, enter_job_env, run_preempted_once, task_starts
 
-    from gradaug_det.engine import preemption
+    from gradaug_det.mmdet import preemption as mmdet_preemption
     from gradaug_det.launch import slurm
 
     options = [*shapes_data_options, *short_train_options(PREEMPTED_ITERS),
@@ -94,7 +94,7 @@ def test_preempted_mmdet_job_checkpoints_requeues_and_resumes_to_same_weights(
     for _ in range(PREEMPT_AFTER):
         sampler.sample()
     assert stopped["gradaug_sampler"] == sampler.state_dict()
-    assert len(stopped[preemption.MMEnginePreemptionHook.RNG_KEY]) == 1
+    assert len(stopped[mmdet_preemption.MMEnginePreemptionHook.RNG_KEY]) == 1
     logs = "".join(open(os.path.join(d, f)).read() for d, _, fs in os.walk(os.path.join(job_dir, "submitit"))
                    for f in fs if f.endswith(("_0_log.out", "_0_log.err")))
     assert "Received SIGUSR2: saving a checkpoint after the current iteration" in logs

@@ -77,11 +77,13 @@ class MMDetPreemptedOnce(slurm.TrainingJob):
 
     def __call__(self):
         if not self.resume:
+            from gradaug_det.mmdet import preemption as mmdet_preemption  # mmdet tests only
+
             def signalled_after_iter(hook, runner, batch_idx, data_batch=None, outputs=None):
                 if batch_idx + 1 == self.preempt_after:
                     os.kill(os.getpid(), signal.SIGUSR2)
 
-            preemption.MMEnginePreemptionHook.after_train_iter = signalled_after_iter
+            mmdet_preemption.MMEnginePreemptionHook.after_train_iter = signalled_after_iter
         return super().__call__()
 
 
