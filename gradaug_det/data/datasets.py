@@ -330,6 +330,22 @@ def _num_to_keep(fraction: Fraction, count: int) -> int:
     return max(1, math.floor(fraction * count + Fraction(1, 2)))
 
 
+def _check_fraction_and_seed(fraction, seed) -> Fraction:
+    """The subset helpers' argument check: ``fraction`` in (0, 1] (as an exact fraction,
+    denominator at most 10^6) and a non-negative integer ``seed``.
+
+    Raises:
+        ValueError: naming the argument and its value.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, Fraction)):
+        raise ValueError("fraction must be a number in (0, 1], got {!r}".format(fraction))
+    if not 0 < fraction <= 1:
+        raise ValueError("fraction must be in (0, 1], got {!r}".format(fraction))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError("seed must be a non-negative integer, got {!r}".format(seed))
+    return Fraction(float(fraction) if isinstance(fraction, np.floating) else fraction).limit_denominator(1_000_000)
+
+
 def subsample_per_class(records: Sequence[dict], fraction: float, seed: int = 0) -> List[dict]:
     """Keeps a seeded, fixed fraction of the records of every class.
 
@@ -354,14 +370,7 @@ def subsample_per_class(records: Sequence[dict], fraction: float, seed: int = 0)
         ValueError: if ``fraction`` or ``seed`` is out of range, or a record has
             no non-negative integer ``class_id``.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, Fraction)):
-        raise ValueError("fraction must be a number in (0, 1], got {!r}".format(fraction))
-    if not 0 < fraction <= 1:
-        raise ValueError("fraction must be in (0, 1], got {!r}".format(fraction))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError("seed must be a non-negative integer, got {!r}".format(seed))
-    exact = Fraction(float(fraction) if isinstance(fraction, np.floating) else fraction)
-    exact = exact.limit_denominator(1_000_000)
+    exact = _check_fraction_and_seed(fraction, seed)
 
     by_class: Dict[int, List[int]] = {}
     for i, rec in enumerate(records):
@@ -407,13 +416,7 @@ def subsample_images(records: Sequence[dict], fraction: float, seed: int = 0) ->
     Raises:
         ValueError: if ``fraction`` or ``seed`` is out of range.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating, Fraction)):
-        raise ValueError("fraction must be a number in (0, 1], got {!r}".format(fraction))
-    if not 0 < fraction <= 1:
-        raise ValueError("fraction must be in (0, 1], got {!r}".format(fraction))
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError("seed must be a non-negative integer, got {!r}".format(seed))
-    exact = Fraction(float(fraction)).limit_denominator(1_000_000)
+    exact = _check_fraction_and_seed(fraction, seed)
     order = sorted(range(len(records)),
                    key=lambda i: (str(records[i].get("file_name", "")), str(records[i].get("image_id"))))
     k = _num_to_keep(exact, len(order))
