@@ -29,9 +29,14 @@ def _no_visualizer_across_tests():
     """Each test starts without mmengine's global visualizers. mmengine names a run's
     visualizer after its timestamp in seconds, so a run built in the same second as the
     previous test's would reuse that test's visualizer, whose ``save_dir`` under ``tmp_path``
-    pytest has already deleted. (Other global instances stay: the ``mmdet`` default scope
+    pytest has already deleted. Likewise the loggers keep no file handler of a finished run
+    (mmengine closes it at the end of the run, and the next ``init_weights`` would write to the
+    current logger's closed file). (Other global instances stay: the ``mmdet`` default scope
     set at import is one.)"""
     yield
+    import logging
+
+    from mmengine.logging import MMLogger
     from mmengine.visualization import Visualizer
 
     stack = [Visualizer]
@@ -39,6 +44,10 @@ def _no_visualizer_across_tests():
         cls = stack.pop()
         cls._instance_dict.clear()
         stack.extend(cls.__subclasses__())
+    for logger in list(MMLogger._instance_dict.values()):
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def small_mask_rcnn_cfg(gradaug=None, backbone=None, detector="GradAugMaskRCNN"):
