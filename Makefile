@@ -13,7 +13,7 @@ VENV_FLAGS ?=
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install install-mmdet demo compare study tradeoff test test-mmdet env clean-venv gpu-bundle gpu-bundle-check
+.PHONY: install install-mmdet demo demo-mmdet compare study tradeoff test test-mmdet env clean-venv gpu-bundle gpu-bundle-check
 
 install: $(STAMP)
 
@@ -42,6 +42,15 @@ COMPARE_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m gradaug_det.env
 	$(PY) tools/quickstart.py $(DEMO_ARGS)
+
+# The same pipeline for MMDetection users on the same data (tools/mmdet_quickstart.py: the
+# detectron2 quickstart's GradAug pretraining -> convert to torchvision names -> GradAug Mask
+# R-CNN through tools/mmdet_train.py -> CocoMetric at widths through tools/mmdet_test.py ->
+# picture): output/quickstart_mmdet/. DEMO_MMDET_ARGS passes flags, e.g. "--seed 1".
+DEMO_MMDET_ARGS ?=
+demo-mmdet: $(MMDET_STAMP)
+	$(PY) -m gradaug_det.env
+	$(PY) tools/mmdet_quickstart.py $(DEMO_MMDET_ARGS)
 
 # Baseline vs GradAug, 3 seeds, equal iterations and equal training time (tools/compare.py),
 # the short version: 400 iterations per equal-iteration run (the demo's schedule, shortened)

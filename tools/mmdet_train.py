@@ -24,7 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true", help="mixed precision (AmpOptimWrapper; CUDA)")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in the work dir")
     p.add_argument("--generate-shapes", action="store_true",
-                   help="first write the synthetic shapes dataset at the config's data_root (quickstart)")
+                   help="first write the quickstart's shapes data (gradaug_det.data.QUICKSTART_SHAPES, the data "
+                        "make demo generates) at the config's data_root, if it is not there yet")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
                    help="override config keys, e.g. train_cfg.max_iters=20")
     p.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
@@ -51,9 +52,9 @@ def main(argv=None):
         cfg.optim_wrapper.loss_scale = "dynamic"
     cfg.resume = args.resume
     if args.generate_shapes:
-        from gradaug_det.data.synthetic import generate_coco_shapes
+        from gradaug_det.data.synthetic import QUICKSTART_SHAPES, generate_coco_shapes
 
-        generate_coco_shapes(cfg.data_root)
+        generate_coco_shapes(cfg.data_root, **QUICKSTART_SHAPES)
     try:
         runner = Runner.from_cfg(cfg)
         # in a tools/submit.py job (its signal handler is installed): on the preemption signal,

@@ -98,46 +98,6 @@ def _check_args(args) -> None:
         raise SystemExit(f"--prune-width must be in (0, 1), got {args.prune_width}")
 
 
-def picture_grid(columns, titles, path: str, max_side: int = 256) -> str:
-    """Writes a PNG of drawn images: one row per image, one column per variant.
-
-    Args:
-        columns: one list of image files per column, all of equal length (row i = image i).
-        titles: one title per column, written above it.
-        path: output PNG.
-        max_side: each tile is resized (aspect kept) so that its longer side is this.
-
-    Returns:
-        ``path``.
-    """
-    import cv2
-    import numpy as np
-
-    rows = []
-    for files in zip(*columns):
-        tiles = []
-        for f in files:
-            img = cv2.imread(f)
-            if img is None:
-                raise SystemExit(f"cannot read the drawn image {f}")
-            s = max_side / max(img.shape[:2])
-            img = cv2.resize(img, (int(round(img.shape[1] * s)), int(round(img.shape[0] * s))),
-                             interpolation=cv2.INTER_NEAREST if s >= 1 else cv2.INTER_AREA)
-            tile = np.full((max_side, max_side, 3), 255, np.uint8)
-            tile[:img.shape[0], :img.shape[1]] = img
-            tiles.append(np.pad(tile, ((2, 2), (2, 2), (0, 0)), constant_values=255))
-        rows.append(np.concatenate(tiles, 1))
-    grid = np.concatenate(rows, 0)
-    header = np.full((28, grid.shape[1], 3), 255, np.uint8)
-    for i, title in enumerate(titles):
-        cv2.putText(header, title, (i * (max_side + 4) + 6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55,
-                    (0, 0, 0), 1, cv2.LINE_AA)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if not cv2.imwrite(path, np.concatenate([header, grid], 0)):
-        raise SystemExit(f"cannot write {path}")
-    return path
-
-
 def draw_ground_truth(dataset: str, files, out_dir: str) -> list:
     """Draws the annotations of ``files`` (images of the registered ``dataset``) into ``out_dir``."""
     import cv2
@@ -174,6 +134,7 @@ def main(args) -> dict:
         schedule_opts,
     )
     from gradaug_det.data.datasets import check_datasets_registered
+    from gradaug_det.launch.pictures import picture_grid
     from gradaug_det.evaluation.widths import width_task_key
 
     device = auto_device(args.device)

@@ -1,10 +1,11 @@
 """Running the command-line tools as a pipeline and reading back what they wrote.
 
-``tools/quickstart.py`` (``make demo``) and ``tools/compare.py`` (``make compare``) chain the
-documented tools -- ``train_net.py``, ``convert_pretrained.py``, ``prune.py``, ``demo.py``,
-``plot_metrics.py`` -- each in its own process, exactly as a user would type them, and read
+``tools/quickstart.py`` (``make demo``), ``tools/mmdet_quickstart.py`` (``make demo-mmdet``)
+and ``tools/compare.py`` (``make compare``) chain the documented tools -- ``train_net.py``,
+``convert_pretrained.py``, ``prune.py``, ``demo.py``, ``plot_metrics.py``, ``mmdet_train.py``,
+``mmdet_test.py`` -- each in its own process, exactly as a user would type them, and read
 the results from the files those tools write (detectron2's ``log.txt`` and
-``metrics.json``). This module holds the few helpers both need; nothing here trains.
+``metrics.json``). This module holds the few helpers they need; nothing here trains.
 """
 import json
 import os
@@ -29,6 +30,7 @@ __all__ = [
     "flatten_config_opts",
     "pretrain_and_convert",
     "schedule_opts",
+    "mmdet_schedule_options",
 ]
 
 # detectron2's print_csv_format: "copypaste: Task: bbox", "copypaste: AP,AP50,...",
@@ -286,6 +288,47 @@ def schedule_opts(cfg, iters: Optional[int], eval_points: int = 0) -> List[str]:
     return opts
 
 
+def mmdet_schedule_options(cfg, iters: Optional[int]) -> List[str]:
+    """``--cfg-options`` (``key=value``) that shorten or lengthen an mmdet config's schedule to ``iters``.
+
+    The rules of :func:`schedule_opts` in mmengine's terms, for an iteration-based config
+    (``IterBasedTrainLoop``): ``train_cfg.max_iters``, ``train_cfg.val_interval`` (validated
+    once, at the end) and ``default_hooks.checkpoint.interval`` become ``iters``; a
+    ``MultiStepLR``'s milestones scale with it (each kept inside ``[1, iters - 1]``) and it
+    ends at ``iters``; a ``LinearLR`` warm-up ends at ``iters - 1`` at the latest.
+
+    Args:
+        cfg: the mmengine ``Config`` (its ``train_cfg.max_iters`` and ``param_scheduler`` are read).
+        iters: the new length; None returns no options.
+
+    Returns:
+        e.g. ``["train_cfg.max_iters=300", ..., "param_scheduler.1.milestones=[240]", ...]``.
+
+    Raises:
+        ValueError: a scheduler other than ``LinearLR`` / ``MultiStepLR`` (which this does not
+            know how to scale), or no ``train_cfg.max_iters``.
+    """
+    if iters is None:
+        return []
+    old = cfg.get("train_cfg", {}).get("max_iters")
+    if not old:
+        raise ValueError("the config has no train_cfg.max_iters (an IterBasedTrainLoop) to rescale")
+    opts = [f"train_cfg.max_iters={iters}", f"train_cfg.val_interval={iters}",
+            f"default_hooks.checkpoint.interval={iters}"]
+    schedulers = cfg.get("param_scheduler") or []
+    for i, sched in enumerate([schedulers] if isinstance(schedulers, dict) else schedulers):
+        key = "param_scheduler" if isinstance(schedulers, dict) else f"param_scheduler.{i}"
+        if sched["type"] == "MultiStepLR":
+            steps = sorted({max(1, min(iters - 1, int(round(m * iters / old)))) for m in sched["milestones"]})
+            opts += [f"{key}.milestones=[{','.join(map(str, steps if iters > 1 else []))}]", f"{key}.end={iters}"]
+        elif sched["type"] == "LinearLR":
+            opts.append(f"{key}.end={min(sched['end'], max(1, iters - 1))}")
+        else:
+            raise ValueError(f"{key}: cannot rescale a {sched['type']} to {iters} iterations (LinearLR and "
+                             "MultiStepLR only); set its keys with --cfg-options instead")
+    return opts
+
+
 def flatten_config_opts(yaml_file: str) -> List[str]:
     """Turns a YAML file of config overrides into ``KEY VALUE`` command-line pairs.
 
@@ -315,13 +358,16 @@ def flatten_config_opts(yaml_file: str) -> List[str]:
 
 def pretrain_and_convert(tools_dir: str, config_file: str, output_dir: str, opts: Sequence[str] = (),
                          log_file: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-                         quiet: bool = False) -> Dict[str, object]:
+                         quiet: bool = False, target: str = "fpn", train: bool = True) -> Dict[str, object]:
     """Classification pretraining (``train_net.py``) and conversion (``convert_pretrained.py``).
 
     Runs ``train_net.py --config-file <config_file> OUTPUT_DIR <output_dir> <opts>`` (a
     ``SlimmableClassifier`` config, e.g. ``configs/quickstart/pretrain_r18_gradaug.yaml``),
     then ``convert_pretrained.py --source classifier <output_dir>/model_final.pth
-    <output_dir>/backbone_d2.pkl --emit-config <output_dir>/backbone_d2.yaml``.
+    <output_dir>/backbone_d2.pkl --emit-config <output_dir>/backbone_d2.yaml`` (``target``
+    "fpn"), or ``convert_pretrained.py --source classifier --target torchvision
+    <output_dir>/model_final.pth <output_dir>/backbone_tv.pth`` (``target`` "torchvision": the
+    torchvision-named ResNet that mmdet's ``ResNet`` / ``SlimmableResNet`` load).
 
     Args:
         tools_dir: the repository's ``tools/`` directory.
@@ -329,16 +375,41 @@ def pretrain_and_convert(tools_dir: str, config_file: str, output_dir: str, opts
         output_dir: the pretraining's ``OUTPUT_DIR``; the converted files go there too.
         opts: further ``KEY VALUE`` overrides of the pretraining.
         log_file, env, quiet: as :func:`run_tool`.
+        target: ``"fpn"`` (detectron2) or ``"torchvision"`` (MMDetection).
+        train: False reuses a finished pretraining in ``output_dir`` (its ``model_final.pth``,
+            ``config.yaml`` and evaluation) and only converts it; ``config_file`` and ``opts``
+            are then unused.
 
     Returns:
-        ``{"weights": .pkl path, "opts": the KEY VALUE overrides that go with it (from the
-        emitted YAML: MODEL.WEIGHTS, pixel mean/std, input format, ResNet layout),
-        "results": the classifier's final evaluation, "seconds": pretraining wall-clock}``.
+        ``{"weights": .pkl (.pth) path, "opts": the detectron2 KEY VALUE overrides that go with
+        it (from the emitted YAML: MODEL.WEIGHTS, pixel mean/std, input format, ResNet layout;
+        empty for "torchvision", whose conventions the converter checks instead),
+        "results": the classifier's final evaluation, "seconds": pretraining wall-clock (0
+        when reused)}``.
+
+    Raises:
+        ValueError: ``target`` is neither.
+        SystemExit: a reused ``output_dir`` lacks ``model_final.pth`` or ``config.yaml``.
     """
-    seconds = run_tool(os.path.join(tools_dir, "train_net.py"),
-                       ["--config-file", config_file, "OUTPUT_DIR", output_dir, *opts],
-                       "pretrain", log_file, env, quiet)
+    if target not in ("fpn", "torchvision"):
+        raise ValueError(f"target must be 'fpn' or 'torchvision', got {target!r}")
+    if train:
+        seconds = run_tool(os.path.join(tools_dir, "train_net.py"),
+                           ["--config-file", config_file, "OUTPUT_DIR", output_dir, *opts],
+                           "pretrain", log_file, env, quiet)
+    else:
+        seconds = 0.0
+        for name in ("model_final.pth", "config.yaml"):
+            if not os.path.isfile(os.path.join(output_dir, name)):
+                raise SystemExit(f"no {name} in {output_dir}: not a finished pretraining to reuse")
     results = read_final_results(output_dir)
+    if target == "torchvision":
+        pth = os.path.join(output_dir, "backbone_tv.pth")
+        run_tool(os.path.join(tools_dir, "convert_pretrained.py"),
+                 ["--source", "classifier", "--target", "torchvision", os.path.join(output_dir, "model_final.pth"),
+                  pth, "--config-file", os.path.join(output_dir, "config.yaml")],
+                 "convert", log_file, env, quiet)
+        return {"weights": pth, "opts": [], "results": results, "seconds": seconds}
     pkl = os.path.join(output_dir, "backbone_d2.pkl")
     emitted = os.path.join(output_dir, "backbone_d2.yaml")
     run_tool(os.path.join(tools_dir, "convert_pretrained.py"),

@@ -3,7 +3,8 @@
 Import it from an mmdet config (``custom_imports = dict(imports=['gradaug_det.mmdet'])``)
 to register ``SlimmableResNet``, ``SlimmableFPN`` and ``GradAugMaskRCNN`` /
 ``GradAugFasterRCNN`` in mmdet's ``MODELS``, ``GradAugDistributedDataParallel`` in
-mmengine's ``MODEL_WRAPPERS`` and ``GradAugSamplerStateHook`` in ``HOOKS``. It shares
+mmengine's ``MODEL_WRAPPERS``, ``GradAugSamplerStateHook`` in ``HOOKS`` and
+``PerParameterClipOptimWrapper`` (detectron2's per-parameter gradient clipping) in ``OPTIM_WRAPPERS``. It shares
 the width machinery (:mod:`gradaug_det.slim`) and the GradAug iteration
 (:func:`gradaug_det.gradaug.gradaug_step`) with the detectron2 side and does not need
 detectron2. Install the stack with ``make install-mmdet``
@@ -29,6 +30,7 @@ from .detector import (  # noqa: E402
     gradaug_train_step,
 )
 from .hooks import GradAugSamplerStateHook  # noqa: E402
+from .optim import PerParameterClipOptimWrapper  # noqa: E402
 from .transforms import BatchGeometry, rescale_batch, rotate_batch, transform_batch  # noqa: E402
 from .wrapper import GradAugDistributedDataParallel  # noqa: E402
 

@@ -34,7 +34,7 @@ PAGES = sorted({os.path.relpath(p, REPO) for p in
                 [os.path.join(REPO, "README.md"), os.path.join(REPO, "tools", "README.md"),
                  *glob.glob(os.path.join(REPO, "docs", "*.md"))]})
 #: Where `make X` writes (read by later commands of a page).
-MAKE_WRITES = {"demo": "output/quickstart", "compare": "output/compare"}
+MAKE_WRITES = {"demo": "output/quickstart", "demo-mmdet": "output/quickstart_mmdet", "compare": "output/compare"}
 #: Flags whose value a tool writes.
 WRITE_FLAGS = {"--output", "--output-dir", "--emit-config", "--json", "--markdown", "--job-dir", "--work-dir"}
 SHELL_LANGS = {"bash", "sh", "shell"}

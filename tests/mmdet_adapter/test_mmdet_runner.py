@@ -36,7 +36,11 @@ def test_config_parses_and_builds(path):
     if "gradaug" in os.path.basename(path):
         assert isinstance(model, GradAugMaskRCNN) and isinstance(model.backbone, SlimmableResNet)
         assert cfg.model_wrapper_cfg.type == "GradAugDistributedDataParallel"
-        assert model.gradaug_sampler.num_subnets == 3 and model.gradaug_sampler.min_width == 0.9
+        if path == QUICKSTART:  # the detectron2 quickstart's recipe: 1 "gt+soft" sub-network at 0.75
+            assert model.gradaug_sampler.num_subnets == 1 and model.gradaug_sampler.min_width == 0.75
+            assert model.gradaug_options.subnet_loss == "gt+soft"
+        else:  # the reference's
+            assert model.gradaug_sampler.num_subnets == 3 and model.gradaug_sampler.min_width == 0.9
     else:
         assert type(model).__name__ == "MaskRCNN"
 
