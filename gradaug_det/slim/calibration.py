@@ -209,6 +209,9 @@ def calibrate_bn(model: nn.Module, w: float, batches: Iterable[Any], num_batches
     try:
         model.train()
         for m in layers:
+            # in training mode even where the model's train() keeps BN in eval (mmdet's
+            # norm_eval=True): only a training-mode BN is recorded
+            m.train()
             m.momentum = 0.0  # module forwards leave the running statistics alone
         functional._bn_recorder = acc
         with width_ctx(model, w), _event_storage():
