@@ -72,18 +72,19 @@ def test_short_training_run_through_the_tool(tmp_path, shapes_data_options, shor
     assert [r["iter"] for r in train] == [1, 2, 3, 4]
     for r in train:
         assert math.isfinite(r["loss"]) and r["loss"] > 0
-        assert r["gradaug/sub2/width"] == pytest.approx(0.9) and 0.9 - 1e-6 <= r["gradaug/sub0/width"] <= 1.0
+        # the config's one sub-network per iteration, the smallest (0.75)
+        assert r["gradaug/sub0/width"] == pytest.approx(0.75) and "gradaug/sub1/width" not in r
         assert math.isfinite(r["gradaug/sub0/loss_soft_cls"])
     evals = [r for r in records if "coco/bbox_mAP" in r]
     assert len(evals) == 1 and 0.0 <= evals[0]["coco/bbox_mAP"] <= 1.0 and "coco/segm_mAP" in evals[0]
     # the checkpoint carries the sampler's state after 4 iterations (GradAugSamplerStateHook) ...
     ckpt = load_mmengine_checkpoint(str(work / "iter_4.pth"))  # no full unpickling, even of our own files
-    sampler = SubnetSampler(seed=0)
+    model = MODELS.build(Config.fromfile(QUICKSTART).model)
+    sampler = SubnetSampler(model.gradaug_options)  # the config's settings and seed, fresh
     for _ in range(4):
         sampler.sample()
     assert ckpt["gradaug_sampler"] == sampler.state_dict()
     # ... and loading it restores the draws
-    model = MODELS.build(Config.fromfile(QUICKSTART).model)
     GradAugSamplerStateHook().after_load_checkpoint(SimpleNamespace(model=model), ckpt)
     assert model.gradaug_sampler.sample() == sampler.sample()
 
@@ -97,11 +98,12 @@ def test_short_training_run_through_the_tool(tmp_path, shapes_data_options, shor
     resumed = [json.loads(line) for line in open(latest)]
     resumed = [r for r in resumed if "loss" in r]
     assert [r["iter"] for r in resumed] == [5, 6]
-    expected = SubnetSampler(seed=0)
+    expected = SubnetSampler(model.gradaug_options)
     draws = [expected.sample() for _ in range(6)]
     for r, specs in zip(resumed, draws[4:]):
-        for i, spec in enumerate(specs):
+        for i, spec in enumerate(specs):  # (the config's sub-network is always 0.75 wide: its scale is drawn)
             assert r[f"gradaug/sub{i}/width"] == pytest.approx(spec.width, abs=1e-6)
+            assert r[f"gradaug/sub{i}/scale"] == pytest.approx(spec.scale, abs=1e-6)
 
     # tools/mmdet_test.py: the same checkpoint at two widths; width 1.0 reproduces the AP above
     out = tmp_path / "widths.json"

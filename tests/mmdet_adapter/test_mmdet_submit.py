@@ -13,11 +13,20 @@ import subprocess
 import sys
 
 from gradaug_det.gradaug import SubnetSampler
+from gradaug_det.gradaug.options import MMDET_KEYS, GradAugOptions
 from gradaug_det.mmdet.checkpoint import load_mmengine_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join("configs", "mmdet", "quickstart", "mask-rcnn_r18_fpn_gradaug_shapes.py")
 MAX_ITERS = 2
+
+
+def _config_sampler():
+    """A fresh sub-network sampler of the quickstart config's GradAug settings and seed."""
+    from mmengine.config import Config
+
+    gradaug = dict(Config.fromfile(os.path.join(ROOT, QUICKSTART)).model.gradaug)
+    return SubnetSampler(GradAugOptions.from_dict(gradaug, "model.gradaug.", MMDET_KEYS))
 
 
 def test_submit_mmdet_train_local_job(tmp_path, shapes_data_options, short_train_options):
@@ -36,7 +45,7 @@ def test_submit_mmdet_train_local_job(tmp_path, shapes_data_options, short_train
         assert f.read().strip() == str(ckpt_path)
     ckpt = load_mmengine_checkpoint(str(ckpt_path))  # no full unpickling, even of our own files
     assert ckpt["meta"]["iter"] == MAX_ITERS
-    sampler = SubnetSampler(seed=0)  # the config's GradAug seed: MAX_ITERS draws were made
+    sampler = _config_sampler()  # MAX_ITERS draws were made
     for _ in range(MAX_ITERS):
         sampler.sample()
     assert ckpt["gradaug_sampler"] == sampler.state_dict()
@@ -90,7 +99,7 @@ def test_preempted_mmdet_job_checkpoints_requeues_and_resumes_to_same_weights(
     # the checkpoint of the 2 iterations done, with the sampler's and the RNG's states
     stopped = load_mmengine_checkpoint(os.path.join(job_dir, f"iter_{PREEMPT_AFTER}.pth"))
     assert stopped["meta"]["iter"] == PREEMPT_AFTER
-    sampler = SubnetSampler(seed=0)
+    sampler = _config_sampler()
     for _ in range(PREEMPT_AFTER):
         sampler.sample()
     assert stopped["gradaug_sampler"] == sampler.state_dict()
