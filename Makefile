@@ -68,10 +68,10 @@ study: $(STAMP)
 	$(PY) -m gradaug_det.env
 	$(PY) tools/compare.py --until-converged $(STUDY_SCHEDULE) --seeds 0 1 2 \
 		--arms $(STUDY_ARMS) baseline_pre_baseline=:GRADAUG.ENABLED=False,pretrain=baseline \
-		--output-dir $(STUDY_DIR)/full --quiet $(STUDY_ARGS)
+		--output-dir $(STUDY_DIR)/full --quiet --resume $(STUDY_ARGS)
 	$(PY) tools/compare.py --schedule-from $(STUDY_DIR)/full/results.json --eval-period 100 --seeds 0 1 2 \
 		--arms $(STUDY_ARMS) --train-fraction 0.1 --fraction-seed 0 --pretrain-dir $(STUDY_DIR)/full/pretrain \
-		--output-dir $(STUDY_DIR)/scarce --quiet $(STUDY_ARGS)
+		--output-dir $(STUDY_DIR)/scarce --quiet --resume $(STUDY_ARGS)
 
 # AP against cost of `make demo`'s model over widths and test sizes (tools/tradeoff.py):
 # output/quickstart/tradeoff/tradeoff.{json,md,png}. TRADEOFF_ARGS adds flags, e.g.
