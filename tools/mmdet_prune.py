@@ -30,7 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--bn-calibration-batches", type=int, default=0, metavar="N",
                    help="recompute the BN statistics at --width from N batches of the config's train_dataloader "
                         "first (default 0: the checkpoint's statistics)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE", help="override config keys")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+                   help="override config keys (also in the written config)")
     return p.parse_args(argv)
 
 

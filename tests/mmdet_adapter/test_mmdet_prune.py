@@ -101,6 +101,13 @@ def test_refused_before_any_work(load_tool, tmp_path):
         tool.main([BASELINE, str(ckpt), "--width", "0.5", "--output", str(out)])
     with pytest.raises(MissingFileError, match=r"^CHECKPOINT '.*missing.pth': no such file"):
         tool.main([QUICKSTART, str(tmp_path / "missing.pth"), "--width", "0.5", "--output", str(out)])
+    # a checkpoint trained with another channel divisor: its sub-networks keep other channels
+    model = build_detector(small_mask_rcnn_cfg())
+    torch.save({"state_dict": model.state_dict(), RECORD_KEY: dict(model_slimmable_settings(model), channel_divisor=8)},
+               ckpt)
+    with pytest.raises(SystemExit, match=r"CHANNEL_DIVISOR 8 in the file, 1 here.*\(refused: the "
+                                                        r"pruned model is cut out of the sub-network of these settings\)"):
+        tool.main([QUICKSTART, str(ckpt), "--width", "0.5", "--output", str(out)])
     assert not out.exists()
     gn = small_mask_rcnn_cfg()
     gn["neck"]["norm_cfg"] = dict(type="GN", num_groups=8)
@@ -109,18 +116,23 @@ def test_refused_before_any_work(load_tool, tmp_path):
     check_prunable_config(gn, 1.0)  # width 1.0 slices nothing
 
 
-def test_pruned_checkpoints_load_in_plain_mmdet_and_match(load_tool, tmp_path, assert_same_detections, capsys):
+def test_pruned_checkpoints_load_in_plain_mmdet_and_match(load_tool, tmp_path, assert_same_detections, capsys,
+                                                           shapes_data_options):
+    """About 20 s: a fresh process importing mmdet, and two test loops there and two here."""
     model = _randomised(build_detector(small_mask_rcnn_cfg()))
     ckpt = _checkpoint(tmp_path / "gradaug.pth", model)
     image = _image()
     torch.save({"image": image}, tmp_path / "input.pt")
     widths, stats = (0.75, 0.5), {}
-    for w in widths:
+    for w in widths:  # the data options are written into the pruned configs, for their test loop
         stats[w] = load_tool("mmdet_prune").main([QUICKSTART, ckpt, "--width", str(w), "--output",
-                                                  str(tmp_path / "pruned")])
+                                                  str(tmp_path / "pruned"), "--cfg-options", *shapes_data_options])
         assert stats[w]["feature_diff"] < 1e-5
     printed = capsys.readouterr().out
     assert "parameters: " in printed and "max relative feature difference" in printed
+    # the slimmable checkpoint's COCO AP at these widths, as tools/mmdet_test.py reports it
+    ap = load_tool("mmdet_test").main([QUICKSTART, ckpt, "--widths", *map(str, widths), "--work-dir",
+                                       str(tmp_path / "test"), "--cfg-options", *shapes_data_options])
 
     # what the files say: stock types, narrow channels, nothing of gradaug_det
     for w, k in ((0.75, 48), (0.5, 32)):
@@ -145,8 +157,8 @@ def test_pruned_checkpoints_load_in_plain_mmdet_and_match(load_tool, tmp_path, a
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, os.path.join(HERE, "plain_mmdet_predict.py"), str(tmp_path / "input.pt"),
-                           str(tmp_path / "plain.pt"), *files], cwd=str(tmp_path), env=env, capture_output=True,
-                          text=True, timeout=600)
+                           str(tmp_path / "plain.pt"), str(tmp_path / "plain"), *files], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     results = torch.load(tmp_path / "plain.pt", weights_only=True)
     full_params = sum(p.numel() for p in model.parameters())
@@ -156,6 +168,11 @@ def test_pruned_checkpoints_load_in_plain_mmdet_and_match(load_tool, tmp_path, a
         with width(model, w):
             ref = _predict(model, image)
         _assert_same_predictions(ref, result["pred"], assert_same_detections)
+        # mmdet's test loop on the pruned config, with its weights (load_from): the AP of the
+        # slimmable model at that width (random weights: AP about 0, a check of the loop, not of accuracy)
+        assert result["loaded"]
+        for metric in ("coco/bbox_mAP", "coco/bbox_mAP_50", "coco/segm_mAP"):
+            assert abs(result["metrics"][metric] - ap[str(w)][metric]) <= 0.002, (w, metric)
     assert results[1]["params"] < results[0]["params"]
 
 
