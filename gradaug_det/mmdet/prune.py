@@ -134,13 +134,14 @@ def check_prunable_config(model_cfg: Dict, w: float) -> None:
         shown = neck.get("type") if isinstance(neck, dict) else neck
         raise ValueError(f"model.neck.type={shown!r}: pruning supports an 'FPN' or 'SlimmableFPN' neck")
     detector = _resolve(model_cfg.get("type"), "model")
-    if not issubclass(detector, SUPPORTED_DETECTORS):
+    if not (isinstance(detector, type) and issubclass(detector, SUPPORTED_DETECTORS)):
         allowed = ", ".join(c.__name__ for c in SUPPORTED_DETECTORS)
         raise ValueError(f"model.type={model_cfg.get('type')!r}: pruning supports {allowed} and their GradAug "
                          "detectors")
     roi = model_cfg.get("roi_head")
-    if roi is not None and roi.get("type") not in _ROI_HEADS:
-        raise ValueError(f"model.roi_head.type={roi.get('type')!r}: pruning supports {', '.join(_ROI_HEADS)}")
+    roi_type = getattr(roi.get("type"), "__name__", roi.get("type")) if roi is not None else None
+    if roi is not None and roi_type not in _ROI_HEADS:
+        raise ValueError(f"model.roi_head.type={roi_type!r}: pruning supports {', '.join(_ROI_HEADS)}")
     if w < 1.0:
         for key, part in (("model.backbone", backbone), ("model.neck", neck)):
             norm = (part.get("norm_cfg") or {}).get("type")
@@ -371,10 +372,12 @@ class PrunedDetector(NamedTuple):
     Attributes:
         model_cfg: the pruned model's ``model`` config (stock types only).
         model: the stock mmdet detector built from it, pruned weights loaded, in eval mode.
-        info: ``width``; ``stem_channels``, ``base_channels`` and ``fpn_channels`` of the
-            pruned model; ``active_stage_channels`` (the sub-network's channels per stage) and
-            ``zero_channels`` (channels added to make a stock ResNet, all zero; see the
-            module docstring).
+        info: ``width``; ``stem_channels``, ``base_channels``, ``stage_channels`` (output
+            channels per stage) and ``fpn_channels`` of the pruned model;
+            ``active_stage_channels`` (the sub-network's output channels per stage) and
+            ``zero_channels`` (how many stage output channels were added to make a stock ResNet,
+            all zero; see the module docstring; the stem and the blocks' inner layers may get
+            zero channels too).
     """
 
     model_cfg: Dict
