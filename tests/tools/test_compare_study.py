@@ -147,14 +147,15 @@ def test_compare_refuses_in_one_line_before_any_work(tmp_path, args, message):
 
 
 def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
-    """The probe (constant LR, evaluated every 3 iterations, cap 60) is stopped by the rule
+    """The probe (constant LR, evaluated every 3 iterations, cap 600) is stopped by the rule
     (patience 1, min-delta 100: the evaluation after the first logged AP ends it) long before
-    its cap; then 2 arms x 1 seed for the probe's best iteration, on half of the tiny quickstart
+    its cap (the rule is polled every 5 s: the cap is far enough that no machine reaches it
+    within a few polls); then 2 arms x 1 seed for the probe's best iteration, on half of the tiny quickstart
     training images (3 iterations at least: detectron2 logs no training speed for fewer)."""
     out = tmp_path / "cmp"
     res = _compare(["--dataset", "gradaug_quickstart_tiny_train", "--val-dataset", "gradaug_quickstart_tiny_val",
                     "--arms", "baseline=:GRADAUG.ENABLED=False", "ref=:GRADAUG.NUM_SUBNETS=2,GRADAUG.SUBNET_LOSS=soft",
-                    "--seeds", "3", "--until-converged", "--eval-period", "3", "--max-iters", "60",
+                    "--seeds", "3", "--until-converged", "--eval-period", "3", "--max-iters", "600",
                     "--patience", "1", "--min-delta", "100", "--train-fraction", "0.5", "--fraction-seed", "1",
                     "--device", "cpu", "--quiet", "--output-dir", str(out), "--opts", *TINY],
                    tmp_path, timeout=900)
@@ -163,9 +164,9 @@ def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
         results = json.load(f)
     schedule = results["schedule"]
     probe = schedule["probe"]
-    assert schedule["rule"] == "until-converged" and probe["constant_lr"] and schedule["max_iters"] == 60
+    assert schedule["rule"] == "until-converged" and probe["constant_lr"] and schedule["max_iters"] == 600
     iters = [p["iter"] for p in probe["curve"]]
-    assert iters == list(range(3, iters[-1] + 1, 3)) and iters[-1] < 60  # stopped early
+    assert iters == list(range(3, iters[-1] + 1, 3)) and iters[-1] < 600  # stopped early
     # the rule is checked every 5 s: the probe may run a few evaluations past the stop (unused)
     assert probe["converged"] and probe["stop_iter"] <= iters[-1]
     from importlib.util import module_from_spec, spec_from_file_location
