@@ -87,14 +87,14 @@ tradeoff: $(STAMP)
 # TEST_WORKERS pytest-xdist processes (default 2, this project's 2-core CI machine), one torch
 # thread each: two processes of 2 OpenMP threads on 2 cores slow each other down many times
 # over. Most tests use one core, so 2 workers take about 60 % of the one-process time.
-# TEST_WORKERS=0 runs in one process.
+# TEST_WORKERS=0 runs in one process. The same for `make test-mmdet`.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m gradaug_det.env
 	OMP_NUM_THREADS=1 $(PY) -m pytest --ignore=tests/mmdet_adapter -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-mmdet: $(MMDET_STAMP)
-	$(PY) -m pytest tests/mmdet_adapter $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/mmdet_adapter -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The wheel bundle for a lent GPU machine that reaches no package index (docs/gpu.md):
 # dist/gpu-bundle/ (<= 60 MiB) with gpu_run.sh, the one command to run there. Only needs a
