@@ -77,10 +77,10 @@ study: $(STAMP)
 	$(PY) -m gradaug_det.env
 	$(PY) tools/compare.py --until-converged $(STUDY_SCHEDULE) --seeds 0 1 2 \
 		--arms $(STUDY_ARMS) baseline_pre_baseline=:GRADAUG.ENABLED=False,pretrain=baseline \
-		--output-dir $(STUDY_DIR)/full --quiet $(STUDY_ARGS)
+		--output-dir $(STUDY_DIR)/full --quiet --resume $(STUDY_ARGS)
 	$(PY) tools/compare.py --schedule-from $(STUDY_DIR)/full/results.json --eval-period 100 --seeds 0 1 2 \
 		--arms $(STUDY_ARMS) --train-fraction 0.1 --fraction-seed 0 --pretrain-dir $(STUDY_DIR)/full/pretrain \
-		--output-dir $(STUDY_DIR)/scarce --quiet $(STUDY_ARGS)
+		--output-dir $(STUDY_DIR)/scarce --quiet --resume $(STUDY_ARGS)
 
 # AP against cost of `make demo`'s model over widths and test sizes (tools/tradeoff.py):
 # output/quickstart/tradeoff/tradeoff.{json,md,png}. TRADEOFF_ARGS adds flags, e.g.
@@ -93,12 +93,17 @@ tradeoff: $(STAMP)
 		MODEL.WEIGHTS $(QUICKSTART_DIR)/mask_rcnn/model_final.pth
 
 # The detectron2 suite; the MMDetection adapter's tests run in `make test-mmdet`.
+# TEST_WORKERS pytest-xdist processes (default 2, this project's 2-core CI machine), one torch
+# thread each: two processes of 2 OpenMP threads on 2 cores slow each other down many times
+# over. Most tests use one core, so 2 workers take about 60 % of the one-process time.
+# TEST_WORKERS=0 runs in one process. The same for `make test-mmdet`.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m gradaug_det.env
-	$(PY) -m pytest --ignore=tests/mmdet_adapter $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest --ignore=tests/mmdet_adapter -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-mmdet: $(MMDET_STAMP)
-	$(PY) -m pytest tests/mmdet_adapter $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/mmdet_adapter -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The wheel bundle for a lent GPU machine that reaches no package index (docs/gpu.md):
 # dist/gpu-bundle/ (<= 60 MiB) with gpu_run.sh, the one command to run there. Only needs a

@@ -35,8 +35,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        # submitit: tests/tools/test_submit.py runs Slurm jobs with submitit's local executor
-        "test": ["pytest>=7", "submitit>=1.5", "onnx>=1.14", "onnxruntime>=1.16", "numpy<2"],
+        # submitit: tests/tools/test_submit.py runs Slurm jobs with submitit's local executor;
+        # pytest-xdist: `make test` runs the suite in 2 processes
+        "test": ["pytest>=7", "pytest-xdist>=3", "submitit>=1.5", "onnx>=1.14", "onnxruntime>=1.16", "numpy<2"],
         # tools/export_model.py --format onnx: write (onnx) and check (onnxruntime) ONNX files.
         # numpy<2: detectron2 needs numpy 1.x; onnx's ml_dtypes would otherwise pull numpy 2.
         "export": ["onnx>=1.14", "onnxruntime>=1.16", "numpy<2"],

@@ -1,6 +1,7 @@
 """``add_gradaug_config(cfg)``: every config key gradaug-det adds, with a comment each;
 :func:`merge_user_config`: a user's config file and overrides merged, a mistake refused in one line."""
 import functools
+import os
 import re
 from typing import Any, Dict, Iterator, Optional, Sequence
 
@@ -11,7 +12,7 @@ from .utils.cli import ConfigError, did_you_mean
 from .utils.io import check_input_file
 
 __all__ = ["add_gradaug_config", "add_pruned_config", "slimmable_config", "slimmable_settings", "merge_user_config",
-           "config_keys"]
+           "is_mmdet_config", "config_keys"]
 
 #: The config files a yacs tool reads.
 CONFIG_EXTENSIONS = (".yaml", ".yml")
@@ -287,6 +288,21 @@ def merge_user_config(cfg: CN, config_file: Optional[str], opts: Sequence[str] =
     except ValueError as e:
         raise ConfigError(f"config override: {_type_mismatch(str(e))}") from None
     return cfg
+
+
+def is_mmdet_config(path: Optional[str]) -> bool:
+    """Whether ``path`` is an MMDetection (mmengine) config rather than a detectron2 one.
+
+    An mmengine config is a ``.py`` file that inherits (``_base_ = ...``) or sets
+    ``model = dict(...)`` at the top level; detectron2's LazyConfig ``.py`` files build
+    ``model`` with ``L(...)`` or take it from a base with ``from ... import``. The yacs tools use
+    it to refuse an mmdet config in one line that names the mmdet tool to use instead.
+    """
+    if not path or not path.endswith(".py") or not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    return re.search(r"^(_base_\s*=|model\s*=\s*dict\()", text, flags=re.M) is not None
 
 
 def _type_mismatch(message: str) -> str:

@@ -33,6 +33,11 @@ training time, the time each arm needs to reach the first arm's best AP), ``resu
 (every number, the schedule, the command, commit and device), ``ap_curves.png`` (AP against
 iterations and against training time, every run) and each run's output directory.
 
+A long study that stops (a killed job, the end of a session) continues with the same command
+plus ``--resume``: the runs that finished are reused (each run directory's ``compare_run.json``
+records its command and whether it finished), the unfinished ones start again. Without
+``--resume`` a run directory left by an earlier call is refused before any work.
+
 The default is the quickstart: its data, ``configs/quickstart/mask_rcnn_gradaug.yaml`` and a
 backbone pretrained once with ``configs/quickstart/pretrain_r18_gradaug.yaml`` (reused by
 later calls with the same output directory). On your own data::
@@ -50,6 +55,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 
@@ -116,6 +122,10 @@ def get_parser() -> argparse.ArgumentParser:
                              "or --until-converged)")
     parser.add_argument("--device", default="auto", help="MODEL.DEVICE: auto (cuda if available), cpu, cuda")
     parser.add_argument("--output-dir", default="output/compare")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an earlier call with the same arguments and --output-dir: reuse its "
+                             "finished runs (each run directory's compare_run.json records the run's command "
+                             "and whether it finished), redo the unfinished ones")
     parser.add_argument("--quiet", action="store_true",
                         help="keep the runs' output in <output-dir>/runs.log instead of the terminal")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
@@ -447,6 +457,37 @@ def _read_schedule(path: str) -> dict:
     return schedule
 
 
+RUN_RECORD = "compare_run.json"
+
+
+def _read_run_record(run_dir: str):
+    """The record :func:`main` keeps in a run directory (``{"args": [...], "finished": bool}``),
+    or None when there is none."""
+    try:
+        with open(os.path.join(run_dir, RUN_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _check_run_dirs(run_dirs, resume: bool) -> None:
+    """Refuses, before any run, run directories an earlier call left behind (their
+    metrics.json would mix two runs' evaluations) unless ``--resume`` continues that call."""
+    from gradaug_det.utils.cli import UserError
+
+    for run_dir in run_dirs:
+        if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+            continue
+        if not resume:
+            raise UserError(f"{run_dir} already holds a run of an earlier call: add --resume to reuse the "
+                            "finished runs of the same command (and redo the unfinished ones), or choose "
+                            "another --output-dir")
+        if _read_run_record(run_dir) is None:
+            raise UserError(f"--resume: {run_dir} holds files but no {RUN_RECORD} (not a tools/compare.py "
+                            "run): move it away or choose another --output-dir")
+
+
 def _tool_command(args, tool: str, subset=None):
     """The tool to run (path), or a ``python -c`` bootstrap that first imports ``--register`` and
     registers the ``--train-fraction`` subset ``subset = (source, fraction, seed)``."""
@@ -499,6 +540,7 @@ def main(args) -> dict:
     from gradaug_det.config import merge_user_config
     from gradaug_det.data.datasets import register_subset
     from gradaug_det.engine.setup import get_gradaug_cfg
+    from gradaug_det.utils.cli import UserError
 
     arms = parse_arms(args.arms, args.config_file)
     data_opts = []
@@ -519,6 +561,10 @@ def main(args) -> dict:
         data_opts = ["DATASETS.TRAIN", repr(tuple(train_names)), *data_opts]
     device = auto_device(args.device)
     out = os.path.abspath(args.output_dir)
+    planned = [os.path.join(out, f"{a['name']}_seed{s}") for s in args.seeds for a in arms]
+    planned += [os.path.join(out, "probe")] if args.until_converged else []
+    planned += [os.path.join(out, f"{EQUAL_TIME}_seed{s}") for s in args.seeds] if equal_time else []
+    _check_run_dirs(planned, args.resume)
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "runs.log")
     tool, prefix = _tool_command(args, os.path.join(TOOLS, "train_net.py"), subset)
@@ -560,10 +606,23 @@ def main(args) -> dict:
         name = name or arm["name"]
         run_dir = run_dir or os.path.join(out, f"{name}_seed{seed}")
         lr = ["SOLVER.STEPS", "()"] if constant_lr else []
-        run_tool(tool, [*prefix, "--config-file", arm["config"], *init_opts(arm["pretrain"]), *common,
-                        *arm["opts"], *schedule_opts(arm_cfgs[arm["name"]], n), *eval_opts(n), *lr, "SEED", str(seed),
-                        "OUTPUT_DIR", run_dir, *args.opts], f"{name} seed {seed}", log, quiet=args.quiet,
-                 stop_when=stop_when)
+        argv = [*prefix, "--config-file", arm["config"], *init_opts(arm["pretrain"]), *common, *arm["opts"],
+                *schedule_opts(arm_cfgs[arm["name"]], n), *eval_opts(n), *lr, "SEED", str(seed),
+                "OUTPUT_DIR", run_dir, *args.opts]
+        record = _read_run_record(run_dir) if args.resume else None
+        if record is not None and record.get("args") != argv:
+            raise UserError(f"--resume: {run_dir} was made by another command ({shlex.join(record.get('args') or [])}"
+                            f"), not this call's: move it away or choose another --output-dir")
+        if record is not None and record.get("finished"):
+            print(f"[{name} seed {seed}] reusing the finished run in {run_dir} (--resume)", flush=True)
+        else:
+            if os.path.isdir(run_dir) and os.listdir(run_dir):  # an unfinished run of this call: redo it
+                shutil.rmtree(run_dir + ".unfinished", ignore_errors=True)
+                os.replace(run_dir, run_dir + ".unfinished")
+                print(f"[{name} seed {seed}] redoing an unfinished run (its files: {run_dir}.unfinished)", flush=True)
+            write_json(os.path.join(run_dir, RUN_RECORD), {"args": argv, "finished": False})
+            run_tool(tool, argv, f"{name} seed {seed}", log, quiet=args.quiet, stop_when=stop_when)
+            write_json(os.path.join(run_dir, RUN_RECORD), {"args": argv, "finished": True})
         try:
             done, seconds = read_training_speed(run_dir)
             per_iter = seconds / max(done, 1)

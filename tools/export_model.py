@@ -24,7 +24,7 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from gradaug_det.config import merge_user_config
+from gradaug_det.config import is_mmdet_config, merge_user_config
 from gradaug_det.engine.setup import get_gradaug_cfg
 from gradaug_det.deploy.export import FORMATS, ExportMismatch, check_exportable, export_width, load_sample_image
 
@@ -56,7 +56,13 @@ def _mb(n: int) -> str:
 
 
 def main(args) -> dict:
-    if not 0.0 < args.width <= 1.0:  # before any work
+    if is_mmdet_config(args.config_file):  # before any work
+        raise SystemExit(
+            f"--config-file {args.config_file} is an MMDetection config: this tool exports detectron2 models, and "
+            "mmdet's own export path is mmdeploy (not installed with gradaug-det). Prune the model to a stock "
+            "mmdet one first (python tools/mmdet_prune.py CONFIG CHECKPOINT --width W --output DIR), then export "
+            "DIR's config and checkpoint with mmdeploy's tools/deploy.py")
+    if not 0.0 < args.width <= 1.0:
         raise SystemExit(f"--width must be in (0, 1], got {args.width:g}")
     if args.runs < 1:
         raise SystemExit(f"--runs must be at least 1, got {args.runs}")

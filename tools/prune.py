@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 from gradaug_det import add_gradaug_config
 from gradaug_det.checkpoint.io import check_weights_available
-from gradaug_det.config import merge_user_config
+from gradaug_det.config import is_mmdet_config, merge_user_config
 from gradaug_det.deploy.prune import prune_checkpoint
 from gradaug_det.utils.cli import run_tool
 
@@ -58,6 +58,9 @@ def setup(args):
 
 
 def main(args) -> dict:
+    if is_mmdet_config(args.config_file):
+        raise SystemExit(f"--config-file {args.config_file} is an MMDetection config; this tool prunes detectron2 "
+                         "models: use python tools/mmdet_prune.py CONFIG CHECKPOINT --width W --output DIR")
     if not 0.0 < args.width <= 1.0:
         raise SystemExit(f"--width must be in (0, 1], got {args.width}")
     cfg = setup(args)

@@ -43,7 +43,7 @@ from detectron2.modeling import build_model
 
 from ..config import add_pruned_config
 from ..modeling import SlimmableFPN, SlimmableResNet
-from ..slim import DroppableBlock, SlimConv2d, check_width, conv_slice, select_channels, sliced_conv_state, width
+from ..slim import DroppableBlock, SlimConv2d, check_width, sliced_conv_state, sliced_input_weight, width
 from ..utils.parallel import unwrap_model
 
 __all__ = [
@@ -202,22 +202,7 @@ def _slice_slim_conv(conv: SlimConv2d) -> Dict[str, torch.Tensor]:
 
 def _slice_input(layer: nn.Module, channels: int, keep: int) -> Dict[str, torch.Tensor]:
     """Weights of ``layer`` reading only the leading ``keep`` of its ``channels`` input channels."""
-    t = layer.weight
-    if isinstance(layer, nn.ConvTranspose2d):  # weight (C_in, C_out / groups, kH, kW)
-        if layer.groups != 1:
-            raise ValueError(f"cannot prune the input of a grouped convolution {layer}")
-        t = select_channels(t, 0, 1, keep)
-    elif isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            raise ValueError(f"cannot prune the input of a grouped convolution {layer}")
-        t = conv_slice(layer, keep, layer.out_channels).weight(t)
-    elif isinstance(layer, nn.Linear):
-        if layer.in_features % channels:
-            raise ValueError(f"{layer} does not read a flattened {channels}-channel feature map")
-        t = select_channels(t.reshape(t.shape[0], channels, -1), 1, 1, keep).reshape(t.shape[0], -1)
-    else:
-        raise TypeError(f"cannot prune the input of {type(layer).__name__}")
-    return {"weight": t}
+    return {"weight": sliced_input_weight(layer, channels, keep)}
 
 
 def _first_layer(head: nn.Module) -> nn.Module:

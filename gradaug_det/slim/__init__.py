@@ -36,6 +36,7 @@ from .functional import (
     slim_conv2d,
     slim_norm,
     sliced_conv_state,
+    sliced_input_weight,
 )
 from .linear import SlimLinear
 

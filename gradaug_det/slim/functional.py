@@ -20,7 +20,8 @@ from torch import nn
 from .channels import slim_channels
 
 __all__ = [
-    "select_channels", "ConvSlice", "conv_slice", "sliced_conv_state", "conv2d_slice", "slim_norm",
+    "select_channels", "ConvSlice", "conv_slice", "sliced_conv_state", "sliced_input_weight", "conv2d_slice",
+    "slim_norm",
     "norm_to_input", "slim_conv2d", "pad_channels",
 ]
 
@@ -243,6 +244,46 @@ def sliced_conv_state(conv: nn.Module, s: ConvSlice) -> Dict[str, torch.Tensor]:
             t = s.out(t)
         out[key] = t
     return out
+
+
+def sliced_input_weight(layer: nn.Module, channels: int, keep: int) -> torch.Tensor:
+    """The weight of ``layer`` reading only the leading ``keep`` of its ``channels`` input channels.
+
+    Pruning cuts the dead inputs of the layers that read a slimmed, zero-padded feature map
+    (the heads behind a slimmable FPN, an FPN behind a slimmable ResNet): the padded channels
+    are zero, so dropping their weights leaves the output unchanged.
+
+    Args:
+        layer: ``nn.Conv2d`` (weight ``(C_out, C_in, kH, kW)``, groups 1),
+            ``nn.ConvTranspose2d`` (weight ``(C_in, C_out, kH, kW)``, groups 1) or
+            ``nn.Linear`` reading a flattened ``(channels, *spatial)`` map (weight
+            ``(out, channels * area)``, channel-major as ``torch.flatten`` orders it).
+        channels: the input's full channel count.
+        keep: the leading channels kept.
+
+    Returns:
+        The cut weight (a view or a copy): dim 1 (conv), dim 0 (transposed conv) or the
+        ``keep * area`` leading inputs (linear) kept.
+
+    Raises:
+        ValueError: a grouped convolution, or a linear layer whose inputs are not a flattened
+            ``channels``-channel map.
+        TypeError: another layer type.
+    """
+    t = layer.weight
+    if isinstance(layer, nn.ConvTranspose2d):  # weight (C_in, C_out / groups, kH, kW)
+        if layer.groups != 1:
+            raise ValueError(f"cannot prune the input of a grouped convolution {layer}")
+        return select_channels(t, 0, 1, keep)
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ValueError(f"cannot prune the input of a grouped convolution {layer}")
+        return conv_slice(layer, keep, layer.out_channels).weight(t)
+    if isinstance(layer, nn.Linear):
+        if layer.in_features % channels:
+            raise ValueError(f"{layer} does not read a flattened {channels}-channel feature map")
+        return select_channels(t.reshape(t.shape[0], channels, -1), 1, 1, keep).reshape(t.shape[0], -1)
+    raise TypeError(f"cannot prune the input of {type(layer).__name__}")
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:

@@ -147,14 +147,15 @@ def test_compare_refuses_in_one_line_before_any_work(tmp_path, args, message):
 
 
 def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
-    """The probe (constant LR, evaluated every 3 iterations, cap 60) is stopped by the rule
+    """The probe (constant LR, evaluated every 3 iterations, cap 600) is stopped by the rule
     (patience 1, min-delta 100: the evaluation after the first logged AP ends it) long before
-    its cap; then 2 arms x 1 seed for the probe's best iteration, on half of the tiny quickstart
+    its cap (the rule is polled every 5 s: the cap is far enough that no machine reaches it
+    within a few polls); then 2 arms x 1 seed for the probe's best iteration, on half of the tiny quickstart
     training images (3 iterations at least: detectron2 logs no training speed for fewer)."""
     out = tmp_path / "cmp"
     res = _compare(["--dataset", "gradaug_quickstart_tiny_train", "--val-dataset", "gradaug_quickstart_tiny_val",
                     "--arms", "baseline=:GRADAUG.ENABLED=False", "ref=:GRADAUG.NUM_SUBNETS=2,GRADAUG.SUBNET_LOSS=soft",
-                    "--seeds", "3", "--until-converged", "--eval-period", "3", "--max-iters", "60",
+                    "--seeds", "3", "--until-converged", "--eval-period", "3", "--max-iters", "600",
                     "--patience", "1", "--min-delta", "100", "--train-fraction", "0.5", "--fraction-seed", "1",
                     "--device", "cpu", "--quiet", "--output-dir", str(out), "--opts", *TINY],
                    tmp_path, timeout=900)
@@ -163,9 +164,9 @@ def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
         results = json.load(f)
     schedule = results["schedule"]
     probe = schedule["probe"]
-    assert schedule["rule"] == "until-converged" and probe["constant_lr"] and schedule["max_iters"] == 60
+    assert schedule["rule"] == "until-converged" and probe["constant_lr"] and schedule["max_iters"] == 600
     iters = [p["iter"] for p in probe["curve"]]
-    assert iters == list(range(3, iters[-1] + 1, 3)) and iters[-1] < 60  # stopped early
+    assert iters == list(range(3, iters[-1] + 1, 3)) and iters[-1] < 600  # stopped early
     # the rule is checked every 5 s: the probe may run a few evaluations past the stop (unused)
     assert probe["converged"] and probe["stop_iter"] <= iters[-1]
     from importlib.util import module_from_spec, spec_from_file_location
@@ -203,3 +204,41 @@ def test_compare_until_converged_two_arms_on_a_train_fraction(tmp_path):
     assert "until-converged schedule" in md and "gradaug_quickstart_tiny_train_frac0.5_seed1" in md
     assert "-core CPU" in results["machine"] and results["machine"] in md and results["commit"] in md
     assert (out / "ap_curves.png").stat().st_size > 10000
+
+    # --- continuing the same call (a study stopped by a killed job): --resume ---
+    argv = shlex.split(md.splitlines()[0])[2:]  # results.md starts with the command
+    assert "--resume" not in argv
+
+    def call(*flags, opts=()):  # flags before --opts (it takes the rest of the line)
+        i = argv.index("--opts")
+        return _compare([*argv[:i], *flags, *argv[i:], *opts], tmp_path, timeout=900)
+
+    before = (out / "results.json").read_text()
+    again = call()  # without --resume: refused, nothing touched
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0, again.stderr[-2000:]
+    assert "already holds a run of an earlier call: add --resume" in again.stderr
+    assert (out / "results.json").read_text() == before
+    ref_dir = results["runs"][1]["dir"]
+    with open(os.path.join(ref_dir, "compare_run.json")) as f:
+        record = json.load(f)
+    assert record["finished"] is True and record["args"][-len(TINY):] == list(TINY)
+    record["finished"] = False  # as if the job had been killed while this run trained
+    with open(os.path.join(ref_dir, "compare_run.json"), "w") as f:
+        json.dump(record, f)
+    resumed = call("--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "[probe_baseline seed 3] reusing the finished run" in resumed.stdout
+    assert "[baseline seed 3] reusing the finished run" in resumed.stdout
+    assert f"[ref seed 3] redoing an unfinished run (its files: {ref_dir}.unfinished)" in resumed.stdout
+    with open(out / "results.json") as f:
+        redone = json.load(f)
+    assert redone["schedule"] == schedule  # the probe was not run again
+    assert redone["runs"][0] == results["runs"][0]  # reused as it was
+    # the redone run is the same training (same seed, data and machine): the same numbers
+    assert redone["runs"][1]["bbox_AP"] == results["runs"][1]["bbox_AP"]
+    assert os.path.isfile(os.path.join(ref_dir + ".unfinished", "metrics.json"))
+    with open(os.path.join(ref_dir, "metrics.json")) as f:  # one run's rows, not two runs' mixed
+        assert sum('"bbox/AP"' in line for line in f) == len(redone["runs"][1]["curves"]["bbox"])
+    changed = call("--resume", opts=("SOLVER.BASE_LR", "0.001"))  # not the call that made the runs
+    assert changed.returncode == 2 and changed.stderr.strip().count("\n") == 0, changed.stderr[-2000:]
+    assert "was made by another command" in changed.stderr

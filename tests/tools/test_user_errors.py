@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 YACS = os.path.join(REPO, "configs", "mask_rcnn_gradaug.yaml")
 LAZY = os.path.join(REPO, "configs", "lazy", "mask_rcnn_gradaug_R_50_FPN_1x.py")
 R50 = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+MMDET = os.path.join(REPO, "configs", "mmdet", "quickstart", "mask-rcnn_r18_fpn_gradaug_shapes.py")
 
 # (tool, arguments ({out} = OUTPUT_DIR), what stderr must say)
 CASES = {
@@ -40,6 +41,14 @@ CASES = {
     "prune_weights": ("prune", ["--config-file", YACS, "--weights", "{tmp}/model_final.pth", "--width", "0.5",
                                 "--output", "{out}"],
                       ["--weights '{tmp}/model_final.pth': no such file"]),
+    # an mmdet config: mmdet's export path is mmdeploy; prune with the mmdet tool first
+    "export_mmdet_config": ("export_model", ["--config-file", MMDET, "--output", "{out}", "--width", "0.75"],
+                            [f"--config-file {MMDET} is an MMDetection config", "mmdet's own export path is mmdeploy",
+                             "python tools/mmdet_prune.py CONFIG CHECKPOINT --width W --output DIR",
+                             "mmdeploy's tools/deploy.py"]),
+    "prune_mmdet_config": ("prune", ["--config-file", MMDET, "--weights", "{tmp}/x.pth", "--width", "0.5",
+                                     "--output", "{out}"],
+                           [f"--config-file {MMDET} is an MMDetection config", "use python tools/mmdet_prune.py"]),
 }
 
 
@@ -106,3 +115,13 @@ def test_config_file_key_typo_and_wrong_type(tmp_path):
     with pytest.raises(ConfigError, match=r"^config override: GRADAUG.NUM_SUBNETS: got 'abc' \(str\), "
                                           r"expected int \(default 3\)$"):
         merge_user_config(get_gradaug_cfg(), None, ["GRADAUG.NUM_SUBNETS", "abc"])
+
+
+def test_mmdet_configs_are_told_apart():
+    """The yacs tools refuse an mmdet config by name; LazyConfig and yacs files are not mmdet's."""
+    from gradaug_det.config import is_mmdet_config
+
+    assert is_mmdet_config(MMDET)  # sets model = dict(...), inherits mmdet's runtime
+    assert is_mmdet_config(os.path.join(REPO, "configs", "mmdet", "mask-rcnn_r50_fpn_gradaug_1x_coco.py"))
+    assert not is_mmdet_config(LAZY) and not is_mmdet_config(YACS) and not is_mmdet_config(None)
+    assert not is_mmdet_config(os.path.join(REPO, "configs", "mmdet", "no_such_config.py"))
