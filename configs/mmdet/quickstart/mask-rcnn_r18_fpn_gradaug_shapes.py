@@ -7,10 +7,10 @@
 # tools/mmdet_quickstart.py starts the backbone from the quickstart's GradAug-pretrained R18
 # (configs/quickstart/pretrain_r18_gradaug.yaml, converted by tools/convert_pretrained.py
 # --target torchvision) through a config that inherits this one; run alone, this file trains
-# from scratch (init_cfg None, as the tests build it). `make demo-mmdet` measured (commit 7154b13,
-# the project's 2-core Intel Xeon under load, 1 thread, seed 42; docs/mmdetection.md, "Measured"):
-# bbox / segm mAP 0.467 / 0.559 at width 1.0, 0.459 / 0.549 at 0.9, 0.443 / 0.508 at 0.75, after
-# 850 iterations of 0.67-0.89 s (3 seeds and the quiet machine's time: not measured yet).
+# from scratch (init_cfg None, as the tests build it). `make demo-mmdet` measured (commit f8732dc,
+# the project's 2-core Intel Xeon, 2 threads; docs/mmdetection.md, "Measured"): bbox / segm mAP
+# 0.495 / 0.585 at width 1.0 (mean of seeds 42 / 1 / 2; range 0.485-0.502 / 0.578-0.588), 0.462 /
+# 0.530 at 0.75; 8 min 28 s from the command to the last line, alone on the machine (seed 42).
 #   python tools/mmdet_quickstart.py                      # what `make demo-mmdet` runs
 #   python tools/mmdet_train.py configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py --generate-shapes
 _base_ = 'mmdet::_base_/default_runtime.py'
