@@ -185,9 +185,9 @@ class _DenseSoftLabels:
     Why that normaliser, not the mean over anchors: the soft term stands in for (``'soft'``)
     or adds to (``'gt+soft'``) the focal loss, which mmdet divides by the number of positive
     anchors; the reference weighs its KL 1:1 against a cross-entropy of the same per-sample
-    normalisation. A mean over all anchors (about 3000 per 128 px image, 120 000 per COCO image,
-    for tens of positives) would scale the soft term, and its gradient per anchor, down by that
-    ratio, far below the focal loss it replaces.
+    normalisation. A mean over all anchors (3069 per 128 x 128 input, about 200 000 per
+    800 x 1333 COCO input, for tens of positives) would scale the soft term, and its gradient
+    per anchor, down by that ratio, far below the focal loss it replaces.
     """
 
     def __init__(self, detector: nn.Module):
