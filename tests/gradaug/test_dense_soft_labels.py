@@ -35,7 +35,8 @@ def test_sigmoid_kl_equals_hand_computation_and_its_gradient():
     # zero where the student is the teacher; empty input gives 0 in the graph
     assert float(sigmoid_soft_target_kl(torch.logit(p.clamp(0.2, 0.8)), p.clamp(0.2, 0.8))) == pytest.approx(0, abs=1e-6)
     empty = torch.zeros(0, 2, requires_grad=True)
-    assert float(sigmoid_soft_target_kl(empty, empty.detach())) == 0.0
+    zero = sigmoid_soft_target_kl(empty, empty.detach())
+    assert zero.requires_grad and float(zero.detach()) == 0.0
     with pytest.raises(ValueError, match="target shape"):
         sigmoid_soft_target_kl(x, p[:, :1])
     with pytest.raises(ValueError, match="normalizer must be > 0"):
