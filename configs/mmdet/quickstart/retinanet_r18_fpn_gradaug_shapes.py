@@ -3,9 +3,10 @@
 # and the full network's per-class probabilities of the anchor it corresponds to), on the
 # synthetic shapes that --generate-shapes writes at data_root (generate_coco_shapes' defaults:
 # 300 / 50 images of 256 px, 3 classes in random colours; the Mask R-CNN quickstart's data).
-# Sized for a CPU. Measured (commit 855305e, 2-core CPU, 400 iterations from scratch): it trains,
-# but does not detect yet (bbox mAP 0.000 'gt+soft', 0.002 'gt' at score_thr 0), and 'gt+soft'
-# showed no benefit over 'gt' (final focal loss 0.93 vs 0.84); docs/mmdetection.md has the curves.
+# Sized for a CPU. Measured (commit 855305e, 2-core CPU, 400 iterations from scratch, 2 seeds):
+# it trains but does not detect yet (bbox mAP 0.000 'gt+soft', 0.002 'gt' at score_thr 0), and
+# 'gt+soft' was less stable than 'gt' (a large gradient spike in both seeds, recovered) with no
+# benefit (final focal loss 0.93 vs 0.84); docs/mmdetection.md has the numbers.
 #   python tools/mmdet_train.py configs/mmdet/quickstart/retinanet_r18_fpn_gradaug_shapes.py --generate-shapes
 _base_ = 'mmdet::_base_/default_runtime.py'
 
