@@ -1,4 +1,5 @@
-"""The affine geometry of a sub-network's input transform, and the teacher's RoIs through it.
+"""The affine geometry of a sub-network's input transform, and the teacher's RoIs and dense
+per-anchor maps through it.
 
 One definition shared by the detectron2 transforms (:mod:`.transforms`) and the MMDetection
 ones (:mod:`gradaug_det.mmdet.transforms`); it depends on torch only (no detectron2, no
@@ -23,15 +24,20 @@ to the bit; coefficients reach the device as Python numbers (no host-to-device c
 
 Host synchronisation: none. The teacher's RoIs a rotation leaves without area keep their row
 with weight 0 (:func:`map_teacher_rois`) instead of being dropped (boolean indexing would read
-the device on the host).
+the device on the host); likewise the sub-network's anchors whose source lies outside the
+teacher's input, or whose size the teacher has no anchor for, keep weight 0
+(:func:`map_teacher_anchors`).
 """
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["Affine", "scaled_size", "rotation_matrix", "invert_affine", "AffineGeometry", "map_teacher_rois"]
+__all__ = ["Affine", "scaled_size", "rotation_matrix", "invert_affine", "AffineGeometry", "map_teacher_rois",
+           "AnchorLayout", "anchor_scale_pairs", "map_teacher_anchors"]
 
 #: A 2x3 affine map ``((a, b, c), (d, e, f))``: ``x' = a x + b y + c``, ``y' = d x + e y + f``.
 Affine = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
@@ -185,3 +191,197 @@ def map_teacher_rois(boxes: torch.Tensor, move: Callable[[torch.Tensor], torch.T
     keep = (moved[..., 2] > moved[..., 0]) & (moved[..., 3] > moved[..., 1])
     w = keep.to(dtype)
     return moved, (w * weights if weights is not None else w)
+
+
+@dataclass(frozen=True)
+class AnchorLayout:
+    """Where a dense head's anchors sit: per feature level, a grid whose cell ``(i, j)``
+    holds anchors centred at ``origin + (j * stride_x, i * stride_y)`` (input pixels, the
+    boxes' continuous coordinates), and per anchor type its size and aspect ratio. Anchor
+    type ``a`` of a level is channel block ``a`` of the head's ``(N, A * C, H, W)`` map
+    (mmdet's layout: channel ``a * C + c``).
+
+    Attributes:
+        strides: per level ``(stride_x, stride_y)`` in pixels.
+        origins: per level ``(x, y)``: the centre of cell ``(0, 0)``'s anchors.
+        sizes: per level, per anchor type: ``sqrt(w * h)`` in pixels.
+        ratios: per level, per anchor type: ``h / w``.
+    """
+
+    strides: Tuple[Tuple[float, float], ...]
+    origins: Tuple[Tuple[float, float], ...]
+    sizes: Tuple[Tuple[float, ...], ...]
+    ratios: Tuple[Tuple[float, ...], ...]
+
+    @classmethod
+    def from_base_anchors(cls, strides: Sequence, base_anchors: Sequence[torch.Tensor]) -> "AnchorLayout":
+        """The layout of an anchor generator: per level its stride (a number or ``(x, y)``) and
+        its ``(A, 4)`` XYXY base anchors, the anchors of cell ``(0, 0)`` (mmdet's
+        ``AnchorGenerator.strides`` / ``.base_anchors``; cell ``(i, j)`` shifts them by
+        ``(j * stride_x, i * stride_y)``).
+
+        Raises:
+            ValueError: if the counts differ, an anchor has no area, or a level's anchors do
+                not share one centre.
+        """
+        if len(strides) != len(base_anchors):
+            raise ValueError(f"AnchorLayout: {len(strides)} strides for {len(base_anchors)} levels of base anchors")
+        out_strides, origins, sizes, ratios = [], [], [], []
+        for level, (stride, anchors) in enumerate(zip(strides, base_anchors)):
+            sx, sy = (stride, stride) if isinstance(stride, (int, float)) else stride
+            a = anchors.detach().double().cpu()
+            w, h = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+            cx, cy = (a[:, 0] + a[:, 2]) / 2, (a[:, 1] + a[:, 3]) / 2
+            if len(a) == 0 or bool((w <= 0).any() or (h <= 0).any()):
+                raise ValueError(f"AnchorLayout: level {level} has an anchor without area (or no anchors)")
+            if float((cx - cx[0]).abs().max()) > 1e-6 or float((cy - cy[0]).abs().max()) > 1e-6:
+                raise ValueError(f"AnchorLayout: the base anchors of level {level} do not share one centre")
+            out_strides.append((float(sx), float(sy)))
+            origins.append((float(cx[0]), float(cy[0])))
+            sizes.append(tuple(float(v) for v in (w * h).sqrt()))
+            ratios.append(tuple(float(v) for v in h / w))
+        return cls(tuple(out_strides), tuple(origins), tuple(sizes), tuple(ratios))
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+
+#: (teacher level, teacher anchor type, interpolation weight)
+AnchorPair = Tuple[int, int, float]
+
+
+def anchor_scale_pairs(layout: AnchorLayout, factor: float) -> List[List[List[AnchorPair]]]:
+    """Which of the full network's anchor types teach each anchor type of a sub-network whose
+    input is the full network's resized by ``factor``.
+
+    An object of size ``d`` in the full network's image has size ``factor * d`` in the
+    sub-network's, so the sub-network's anchor of size ``a`` (at a point ``p``) plays the role
+    of the full network's anchor of size ``a / factor`` (at the point ``p`` comes from). Anchor
+    sizes of a feature pyramid are one geometric ladder (RetinaNet: ``4 * stride * 2^(o/3)``,
+    strides doubling per level), so the match is on ``log2(size)``: ``u' = log2(a) -
+    log2(factor)``, among the teacher's anchor types of the same aspect ratio; the two types
+    bracketing ``u'`` are interpolated linearly in ``u'`` (one type when ``u'`` hits it,
+    within 1e-6; at ``factor`` 0.5 that is the same type one level up, at 1.0 the same type of
+    the same level). A size outside the teacher's ladder, or a ratio the teacher lacks, gets no
+    pair (weight 0).
+
+    Args:
+        layout: the head's anchors (teacher and student share them).
+        factor: the sub-network's linear size relative to the full network's, > 0 (the
+            rescale's factor; a rotation keeps sizes: 1).
+
+    Returns:
+        ``pairs[level][anchor]``: a list of ``(teacher_level, teacher_anchor, weight)``, the
+        weights summing to 1, or an empty list.
+
+    Raises:
+        ValueError: if ``factor`` is not > 0.
+    """
+    if not factor > 0:
+        raise ValueError(f"anchor_scale_pairs: factor must be > 0, got {factor}")
+    shift, tol = -math.log2(factor), 1e-6
+    slots = [(math.log2(size), math.log(ratio), lt, at)
+             for lt, (sizes, ratios) in enumerate(zip(layout.sizes, layout.ratios))
+             for at, (size, ratio) in enumerate(zip(sizes, ratios))]
+    out = []
+    for sizes, ratios in zip(layout.sizes, layout.ratios):
+        level = []
+        for size, ratio in zip(sizes, ratios):
+            u, r = math.log2(size) + shift, math.log(ratio)
+            same = sorted((su, lt, at) for su, sr, lt, at in slots if abs(sr - r) < tol)
+            exact = [(lt, at, 1.0) for su, lt, at in same if abs(su - u) < tol]
+            below = [s for s in same if s[0] < u]
+            above = [s for s in same if s[0] > u]
+            if exact:
+                level.append(exact[:1])
+            elif below and above:
+                (ul, ll, al), (uh, lh, ah) = below[-1], above[0]
+                t = (u - ul) / (uh - ul)
+                level.append([(ll, al, 1.0 - t), (lh, ah, t)])
+            else:
+                level.append([])
+        out.append(level)
+    return out
+
+
+def _sample_level(probs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, layout: AnchorLayout,
+                  level: int) -> torch.Tensor:
+    """Bilinear samples of a teacher level's (N, K, Ht, Wt) maps at the points (N, Hs, Ws)
+    (pixels): cell ``j`` holds the point ``origin + j * stride`` (``align_corners=True``
+    between cell centres), clamped to the outermost cells."""
+    (sx, sy), (ox, oy) = layout.strides[level], layout.origins[level]
+    ht, wt = probs.shape[-2:]
+    gx = (x - ox) / sx * (2.0 / max(wt - 1, 1)) - 1.0
+    gy = (y - oy) / sy * (2.0 / max(ht - 1, 1)) - 1.0
+    grid = torch.stack([gx, gy], -1).to(probs.dtype)
+    return F.grid_sample(probs, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def map_teacher_anchors(teacher: Sequence[torch.Tensor], layout: AnchorLayout,
+                        student_sizes: Sequence[Sequence[int]],
+                        source_points: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+                        in_size: Sequence[int], factor: float) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """The full network's dense per-anchor maps moved onto a sub-network's anchors, and their
+    weights: the dense counterpart of :func:`map_teacher_rois`.
+
+    For each of the sub-network's anchors (level ``l``, type ``a``, cell ``(i, j)``): its
+    centre (:class:`AnchorLayout`) goes back through the inverse of the sub-network's input
+    transform (``source_points``: the shared geometry's
+    :meth:`AffineGeometry.inverse_points`) to a point of the full network's input; there the
+    teacher's maps of the anchor types :func:`anchor_scale_pairs` pairs with ``(l, a)`` are
+    sampled bilinearly between their cell centres and mixed with the pairs' weights. Weight 0
+    for anchors whose source point lies outside the full network's input (``[0, W] x [0, H]``:
+    e.g. the corners a rotation brings in, the padding a rescale adds) or whose size has no
+    teacher anchor; 1 otherwise.
+
+    Args:
+        teacher: per level (N, A_l * C, Ht_l, Wt_l): what is moved (the teacher's class
+            probabilities), channel ``a * C + c``.
+        layout: the head's anchors (:class:`AnchorLayout`).
+        student_sizes: per level (Hs_l, Ws_l): the sub-network's grids.
+        source_points: ``(x, y)`` (Hs, Ws) float64 pixels of the sub-network's input ->
+            ``(x, y)`` (N, Hs, Ws) float64 pixels of the full network's input, one map per image.
+        in_size: (H, W) of the full network's input (the padded batch).
+        factor: the sub-network's linear size relative to the full network's (see
+            :func:`anchor_scale_pairs`).
+
+    Returns:
+        ``(targets, weights)``: per level (N, A_l * C, Hs_l, Ws_l) in the teacher's dtype,
+        and (N, A_l, Hs_l, Ws_l) 0/1 of the same dtype, on the teacher's device.
+
+    Raises:
+        ValueError: if the level counts differ or a map's channels are not ``A_l * C``.
+    """
+    levels = layout.num_levels
+    if len(teacher) != levels or len(student_sizes) != levels:
+        raise ValueError(f"map_teacher_anchors: {len(teacher)} teacher maps and {len(student_sizes)} student grids "
+                         f"for {levels} anchor levels")
+    num_classes = teacher[0].shape[1] // len(layout.sizes[0])
+    for level, t in enumerate(teacher):
+        if t.shape[1] != len(layout.sizes[level]) * num_classes:
+            raise ValueError(f"map_teacher_anchors: level {level} has {t.shape[1]} channels, expected "
+                             f"{len(layout.sizes[level])} anchors x {num_classes} classes")
+    pairs = anchor_scale_pairs(layout, factor)
+    n, device, dtype = teacher[0].shape[0], teacher[0].device, teacher[0].dtype
+    height, width = in_size[0], in_size[1]
+    targets, weights = [], []
+    for level, (hs, ws) in enumerate(student_sizes):
+        (sx, sy), (ox, oy) = layout.strides[level], layout.origins[level]
+        xs = (ox + torch.arange(ws, dtype=torch.float64, device=device) * sx)[None, :].expand(hs, ws)
+        ys = (oy + torch.arange(hs, dtype=torch.float64, device=device) * sy)[:, None].expand(hs, ws)
+        x, y = source_points(xs, ys)
+        inside = ((x >= 0) & (x <= width) & (y >= 0) & (y <= height)).to(dtype)
+        sampled = {lt: _sample_level(teacher[lt], x, y, layout, lt).unflatten(1, (-1, num_classes))
+                   for lt in sorted({lt for anchor in pairs[level] for lt, _, _ in anchor})}
+        zeros = torch.zeros((n, num_classes, hs, ws), dtype=dtype, device=device)
+        per_anchor, kept = [], []
+        for anchor in pairs[level]:
+            mixed = zeros
+            for lt, at, w in anchor:
+                mixed = mixed + sampled[lt][:, at] * w
+            per_anchor.append(mixed)
+            kept.append(inside if anchor else torch.zeros_like(inside))
+        targets.append(torch.stack(per_anchor, 1).flatten(1, 2))
+        weights.append(torch.stack(kept, 1))
+    return targets, weights

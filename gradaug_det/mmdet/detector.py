@@ -1,16 +1,20 @@
-"""GradAug for MMDetection two-stage detectors: the iteration runs in ``train_step``.
+"""GradAug for MMDetection detectors: the iteration runs in ``train_step``.
 
-``GradAugMaskRCNN`` / ``GradAugFasterRCNN`` are mmdet's ``MaskRCNN`` / ``FasterRCNN``
-(same modules, same state dict, same inference) whose ``train_step`` runs one GradAug
-iteration through the shared :func:`gradaug_det.gradaug.gradaug_step`:
+``GradAugMaskRCNN`` / ``GradAugFasterRCNN`` / ``GradAugCascadeRCNN`` / ``GradAugRetinaNet`` are
+mmdet's ``MaskRCNN`` / ``FasterRCNN`` / ``CascadeRCNN`` / ``RetinaNet`` (same modules, same
+state dict, same inference) whose ``train_step`` runs one GradAug iteration through the shared
+:func:`gradaug_det.gradaug.gradaug_step`:
 
 1. the data preprocessor runs once; the full network takes its standard losses on the
    batch and back-propagates;
 2. each sampled sub-network (width / depth set on the backbone and neck) sees the batch
-   rescaled and/or rotated (:func:`.transforms.transform_batch`) and learns from the full network's detached RoI
-   class distributions ("soft": Cascade R-CNN's per stage; the teacher's RoIs moved with the batch by
-   :meth:`.transforms.BatchGeometry.map_rois`, every row kept, weight 0 where a rotation left
-   no area), the rescaled annotations ("gt") or both;
+   rescaled and/or rotated (:func:`.transforms.transform_batch`) and learns from the full
+   network's detached predictions ("soft"), the rescaled annotations ("gt") or both. The soft
+   label of an R-CNN is its RoI class distributions (Cascade R-CNN's per stage; the teacher's
+   RoIs moved with the batch by :meth:`.transforms.BatchGeometry.map_rois`, every row kept,
+   weight 0 where a rotation left no area); RetinaNet's is dense, its per-anchor class
+   probabilities (:class:`_DenseSoftLabels`: moved onto the sub-network's anchors by
+   :meth:`.transforms.BatchGeometry.map_anchors`);
 3. one optimizer step.
 
 Every backward goes through the optimizer wrapper (``scale_loss`` + ``backward``: AMP loss
@@ -36,6 +40,8 @@ from mmdet.models.detectors import CascadeRCNN, FasterRCNN, MaskRCNN, RetinaNet
 from mmdet.registry import MODELS
 
 from ..gradaug import GradAugOptions, SubnetSampler, gradaug_step, soft_label_kl, subnet_metrics, unwrap_model
+from ..gradaug.geometry import AnchorLayout
+from ..gradaug.losses import sigmoid_soft_target_kl
 from ..gradaug.options import MMDET_KEYS
 from ..slim import SlimmableModule, residual_blocks
 from .transforms import transform_batch
@@ -47,7 +53,8 @@ __all__ = ["GradAugDetectorMixin", "GradAugMaskRCNN", "GradAugFasterRCNN",
 @dataclass
 class _Pass:
     """What the detector's ``loss`` does in the current GradAug pass. RoIs, logits and
-    weights are per box-classifier stage (one, or Cascade R-CNN's stages)."""
+    weights are per box-classifier stage (one, or Cascade R-CNN's stages); a dense head's
+    teacher and the batch geometry are in ``dense`` / ``geometry``."""
 
     mode: str  # "record" (full network) or "teach" (sub-network)
     use_gt: bool = True
@@ -56,6 +63,14 @@ class _Pass:
     weights: Optional[List[torch.Tensor]] = None  # per stage (R,): 0 for RoIs the transform left without area
     recorded: Dict[str, Dict[int, torch.Tensor]] = field(default_factory=lambda: {"rois": {}, "logits": {}})
     features: Optional[tuple] = None
+    dense: Optional[dict] = None  # a dense head's teacher (_DenseSoftLabels.teacher)
+    geometry: Optional[object] = None  # the sub-network's BatchGeometry (dense heads)
+    student: Optional[List[torch.Tensor]] = None  # the sub-network's class maps, when its own loss ran
+
+    @property
+    def soft(self) -> bool:
+        """Whether this sub-network pass has a soft label to learn."""
+        return self.rois is not None or self.dense is not None
 
 
 class _RoISoftLabels:
@@ -75,15 +90,6 @@ class _RoISoftLabels:
         extractor = getattr(roi, "bbox_roi_extractor", None)
         head = getattr(roi, "bbox_head", None)
         cascade = isinstance(head, nn.ModuleList)
-        if roi is None and getattr(detector, "bbox_head", None) is not None:  # a one-stage (dense) head
-            raise ValueError(
-                f"model.gradaug.subnet_loss with 'soft' needs RoIs, and {type(detector).__name__}'s "
-                f"{type(detector.bbox_head).__name__} has none: a per-anchor soft label would pair each full-"
-                "network anchor with a sub-network anchor, but a sub-network's input is rescaled by s "
-                "(model.gradaug.scales), so an anchor of size a at centre c maps to size s*a at s*c, and the "
-                "sub-network's anchors keep the sizes a on grids of the same strides: none matches; set "
-                "model.gradaug.subnet_loss='gt' for this detector"
-            )
         if roi is None or extractor is None or head is None or cascade != isinstance(extractor, nn.ModuleList):
             raise ValueError(
                 f"model.gradaug.subnet_loss with 'soft' needs a StandardRoIHead (Faster / Mask R-CNN) or a "
@@ -120,6 +126,16 @@ class _RoISoftLabels:
             for h in handles:
                 h.remove()
 
+    def prepare(self, state: _Pass, teacher: dict, geometry) -> None:
+        """Set a sub-network pass's soft label: the teacher's RoIs moved with its batch."""
+        mapped = [geometry.map_rois(rois) for rois in teacher["rois"]]
+        state.rois, state.weights = [r for r, _ in mapped], [w for _, w in mapped]
+        state.logits = teacher["logits"]
+
+    def capture(self, state: _Pass):
+        """Nothing of the sub-network's own loss is reused (its classifier runs on the teacher's RoIs)."""
+        return contextlib.nullcontext()
+
     def teacher(self, store: _Pass) -> dict:
         """The recorded ``{"rois": [per stage (R_k, 5)], "logits": [per stage (R_k, K+1)]}``."""
         stages = range(self.num_stages)
@@ -149,6 +165,118 @@ class _RoISoftLabels:
         return sum(terms[1:], terms[0])
 
 
+class _DenseSoftLabels:
+    """The dense soft label of an anchor-based head with a per-class sigmoid classifier
+    (RetinaNet's ``RetinaHead``, an ``AnchorHead`` with focal loss).
+
+    The full network's class maps (per level (N, A * C, H, W)) are recorded, detached, with
+    the normaliser of its focal loss (``avg_factor``: the number of positive anchors of the
+    batch, at least 1 per image, as mmdet's ``AnchorHead`` computes it). A sub-network's
+    anchors learn the teacher's per-anchor, per-class probabilities ``sigmoid(logit_T)``
+    moved onto them (:meth:`.transforms.BatchGeometry.map_anchors`: each anchor's centre back
+    through the inverse of the sub-network's transform, bilinear between the teacher's
+    anchor centres; anchor sizes shifted by the rescale, so an anchor of size ``a`` of the
+    sub-network learns the teacher's anchors of size ``a / s``, the same anchor one level up
+    at ``s = 0.5``; weight 0 where the source lies outside the full network's input or no
+    teacher anchor has that size) with
+    :func:`~gradaug_det.gradaug.losses.sigmoid_soft_target_kl`: the Bernoulli KL per class,
+    summed over classes and weighted anchors, divided by the teacher's ``avg_factor``.
+
+    Why that normaliser, not the mean over anchors: the soft term stands in for (``'soft'``)
+    or adds to (``'gt+soft'``) the focal loss, which mmdet divides by the number of positive
+    anchors; the reference weighs its KL 1:1 against a cross-entropy of the same per-sample
+    normalisation. A mean over all anchors (3069 per 128 x 128 input, about 200 000 per
+    800 x 1333 COCO input, for tens of positives) would scale the soft term, and its gradient
+    per anchor, down by that ratio, far below the focal loss it replaces.
+    """
+
+    def __init__(self, detector: nn.Module):
+        head = getattr(detector, "bbox_head", None)
+        generator = getattr(head, "prior_generator", None)
+        name = type(head).__name__
+        if head is None or generator is None or not hasattr(generator, "base_anchors"):
+            raise ValueError(
+                f"model.gradaug.subnet_loss with 'soft' needs RoI heads (Faster / Mask / Cascade R-CNN) or a dense "
+                f"anchor head (RetinaNet's AnchorHead), and {type(detector).__name__}'s {name} has "
+                f"{'no prior generator' if generator is None else type(generator).__name__ + ', not anchors'}; "
+                "set model.gradaug.subnet_loss='gt' for this detector"
+            )
+        if not getattr(head, "use_sigmoid_cls", False) or not isinstance(getattr(head, "loss_cls", None), nn.Module):
+            raise ValueError(
+                f"model.gradaug.subnet_loss with 'soft' on a dense head needs a per-class sigmoid classifier "
+                f"(loss_cls with use_sigmoid=True, e.g. FocalLoss), and {name} has a softmax one; set "
+                "model.gradaug.subnet_loss='gt' for this detector"
+            )
+        self.head = head
+        self.layout = AnchorLayout.from_base_anchors(generator.strides, generator.base_anchors)
+
+    @contextlib.contextmanager
+    def record(self, store: _Pass):
+        def on_head(module, args, output):
+            if "scores" in store.recorded:
+                raise RuntimeError(f"{name} ran twice in the full network's pass")
+            store.recorded["scores"] = [s.detach() for s in output[0]]
+
+        def on_loss_cls(module, args, kwargs):
+            store.recorded["avg_factor"] = kwargs.get("avg_factor")
+
+        name = type(self.head).__name__
+        handles = [self.head.register_forward_hook(on_head),
+                   self.head.loss_cls.register_forward_pre_hook(on_loss_cls, with_kwargs=True)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def teacher(self, store: _Pass) -> dict:
+        """``{"scores": [per level (N, A * C, H, W)] (detached logits), "avg_factor": float}``."""
+        scores, avg = store.recorded.get("scores"), store.recorded.get("avg_factor")
+        if scores is None or avg is None:
+            raise RuntimeError(f"expected the full network's pass to run {type(self.head).__name__} and its "
+                               "classification loss with an avg_factor")
+        return {"scores": scores, "avg_factor": max(float(avg), 1.0)}
+
+    def prepare(self, state: _Pass, teacher: dict, geometry) -> None:
+        """Set a sub-network pass's soft label (moved in :meth:`loss`, once the sub-network's
+        grids are known)."""
+        state.dense, state.geometry = teacher, geometry
+
+    @contextlib.contextmanager
+    def capture(self, state: _Pass):
+        """While the sub-network's own ("gt") loss runs, keep its class maps for the soft term."""
+        def on_head(module, args, output):
+            state.student = list(output[0])
+
+        handle = self.head.register_forward_hook(on_head)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def loss(self, x, state: _Pass) -> torch.Tensor:
+        """``sum_levels sum_anchors w * sum_c KL_Bernoulli(p_T || sigmoid(student)) / avg_factor_T``
+        (see the class docstring)."""
+        student = state.student if state.student is not None else self.head(x)[0]
+        probs = [torch.sigmoid(s.float()) for s in state.dense["scores"]]
+        targets, weights = state.geometry.map_anchors(probs, self.layout, [s.shape[-2:] for s in student])
+        terms = []
+        for k, (s, t) in enumerate(zip(student, targets)):
+            a = len(self.layout.sizes[k])
+            # (N, A * C, H, W) -> (N, C, A, H, W): class dim 1, a row per anchor and cell
+            s, t = (v.unflatten(1, (a, -1)).transpose(1, 2) for v in (s, t))
+            terms.append(sigmoid_soft_target_kl(s, t, None if weights is None else weights[k],
+                                                normalizer=state.dense["avg_factor"]))
+        return sum(terms[1:], terms[0])
+
+
+def _soft_labels(detector: nn.Module):
+    """The soft label a detector supports: RoI heads, or a dense anchor head."""
+    if getattr(detector, "roi_head", None) is None and getattr(detector, "bbox_head", None) is not None:
+        return _DenseSoftLabels(detector)
+    return _RoISoftLabels(detector)
+
+
 def _loss_terms(log_vars) -> Dict[str, torch.Tensor]:
     """The loss terms of mmengine's parsed losses (``parse_losses``: lists summed, means
     taken), without their total ``"loss"`` and without metrics such as ``acc``."""
@@ -169,7 +297,7 @@ class MMDetTask:
         self.use_gt = "gt" in options.subnet_loss
         self.use_soft = "soft" in options.subnet_loss
         self.soft_weight, self.gt_weight = options.soft_weight, options.gt_weight
-        self.soft = _RoISoftLabels(detector) if self.use_soft else None
+        self.soft = _soft_labels(detector) if self.use_soft else None
         self.full_log_vars: Dict[str, torch.Tensor] = {}
 
     def full_pass(self, model, batch):
@@ -190,9 +318,7 @@ class MMDetTask:
             getattr(prep, "pad_size_divisor", 1), getattr(prep, "pad_value", 0.0))
         state = _Pass("teach", use_gt=self.use_gt)
         if self.use_soft:
-            mapped = [geometry.map_rois(rois) for rois in teacher["rois"]]
-            state.rois, state.weights = [r for r, _ in mapped], [w for _, w in mapped]
-            state.logits = teacher["logits"]
+            self.soft.prepare(state, teacher, geometry)
         with net.gradaug_pass(state):
             losses = model(inputs=inputs, data_samples=samples, mode="loss")
         out = {}
@@ -242,7 +368,7 @@ def gradaug_train_step(model, data, optim_wrapper) -> Dict[str, torch.Tensor]:
 
 
 class GradAugDetectorMixin:
-    """Make an mmdet two-stage detector train with GradAug (see the module docstring).
+    """Make an mmdet detector train with GradAug (see the module docstring).
 
     Args:
         gradaug (dict): ``model.gradaug`` in configs: GradAug's options over their defaults
@@ -310,12 +436,13 @@ class GradAugDetectorMixin:
             soft = self.gradaug_task.soft
             with soft.record(state) if soft is not None else contextlib.nullcontext():
                 return super().loss(batch_inputs, batch_data_samples)
-        if state.rois is None:  # sub-network, ground truth only
+        if not state.soft:  # sub-network, ground truth only
             return super().loss(batch_inputs, batch_data_samples)
         if state.use_gt:
-            losses = super().loss(batch_inputs, batch_data_samples)
+            with self.gradaug_task.soft.capture(state):
+                losses = super().loss(batch_inputs, batch_data_samples)
             x = state.features
-        else:  # soft labels only: RPN and mask head losses would be discarded
+        else:  # soft labels only: RPN, mask and box regression losses would be discarded
             losses = {}
             x = self.extract_feat(batch_inputs)
         losses["loss_soft_cls"] = self.gradaug_task.soft.loss(x, state)
@@ -343,6 +470,7 @@ class GradAugCascadeRCNN(GradAugDetectorMixin, CascadeRCNN):
 
 @MODELS.register_module()
 class GradAugRetinaNet(GradAugDetectorMixin, RetinaNet):
-    """mmdet ``RetinaNet`` trained with GradAug. Sub-networks learn from the rescaled
-    annotations: ``model.gradaug.subnet_loss='gt'`` ("soft" is refused when the model is built:
-    no RoIs, and a rescaled sub-network's anchors do not pair with the full network's)."""
+    """mmdet ``RetinaNet`` trained with GradAug. With "soft" labels every sub-network anchor
+    learns the full network's per-class probabilities of the anchor it corresponds to (same
+    source point, size divided by the rescale; :class:`_DenseSoftLabels`), normalised as the
+    focal loss is."""

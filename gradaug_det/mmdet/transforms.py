@@ -14,9 +14,10 @@ own ``rotate``, and the full network's RoIs map like boxes (RoIs left without ar
 their row with weight 0, as on the detectron2 side). Rescale comes first, as on the
 detectron2 side. The coordinate map is the shared
 :class:`~gradaug_det.gradaug.geometry.AffineGeometry` (``center="pixels"``: mmdet's rotation
-centre ``((w - 1) / 2, (h - 1) / 2)``; ``region``: the image's ``img_shape``), and the RoIs
-go through the shared :func:`~gradaug_det.gradaug.geometry.map_teacher_rois`. The input
-batch is never modified.
+centre ``((w - 1) / 2, (h - 1) / 2)``; ``region``: the image's ``img_shape``), the RoIs
+go through the shared :func:`~gradaug_det.gradaug.geometry.map_teacher_rois`, and a dense
+head's per-anchor maps through :func:`~gradaug_det.gradaug.geometry.map_teacher_anchors`
+(:meth:`BatchGeometry.map_anchors`). The input batch is never modified.
 
 Everything runs where the batch lives (the model's device after mmdet's data preprocessor):
 images are resampled in one ``interpolate`` call per pass and one ``grid_sample`` call per
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..gradaug.geometry import AffineGeometry, map_teacher_rois
+from ..gradaug.geometry import AffineGeometry, AnchorLayout, map_teacher_anchors, map_teacher_rois
 
 __all__ = ["rescale_batch", "rotate_batch", "transform_batch", "BatchGeometry"]
 
@@ -258,6 +259,53 @@ class BatchGeometry:
         with _no_autocast(rois):
             boxes, weights = map_teacher_rois(rois[:, 1:], lambda b: self._boxes(b, rois[:, 0]))
         return torch.cat([rois[:, :1], boxes], 1), weights
+
+    @property
+    def size_factor(self) -> float:
+        """How much the rescale changed lengths: ``sqrt(sx * sy)`` of the exact factors
+        (``round(H * scale) / H``...; a rotation keeps lengths)."""
+        sx, sy = AffineGeometry(self.in_size[0], self.in_size[1], self.scale).factors
+        return (sx * sy) ** 0.5
+
+    def source_points(self, x: torch.Tensor, y: torch.Tensor):
+        """Where points of the transformed batch came from, per image: the inverse of each
+        image's geometry (:meth:`~gradaug_det.gradaug.geometry.AffineGeometry.inverse_points`).
+
+        Args:
+            x, y: (H', W') float64 pixel coordinates in the transformed batch.
+
+        Returns:
+            ``(x, y)``: (N, H', W') float64 pixel coordinates in the input batch.
+        """
+        xs, ys = [], []
+        geometries = {}
+        for img_shape in self.img_shapes:
+            key = tuple(img_shape[:2])
+            if key not in geometries:
+                geometries[key] = self.image_geometry(key).inverse_points(x, y)
+            xs.append(geometries[key][0])
+            ys.append(geometries[key][1])
+        return torch.stack(xs), torch.stack(ys)
+
+    def map_anchors(self, maps: Sequence[torch.Tensor], layout: AnchorLayout, student_sizes):
+        """Move the full network's dense per-anchor maps onto the transformed batch's anchors
+        (:func:`~gradaug_det.gradaug.geometry.map_teacher_anchors`: positions through each
+        image's inverse map, anchor sizes by :attr:`size_factor`).
+
+        Args:
+            maps: per level (N, A * C, H, W) (the teacher's class probabilities).
+            layout: the head's anchors.
+            student_sizes: per level (H', W') of the sub-network's maps.
+
+        Returns:
+            ``(targets, weights)``: per level (N, A * C, H', W') and (N, A, H', W'), or
+            ``(maps, None)`` when the transform is the identity.
+        """
+        if self.identity:
+            return list(maps), None
+        with _no_autocast(maps[0]):
+            return map_teacher_anchors(maps, layout, student_sizes, self.source_points, self.in_size,
+                                       self.size_factor)
 
 
 def transform_batch(inputs: torch.Tensor, data_samples: List, scale: float = 1.0, angle: float = 0.0,

@@ -15,7 +15,7 @@ from mmdet.registry import MODELS
 
 from gradaug_det.gradaug import SubnetSampler
 from gradaug_det.mmdet.checkpoint import load_mmengine_checkpoint
-from gradaug_det.mmdet import GradAugMaskRCNN, GradAugSamplerStateHook, SlimmableResNet
+from gradaug_det.mmdet import GradAugMaskRCNN, GradAugRetinaNet, GradAugSamplerStateHook, SlimmableResNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(ROOT, "configs/mmdet/quickstart/mask-rcnn_r18_fpn_gradaug_shapes.py")
@@ -34,7 +34,8 @@ def test_config_parses_and_builds(path):
     cfg.model.backbone.init_cfg = None  # no download
     model = MODELS.build(cfg.model)
     if "gradaug" in os.path.basename(path):
-        assert isinstance(model, GradAugMaskRCNN) and isinstance(model.backbone, SlimmableResNet)
+        detector = GradAugRetinaNet if "retinanet" in os.path.basename(path) else GradAugMaskRCNN
+        assert isinstance(model, detector) and isinstance(model.backbone, SlimmableResNet)
         assert cfg.model_wrapper_cfg.type == "GradAugDistributedDataParallel"
         if path == QUICKSTART:  # the detectron2 quickstart's recipe: 1 "gt+soft" sub-network at 0.75
             assert model.gradaug_sampler.num_subnets == 1 and model.gradaug_sampler.min_width == 0.75
