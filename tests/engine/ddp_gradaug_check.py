@@ -10,6 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+# a port no other test holds (tests run in parallel under `make test`'s xdist workers)
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from toy_model import ToyClassifier, grads, toy_batch  # noqa: E402
@@ -79,7 +81,7 @@ def main(out):
     results = {}
     for i, sampling in enumerate(["width", "depth"]):
         tmp = out + f".{sampling}"
-        mp.spawn(worker, args=(2, 29500 + os.getpid() % 1000 + i, tmp, sampling), nprocs=2, join=True)
+        mp.spawn(worker, args=(2, get_free_port(), tmp, sampling), nprocs=2, join=True)
         res = torch.load(tmp)
         res["ref"] = reference(sampling)
         results[sampling] = res

@@ -13,6 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+# a port no other test holds (tests run in parallel under `make test`'s xdist workers)
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny_rcnn_cfg  # noqa: E402
@@ -69,4 +71,4 @@ def worker(rank, norm, port, out_dir):
 
 if __name__ == "__main__":
     norm, out_dir = sys.argv[1], sys.argv[2]
-    mp.spawn(worker, args=(norm, 29600 + os.getpid() % 1000, out_dir), nprocs=2, join=True)
+    mp.spawn(worker, args=(norm, get_free_port(), out_dir), nprocs=2, join=True)

@@ -14,6 +14,8 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+# a port no other test holds (tests run in parallel under `make test`'s xdist workers)
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(ROOT, "configs", "mmdet", "quickstart", "mask-rcnn_r18_fpn_gradaug_shapes.py")
@@ -142,8 +144,7 @@ class _CountPasses:
 
 
 def main(out_dir, data_root):
-    port = 29600 + os.getpid() % 1000
-    mp.spawn(worker, args=(2, port, out_dir, data_root), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, get_free_port(), out_dir, data_root), nprocs=2, join=True)
 
 
 if __name__ == "__main__":
