@@ -82,15 +82,10 @@ def get_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> None:
     """Refuses bad arguments before any stage runs."""
     from gradaug_det.slim import check_width
+    from gradaug_det.utils.cli import check_stage_flags
 
-    for flag in ("pretrain_config", "config"):
-        path = getattr(args, flag)
-        if not os.path.isfile(path):
-            raise SystemExit(f"--{flag.replace('_', '-')} {path!r}: no such file")
-    for flag in ("pretrain_iters", "iters"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    check_stage_flags(args, files=("pretrain_config", "config"), counts=("pretrain_iters", "iters"),
+                      pairs=("pretrain_opts",))
     if args.pretrain_dir is not None and (args.pretrain_iters is not None or args.pretrain_opts):
         raise SystemExit("--pretrain-dir reuses a finished pretraining: --pretrain-iters / --pretrain-opts "
                          "would not apply to it")
@@ -101,8 +96,6 @@ def _check_args(args) -> None:
             raise SystemExit(f"--widths: {e}")
     if args.num_pictures < 1:
         raise SystemExit(f"--num-pictures must be >= 1, got {args.num_pictures}")
-    if len(args.pretrain_opts) % 2:
-        raise SystemExit(f"--pretrain-opts needs KEY VALUE pairs, got an odd count: {args.pretrain_opts}")
     bad = [o for o in args.cfg_options if "=" not in o]
     if bad:
         raise SystemExit(f"--cfg-options takes KEY=VALUE items, got {bad}")

@@ -80,20 +80,12 @@ def _load_cfg(config_file: str, opts=()):
 
 def _check_args(args) -> None:
     """Refuses bad arguments before any stage runs."""
-    for flag in ("pretrain_config", "config_file"):
-        path = getattr(args, flag)
-        if not os.path.isfile(path):
-            raise SystemExit(f"--{flag.replace('_', '-')} {path!r}: no such file")
-    for flag in ("pretrain_iters", "iters"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    from gradaug_det.utils.cli import check_stage_flags
+
+    check_stage_flags(args, files=("pretrain_config", "config_file"), counts=("pretrain_iters", "iters"),
+                      pairs=("pretrain_opts", "opts"))
     if args.num_pictures < 1:
         raise SystemExit(f"--num-pictures must be >= 1, got {args.num_pictures}")
-    for flag in ("pretrain_opts", "opts"):
-        if len(getattr(args, flag)) % 2:
-            raise SystemExit(f"--{flag.replace('_', '-')} needs KEY VALUE pairs, got an odd count: "
-                             f"{getattr(args, flag)}")
     if args.prune_width is not None and not 0.0 < args.prune_width < 1.0:
         raise SystemExit(f"--prune-width must be in (0, 1), got {args.prune_width}")
 

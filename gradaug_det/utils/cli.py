@@ -17,7 +17,7 @@ import traceback
 from typing import Callable, Iterable, List
 
 __all__ = ["UserError", "ConfigError", "MissingFileError", "DEBUG_ENV", "EXIT_USER_ERROR", "run_tool",
-           "debug_enabled", "did_you_mean"]
+           "debug_enabled", "did_you_mean", "check_stage_flags"]
 
 #: Environment variable: when set to anything but "" / "0", :func:`run_tool` prints the traceback too.
 DEBUG_ENV = "GRADAUG_DET_DEBUG"
@@ -97,3 +97,33 @@ def run_tool(fn: Callable, *args, **kwargs):
         if not isinstance(e.code, str):
             raise
         _fail(e.code)
+
+
+def check_stage_flags(args, files: Iterable[str] = (), counts: Iterable[str] = (),
+                      pairs: Iterable[str] = ()) -> None:
+    """The argument checks every multi-stage tool (``tools/quickstart.py``,
+    ``tools/mmdet_quickstart.py``) makes before its first stage.
+
+    Args:
+        args: the parsed arguments.
+        files: attribute names that must name an existing file (``--pretrain-config`` ...).
+        counts: attribute names that must be None or an integer >= 1 (``--iters`` ...).
+        pairs: attribute names of ``KEY VALUE ...`` lists, which need an even length.
+
+    Raises:
+        SystemExit: with a one-line message naming the flag (``run_tool`` prints it as
+            ``error: ...``, exit status 2).
+    """
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in files:
+        if not os.path.isfile(getattr(args, name)):
+            raise SystemExit(f"{flag(name)} {getattr(args, name)!r}: no such file")
+    for name in counts:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"{flag(name)} must be >= 1, got {value}")
+    for name in pairs:
+        if len(getattr(args, name)) % 2:
+            raise SystemExit(f"{flag(name)} needs KEY VALUE pairs, got an odd count: {getattr(args, name)}")
